@@ -1,0 +1,1 @@
+"""The `hmkd` command line."""

@@ -1,0 +1,353 @@
+"""COCO-format detection datasets, checked in full when they are opened.
+
+A training run that dies at iteration 40,000 on a missing file or a dangling ``image_id`` wastes
+a GPU-day, so everything that can be checked cheaply is checked at construction: the JSON parses,
+every annotation points at a known image and category, every image file exists. Box cleaning
+(clip to the image, drop what is left without area) also happens once, up front, and is
+reported once, instead of silently per item.
+
+Labels: torchvision detectors reserve label 0 for background and want 1..K, while COCO category
+ids are arbitrary (often non-contiguous, sometimes 0). Label ``k`` is the k-th category in
+ascending id order; `CocoDetectionDataset.label_to_category_id` maps predictions back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from hmkd_core.data.transforms import MIN_BOX_SIDE, build_transforms, has_random_transforms
+
+log = logging.getLogger("hmkd_core.data")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class _ImageRecord:
+    """What `__getitem__` needs for one image, prepared once at construction."""
+
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32, XYXY pixels, clipped, all with side >= MIN_BOX_SIDE
+    labels: np.ndarray  # (N,) int64 in 1..K
+
+
+# --------------------------------------------------------------------------- annotation file
+
+
+def read_annotation_file(path: Path | str) -> dict[str, Any]:
+    """Parse and validate a COCO annotation file, filling ``area``/``iscrowd`` where absent.
+
+    pycocotools trusts its input: a dangling ``image_id`` or a duplicate id surfaces later as a
+    KeyError deep inside evaluation. This checks the structure first so the error names the file
+    and the entry. Missing ``area`` becomes the box area and missing ``iscrowd`` becomes 0, the
+    COCO defaults `COCOeval` needs; present values are never changed.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read annotation file: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"{path}: not valid JSON at line {err.lineno} column {err.colno} (char {err.pos}): "
+            f"{err.msg}; fix the file or regenerate it"
+        ) from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a COCO annotation file is a JSON object at the top level")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(
+                f"{path}: missing or non-list key {key!r}; a COCO file needs 'images', "
+                "'annotations' and 'categories' lists (an empty list is fine)"
+            )
+    images = _index_by_id(data["images"], "image", path)
+    for image in images.values():
+        _check_image_entry(image, path)
+    categories = _index_by_id(data["categories"], "category", path)
+    annotation_ids: set[int] = set()
+    for position, ann in enumerate(data["annotations"]):
+        _check_annotation(ann, position, images, categories, path)
+        if ann["id"] in annotation_ids:
+            raise DatasetError(f"{path}: annotation id {ann['id']} appears twice; ids must be unique")
+        annotation_ids.add(ann["id"])
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _index_by_id(entries: list[Any], kind: str, path: Path) -> dict[int, dict[str, Any]]:
+    by_id: dict[int, dict[str, Any]] = {}
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+            raise DatasetError(f"{path}: {kind} entry #{position} has no integer 'id'")
+        if entry["id"] in by_id:
+            raise DatasetError(f"{path}: {kind} id {entry['id']} appears twice; ids must be unique")
+        by_id[entry["id"]] = entry
+    return by_id
+
+
+def _check_image_entry(image: dict[str, Any], path: Path) -> None:
+    where = f"{path}: image id {image['id']}"
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        raise DatasetError(f"{where}: needs a 'file_name' string")
+    for key in ("width", "height"):
+        if not _is_int(image.get(key)) or image[key] <= 0:
+            raise DatasetError(f"{where}: needs a positive integer {key!r} (got {image.get(key)!r})")
+
+
+def _check_annotation(
+    ann: Any,
+    position: int,
+    images: dict[int, dict[str, Any]],
+    categories: dict[int, dict[str, Any]],
+    path: Path,
+) -> None:
+    if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+        raise DatasetError(f"{path}: annotation #{position} has no integer 'id'")
+    where = f"{path}: annotation id {ann['id']}"
+    if not _is_int(ann.get("image_id")) or ann["image_id"] not in images:
+        raise DatasetError(
+            f"{where}: image_id {ann.get('image_id')!r} is not in 'images'; "
+            "add the image entry or remove the annotation"
+        )
+    if not _is_int(ann.get("category_id")) or ann["category_id"] not in categories:
+        raise DatasetError(
+            f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'; "
+            f"known ids: {sorted(categories)}"
+        )
+    bbox = ann.get("bbox")
+    if (
+        not isinstance(bbox, list)
+        or len(bbox) != 4
+        or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+    ):
+        raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+
+
+def coco_from_dict(data: dict[str, Any]) -> COCO:
+    """A pycocotools `COCO` index over already-parsed data (no second read, no chatter)."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+def clip_xywh_boxes(
+    xywh: np.ndarray, *, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Convert COCO (N, 4) xywh boxes to XYXY clipped to the image.
+
+    Returns ``(xyxy (N, 4) float32, keep (N,) bool, clipped (N,) bool)``: ``keep`` is false for
+    boxes left with a side under ``MIN_BOX_SIDE`` (the rule `SanitizeBoundingBoxes` applies
+    later anyway, so counting it here keeps the report honest); ``clipped`` marks kept boxes
+    that clipping changed.
+    """
+    xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    limits = np.array([width, height, width, height], dtype=np.float64)
+    clipped_xyxy = np.clip(xyxy, 0.0, limits)
+    sides = clipped_xyxy[:, 2:] - clipped_xyxy[:, :2]
+    keep = (sides >= MIN_BOX_SIDE).all(axis=1)
+    changed = (clipped_xyxy != xyxy).any(axis=1) & keep
+    return clipped_xyxy.astype(np.float32), keep, changed
+
+
+def _build_records(
+    data: dict[str, Any], images_dir: Path, category_id_to_label: dict[int, int]
+) -> tuple[dict[int, _ImageRecord], dict[str, int]]:
+    """One `_ImageRecord` per image plus the ``box_report`` counts (clipped, dropped, crowd)."""
+    per_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in data["images"]}
+    report = {"clipped": 0, "dropped": 0, "crowd": 0}
+    for ann in data["annotations"]:
+        if ann["iscrowd"]:
+            report["crowd"] += 1
+        else:
+            per_image[ann["image_id"]].append(ann)
+    records = {}
+    for img in data["images"]:
+        anns = per_image[img["id"]]
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        xyxy, keep, clipped = clip_xywh_boxes(xywh, width=img["width"], height=img["height"])
+        labels = np.array([category_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
+        report["clipped"] += int(clipped.sum())
+        report["dropped"] += int((~keep).sum())
+        records[img["id"]] = _ImageRecord(
+            image_id=img["id"],
+            path=images_dir / img["file_name"],
+            width=img["width"],
+            height=img["height"],
+            boxes=xyxy[keep],
+            labels=labels[keep],
+        )
+    return records, report
+
+
+def _check_files_exist(records: dict[int, _ImageRecord], images_dir: Path, source: Path) -> None:
+    missing = [r for r in records.values() if not r.path.is_file()]
+    if not missing:
+        return
+    first = missing[0]
+    hint = (
+        f"the images folder {images_dir} does not exist"
+        if not images_dir.is_dir()
+        else "check the images folder and the 'file_name' entries"
+    )
+    more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+    raise DatasetError(
+        f"{source}: image id {first.image_id}: file {first.path} not found{more}; {hint}"
+    )
+
+
+def _log_box_report(report: dict[str, int], source: Path) -> None:
+    message = (
+        "%s: %d box(es) clipped to their image, %d dropped (under %g px a side after "
+        "clipping), %d crowd box(es) kept out of training targets"
+    )
+    args = (source, report["clipped"], report["dropped"], MIN_BOX_SIDE, report["crowd"])
+    if report["clipped"] or report["dropped"]:
+        log.warning(message, *args)
+    elif report["crowd"]:
+        log.info(message, *args)  # crowd regions are normal COCO; evaluation still uses them
+
+
+# --------------------------------------------------------------------------- images
+
+
+def load_rgb_image(path: Path | str) -> torch.Tensor:
+    """Decode an image file to a (3, H, W) float32 tensor in [0, 1], whatever its mode.
+
+    Grayscale, palette and alpha images become RGB (alpha dropped). 16-bit grayscale (PIL
+    modes ``I;16*`` and ``I``) is scaled by 1/65535 — converting it through 8-bit PIL modes
+    would clip everything above 255 to white.
+    """
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in _SIXTEEN_BIT_MODES:
+            gray = np.asarray(img).astype(np.float32) / 65535.0
+            rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
+        elif img.mode == "F":
+            gray = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)  # taken as [0, 1]
+            rgb = np.repeat(gray[..., None], 3, axis=2)
+        else:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """A stable 63-bit seed for one sample's random transforms.
+
+    A hash of (seed, epoch, index) rather than a worker-local RNG: a resumed run, or one with a
+    different ``num_workers``, must see exactly the same augmented samples. (Python's `hash` is
+    not used: it is salted per process for strings and differs across platforms.)
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class CocoDetectionDataset(Dataset):
+    """A COCO-format split as torchvision detectors want it: ``(image, target)`` pairs.
+
+    ``image`` is a ``tv_tensors.Image`` (3, H, W) float32 in [0, 1]; ``target`` holds
+    ``boxes`` (``tv_tensors.BoundingBoxes`` (N, 4) XYXY float32, ``canvas_size=(H, W)``),
+    ``labels`` (N,) int64 in 1..K and ``image_id`` (int). Crowd annotations stay out of
+    targets but remain in ``self.coco``, the untouched ground truth evaluation reads.
+    """
+
+    def __init__(
+        self,
+        images: Path | str,
+        annotations: Path | str,
+        *,
+        train: bool = False,
+        hflip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.images_dir = Path(images)
+        self.annotation_file = Path(annotations)
+        data = read_annotation_file(self.annotation_file)
+        self.coco = coco_from_dict(data)
+        self.categories: list[dict[str, Any]] = sorted(data["categories"], key=lambda c: c["id"])
+        self.label_to_category_id = {i + 1: c["id"] for i, c in enumerate(self.categories)}
+        self.category_id_to_label = {cid: lab for lab, cid in self.label_to_category_id.items()}
+        self.num_classes = len(self.categories) + 1
+        self.image_ids: list[int] = sorted(img["id"] for img in data["images"])
+        self._records, self.box_report = _build_records(
+            data, self.images_dir, self.category_id_to_label
+        )
+        _check_files_exist(self._records, self.images_dir, self.annotation_file)
+        _log_box_report(self.box_report, self.annotation_file)
+        self.train = train
+        self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0
+        self.transforms = build_transforms(train=train, hflip=hflip)
+        self._random = has_random_transforms(train=train, hflip=hflip)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws `__getitem__` reproduces."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        record = self._records[self.image_ids[index]]
+        pixels = load_rgb_image(record.path)
+        if tuple(pixels.shape[1:]) != (record.height, record.width):
+            raise DatasetError(
+                f"{self.annotation_file}: image id {record.image_id}: {record.path} is "
+                f"{pixels.shape[2]}x{pixels.shape[1]} but the annotation says "
+                f"{record.width}x{record.height}; fix 'width'/'height' or the file"
+            )
+        image = tv_tensors.Image(pixels)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(record.boxes.copy()),
+                format=tv_tensors.BoundingBoxFormat.XYXY,
+                canvas_size=(record.height, record.width),
+            ),
+            "labels": torch.from_numpy(record.labels.copy()),
+            "image_id": record.image_id,
+        }
+        if not self._random:
+            return self.transforms(image, target)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed(self.seed, self.epoch, index))
+            return self.transforms(image, target)

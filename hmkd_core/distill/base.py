@@ -1,0 +1,86 @@
+"""The distiller contract: features in, a dict of named losses out.
+
+A distiller is a trainable `nn.Module` kept beside the student (saved in training checkpoints,
+never in the exported student). It sees only FPN feature maps and the ground-truth boxes in the
+coordinates of the batch tensor both detectors ran on, so it works for any torchvision-style
+detector whose features were captured by hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def level_stride(level: str) -> int:
+    """`p3` -> 8: FPN level k has stride 2**k relative to the (padded) input tensor."""
+    return 2 ** int(level[1:])
+
+
+@dataclass
+class DistillInputs:
+    """What every distiller receives for one batch.
+
+    student / teacher: level name (`p2`...) -> (B, C, H_l, W_l) feature maps; the student's
+        carry gradients, the teacher's were computed under no_grad.
+    boxes: per image, (N_i, 4) float xyxy ground-truth boxes (crowd boxes excluded) in pixel
+        coordinates of the padded batch tensor of size `image_size` (H, W).
+    """
+
+    student: dict[str, Tensor]
+    teacher: dict[str, Tensor]
+    boxes: list[Tensor]
+    image_size: tuple[int, int]
+
+
+class Distiller(nn.Module):
+    """Base class: subclasses set `levels` and implement `forward` returning `loss_*` entries."""
+
+    levels: tuple[str, ...]
+
+    def __init__(self, levels: tuple[str, ...] | list[str]) -> None:
+        super().__init__()
+        self.levels = tuple(levels)
+
+    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class NoDistiller(Distiller):
+    """`none`: the student alone. Returns no losses, has no parameters."""
+
+    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+        return {}
+
+
+def check_inputs(distiller: Distiller, inputs: DistillInputs) -> None:
+    """Fail early with a message naming the level when features are missing or misshapen."""
+    for level in distiller.levels:
+        for side, feats in (("student", inputs.student), ("teacher", inputs.teacher)):
+            if level not in feats:
+                raise KeyError(f"{side} has no feature level {level!r}; has {sorted(feats)}")
+        s, t = inputs.student[level], inputs.teacher[level]
+        if s.shape[0] != t.shape[0] or s.shape[-2:] != t.shape[-2:]:
+            raise ValueError(
+                f"level {level}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in "
+                "batch or spatial size; both detectors must run on the same batch tensor"
+            )
+
+
+def zeros_like_loss(ref: Tensor) -> Tensor:
+    """A zero that stays in the autograd graph, so DDP sees every parameter used."""
+    return ref.sum() * 0.0 if ref.requires_grad else torch.zeros((), device=ref.device)
+
+
+def build_aligners(
+    levels: tuple[str, ...] | list[str], student_channels: int, teacher_channels: int
+) -> nn.ModuleDict:
+    """One FitNet adapter per level: a 1x1 conv from the student's to the teacher's channels.
+
+    Always present and trained, even when the channel counts match (HMKD.md, Notation).
+    """
+    return nn.ModuleDict(
+        {lv: nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for lv in levels}
+    )

@@ -1,0 +1,188 @@
+"""Hierarchical matching (HMKD.md §1): teacher-side queries read the student's fine features.
+
+An encoder condenses the deep, semantic levels into a query at the coarsest distilled level.
+A decoder walks back to the finest level; at each level the query attends (windowed, multi-head)
+to keys and values computed from the *aligned student* feature, and the attended values are
+mapped to the teacher's channels and compared to the teacher's feature there.
+
+The invariant that makes this distillation rather than reconstruction: a level's prediction
+`D_l = Wout_l(A_l)` is a mixture of the student's values `Wv_l(Align_l(S_l))` only; the
+teacher steers the mixing weights through the query and never reaches `D_l` by a residual path.
+If the student's features are all zero, `D_l` is the same vector at every position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hmkd_core.distill.attention import WindowCrossAttention
+from hmkd_core.distill.base import level_stride
+from hmkd_core.spec import HMOptions
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """The largest number of GroupNorm groups, at most `max_groups`, that divides `channels`."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def consecutive_levels(levels: Sequence[str]) -> tuple[str, ...]:
+    """`levels` ordered finest first; refuses gaps, since the encoder halves the grid per step."""
+    ordered = tuple(sorted(levels, key=level_stride))
+    for fine, coarse in pairwise(ordered):
+        if level_stride(coarse) != 2 * level_stride(fine):
+            raise ValueError(
+                f"hierarchical matching needs consecutive FPN levels, got {list(levels)}; "
+                "distil e.g. p2,p3,p4 or p3,p4,p5, or turn hm off"
+            )
+    return ordered
+
+
+def resolve_level_weights(
+    levels: Sequence[str], level_weights: Mapping[str, float]
+) -> dict[str, float]:
+    """Per-level lambda: named weights, 1.0 for levels not named.
+
+    A non-default weight for a level that is not distilled is refused: it would silently do
+    nothing (e.g. `p2` on a RetinaNet whose finest level is P3).
+    """
+    stray = {lv: wt for lv, wt in level_weights.items() if lv not in levels and wt != 1.0}
+    if stray:
+        raise ValueError(
+            f"hm.level_weights names level(s) {sorted(stray)} that are not distilled "
+            f"({list(levels)}); remove them or distil those levels"
+        )
+    return {lv: float(level_weights.get(lv, 1.0)) for lv in levels}
+
+
+def hm_weights(fg: Tensor, weight: Tensor, background_weight: float) -> Tensor:
+    """HM's per-cell weights from the SDM masks: `fg*W + background_weight*(1-fg)*W`.
+
+    fg, weight: (B, 1, H, W) -> (B, 1, H, W).
+    """
+    return weight * (fg + background_weight * (1.0 - fg))
+
+
+def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """sum over positions and channels of `weights * (pred - target)^2`, divided by batch size.
+
+    pred, target: (B, C, H, W); weights: (B, 1, H, W), broadcast over channels.
+    """
+    per_pos = (pred - target).pow(2).sum(dim=1, keepdim=True)
+    return (per_pos * weights).sum() / pred.shape[0]
+
+
+class ConvNormAct(nn.Sequential):
+    """3x3 conv, GroupNorm, ReLU, keeping the channel count and the grid."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(group_count(channels), channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class HierarchicalEncoder(nn.Module):
+    """Fine-to-coarse encoder: `e_0 = lat_0(X_0)`, `e_i = lat_i(X_i) + down_i(e_{i-1})`.
+
+    Input: level -> (B, in_channels, H_l, W_l) for consecutive levels; output: the query
+    `ConvNormAct(e_coarsest)`, (B, dim, H_c, W_c), at the coarsest level's grid.
+    """
+
+    def __init__(self, levels: Sequence[str], in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.levels = consecutive_levels(levels)
+        self.lateral = nn.ModuleDict({lv: nn.Conv2d(in_channels, dim, 1) for lv in self.levels})
+        self.down = nn.ModuleDict(
+            {lv: nn.Conv2d(dim, dim, 3, stride=2, padding=1) for lv in self.levels[1:]}
+        )
+        self.head = ConvNormAct(dim)
+
+    def forward(self, feats: Mapping[str, Tensor]) -> Tensor:
+        e = self.lateral[self.levels[0]](feats[self.levels[0]])
+        for lv in self.levels[1:]:
+            lat = self.lateral[lv](feats[lv])
+            down = self.down[lv](e)
+            if down.shape[-2:] != lat.shape[-2:]:  # odd grids: follow the FPN level's size
+                down = F.interpolate(down, size=lat.shape[-2:], mode="nearest")
+            e = lat + down
+        return self.head(e)
+
+
+class DecoderLevel(nn.Module):
+    """One decoding step: query (B, dim, H, W) and aligned student (B, C_t, H, W) ->
+    (D (B, C_t, H, W), h (B, dim, H, W) or None).
+
+    `A = WindowAttention(Q, Wk(S'), Wv(S'))`, `D = Wout(A)`, `h = GroupNorm(Q + Wproj(A))`.
+    `D` depends on the query only through the attention weights. The finest level
+    (`hands_on=False`) has nobody to hand `h` to, so it has no `Wproj`/norm: a parameter that
+    never gets a gradient would trip DDP.
+    """
+
+    def __init__(self, channels: int, opts: HMOptions, *, hands_on: bool = True) -> None:
+        super().__init__()
+        self.attend = WindowCrossAttention(channels, opts.dim, window=opts.window, heads=opts.heads)
+        self.out = nn.Conv2d(opts.dim, channels, 1)
+        self.proj = nn.Conv2d(opts.dim, opts.dim, 1) if hands_on else None
+        self.norm = nn.GroupNorm(group_count(opts.dim), opts.dim) if hands_on else None
+
+    def forward(self, query: Tensor, aligned: Tensor) -> tuple[Tensor, Tensor | None]:
+        attended = self.attend(query, aligned)
+        if self.proj is None or self.norm is None:
+            return self.out(attended), None
+        return self.out(attended), self.norm(query + self.proj(attended))
+
+
+class HierarchicalMatching(nn.Module):
+    """HM over consecutive levels: `decode` gives each level's D_l, `forward` the losses.
+
+    levels: the distilled levels (any order; they must be consecutive). channels: the teacher's
+    channel count, which the aligned student features already have.
+    """
+
+    def __init__(self, levels: Sequence[str], channels: int, opts: HMOptions) -> None:
+        super().__init__()
+        self.levels = consecutive_levels(levels)
+        self.query_source = opts.query_source
+        self.background_weight = opts.background_weight
+        self.level_weights = resolve_level_weights(self.levels, opts.level_weights)
+        self.encoder = HierarchicalEncoder(self.levels, channels, opts.dim)
+        self.decoder = nn.ModuleDict(
+            {lv: DecoderLevel(channels, opts, hands_on=lv != self.levels[0]) for lv in self.levels}
+        )
+
+    def decode(
+        self, aligned: Mapping[str, Tensor], query_feats: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """aligned: level -> Align_l(S_l) (B, C_t, H_l, W_l); query_feats: what the encoder
+        reads (teacher features, or the aligned student for `query_source: student`).
+        Returns level -> D_l (B, C_t, H_l, W_l), decoded coarse to fine.
+        """
+        query: Tensor | None = self.encoder(query_feats)
+        preds: dict[str, Tensor] = {}
+        for lv in reversed(self.levels):
+            assert query is not None  # only the finest (last) level hands on None
+            if query.shape[-2:] != aligned[lv].shape[-2:]:  # up2(h_{l+1}) onto this grid
+                query = F.interpolate(query, size=aligned[lv].shape[-2:], mode="nearest")
+            preds[lv], query = self.decoder[lv](query, aligned[lv])
+        return preds
+
+    def forward(
+        self,
+        aligned: Mapping[str, Tensor],
+        teacher: Mapping[str, Tensor],
+        masks: Mapping[str, tuple[Tensor, Tensor]],
+    ) -> dict[str, Tensor]:
+        """Per-level `lambda_l * WeightedMSE(D_l, T_l)`; masks: level -> (fg, W) (B, 1, H, W)."""
+        query_feats = teacher if self.query_source == "teacher" else aligned
+        preds = self.decode(aligned, query_feats)
+        losses = {}
+        for lv in self.levels:
+            fg, weight = masks[lv]
+            weights = hm_weights(fg, weight, self.background_weight)
+            losses[lv] = self.level_weights[lv] * weighted_mse(preds[lv], teacher[lv], weights)
+        return losses

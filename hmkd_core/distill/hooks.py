@@ -1,0 +1,86 @@
+"""Capture a detector's intermediate tensors with forward hooks instead of editing it.
+
+A torchvision detector's `transform` returns the resized, normalised, padded batch (an
+`ImageList`) and the boxes mapped onto it; its `backbone` returns the FPN dict. Recording both
+lets one student forward serve the detection losses and the distillation losses, and lets the
+frozen teacher run its backbone on exactly the tensor the student saw. The recorder keeps its
+hook handles and removes them in `close()`, so nothing lingers on the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def name_levels(features: dict[str, Tensor], input_hw: tuple[int, int]) -> dict[str, Tensor]:
+    """Name FPN outputs by stride (`p2` = stride 4), whatever keys the backbone used.
+
+    Features are (B, C, H_l, W_l) maps of a padded (B, 3, H, W) batch whose size is a multiple
+    of the coarsest stride, so H / H_l is an exact power of two.
+    """
+    named: dict[str, Tensor] = OrderedDict()
+    for key, feat in features.items():
+        stride = input_hw[0] / feat.shape[-2]
+        level = round(math.log2(stride))
+        if abs(2**level - stride) > 1e-6 * stride and feat.shape[-2] > 1:
+            raise ValueError(f"feature {key!r} has stride {stride:.3f}, not a power of two")
+        named[f"p{level}"] = feat
+    return named
+
+
+class FeatureRecorder:
+    """Records `transform` and `backbone` outputs of a torchvision-style detector."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        det = unwrap(detector)
+        for part in ("transform", "backbone"):
+            if not isinstance(getattr(det, part, None), nn.Module):
+                raise TypeError(
+                    f"{type(det).__name__} has no `{part}` module; distillation needs a "
+                    "torchvision-style detector (transform + backbone)"
+                )
+        self.images: Any = None
+        self.targets: list[dict[str, Tensor]] | None = None
+        self.features: dict[str, Tensor] | None = None
+        self._handles: list[RemovableHandle] = [
+            det.transform.register_forward_hook(self._on_transform),
+            det.backbone.register_forward_hook(self._on_backbone),
+        ]
+
+    def _on_transform(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.images, self.targets = output
+
+    def _on_backbone(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.features = output
+
+    def levels(self) -> dict[str, Tensor]:
+        if self.images is None or self.features is None:
+            raise RuntimeError("no forward pass recorded yet")
+        return name_levels(self.features, tuple(self.images.tensors.shape[-2:]))
+
+    def reset(self) -> None:
+        self.images = self.targets = self.features = None
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    def __enter__(self) -> FeatureRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,56 @@
+"""Method name -> distiller class, and the one function that builds a distiller from the spec.
+
+`DistillSpec.weight` (the whole-loss multiplier) is passed to the distiller as `scale` here and
+nowhere else; each method's own weights (`mimic.weight`, `hmkd.w_hm`, ...) are applied inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hmkd_core.distill.base import Distiller, NoDistiller
+from hmkd_core.distill.fgd import FGDDistiller
+from hmkd_core.distill.hmkd import HMKDDistiller
+from hmkd_core.distill.mgd import MGDDistiller
+from hmkd_core.distill.mimic import MimicDistiller
+from hmkd_core.spec import DistillSpec
+
+DISTILLERS: dict[str, type[Distiller]] = {
+    "none": NoDistiller,
+    "mimic": MimicDistiller,
+    "fgd": FGDDistiller,
+    "mgd": MGDDistiller,
+    "hmkd": HMKDDistiller,
+}
+
+
+def build_distiller(
+    spec: DistillSpec, *, levels: Sequence[str], student_channels: int, teacher_channels: int
+) -> Distiller:
+    """The distiller `spec.method` names, over `levels`, mapping student to teacher channels.
+
+    levels: the distilled levels resolved by the caller (`spec.levels` or the detector's three
+    finest). Raises ValueError for an unknown method or an impossible configuration.
+    """
+    if spec.method not in DISTILLERS:
+        raise ValueError(
+            f"unknown distillation method {spec.method!r}; choose from {list(DISTILLERS)}"
+        )
+    if spec.method == "none":
+        return NoDistiller(levels)
+    if not levels:
+        raise ValueError(f"{spec.method} needs at least one level to distil")
+    opts = {
+        "mimic": spec.mimic,
+        "fgd": spec.fgd,
+        "mgd": spec.mgd,
+        "hmkd": spec.hmkd,
+    }[spec.method]
+    cls = DISTILLERS[spec.method]
+    return cls(
+        levels,
+        student_channels=student_channels,
+        teacher_channels=teacher_channels,
+        opts=opts,
+        scale=spec.weight,
+    )

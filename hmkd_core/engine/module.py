@@ -1,0 +1,102 @@
+"""The training module: student forward + frozen teacher + distiller, one call, named losses.
+
+Wrapping the three in one `nn.Module` lets DDP see every trainable parameter (student and
+distiller) while the teacher stays outside it: unregistered, in eval mode, under no_grad, so
+neither `train()`, `state_dict()` nor DDP's gradient sync can touch it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hmkd_core.distill.base import Distiller, DistillInputs
+from hmkd_core.distill.hooks import FeatureRecorder, name_levels
+from hmkd_core.spec import ModelSpec
+
+PYRAMIDS = {
+    "faster_rcnn": ("p2", "p3", "p4", "p5", "p6"),
+    "retinanet": ("p3", "p4", "p5", "p6", "p7"),
+}
+DEFAULT_LEVELS = {"faster_rcnn": ("p2", "p3", "p4"), "retinanet": ("p3", "p4", "p5")}
+
+
+class IncompatiblePairError(ValueError):
+    """Teacher and student that cannot share one batch tensor or one set of levels."""
+
+
+def check_pair(student: ModelSpec, teacher: ModelSpec, levels: tuple[str, ...]) -> None:
+    """Refuse at build time what would silently distil garbage at run time.
+
+    The teacher runs on the student's transformed batch, so both must normalise and resize
+    identically; and both pyramids must contain every distilled level.
+    """
+    for name in ("image_mean", "image_std", "min_size", "max_size"):
+        s, t = getattr(student, name), getattr(teacher, name)
+        if s != t:
+            raise IncompatiblePairError(
+                f"student.{name} ({s}) differs from teacher.{name} ({t}): the teacher runs on "
+                "the student's transformed batch, so set both the same"
+            )
+    for role, spec in (("student", student), ("teacher", teacher)):
+        have = PYRAMIDS[spec.arch]
+        missing = [lv for lv in levels if lv not in have]
+        if missing:
+            raise IncompatiblePairError(f"{role} ({spec.arch}) has no level(s) {missing}; it has {list(have)}")
+
+
+class FrozenTeacher:
+    """A teacher detector pinned in eval mode; only its backbone runs, on a given batch."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        self.detector = detector.eval()
+        for p in self.detector.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.detector.backbone.out_channels)
+
+    def to(self, device: torch.device) -> FrozenTeacher:
+        self.detector.to(device)
+        return self
+
+    @torch.no_grad()
+    def features(self, batch: Tensor) -> dict[str, Tensor]:
+        self.detector.eval()
+        return name_levels(self.detector.backbone(batch), tuple(batch.shape[-2:]))
+
+
+class TrainModule(nn.Module):
+    """Returns `student.loss_*` and `distill.loss_*` entries; the trainer sums them."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        distiller: Distiller | None = None,
+        teacher: FrozenTeacher | None = None,
+    ) -> None:
+        super().__init__()
+        if distiller is not None and distiller.levels and teacher is None:
+            raise ValueError("a distiller needs a teacher")
+        self.student = student
+        self.distiller = distiller
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or synced
+        self._recorder = FeatureRecorder(student) if teacher is not None else None
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        losses = {f"student.{k}": v for k, v in self.student(images, targets).items()}
+        if self._recorder is None or self.distiller is None or not self.distiller.levels:
+            return losses
+        rec = self._recorder
+        batch = rec.images.tensors
+        inputs = DistillInputs(
+            student=rec.levels(),
+            teacher=self.teacher.features(batch.detach()),
+            boxes=[t["boxes"].detach() for t in rec.targets],
+            image_size=(int(batch.shape[-2]), int(batch.shape[-1])),
+        )
+        for k, v in self.distiller(inputs).items():
+            losses[f"distill.{k}"] = v
+        rec.reset()
+        return losses

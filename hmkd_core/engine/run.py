@@ -1,0 +1,106 @@
+"""`train()`: the library's entry point, shared by `hmkd train` and the service's workers.
+
+It owns the run directory (checkpoints/, student.pt, eval.json, metrics.jsonl, spec.yaml,
+result.json), starts one process per device, and turns a child's failure into an exception the
+caller can show. Rank 0 writes `result.json` so the outcome survives the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+import yaml
+
+from hmkd_core.engine import distributed
+from hmkd_core.engine.reporter import Reporter
+from hmkd_core.spec import TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(RuntimeError):
+    """The output folder holds another run; resume it or choose a new folder."""
+
+
+class TrainingError(RuntimeError):
+    """A run failed; the message is the cause, its checkpoints stay on disk."""
+
+
+@dataclass
+class RunResult:
+    status: str  # succeeded | stopped
+    iteration: int
+    out_dir: Path
+    metrics: dict[str, Any] | None
+
+    @property
+    def student_path(self) -> Path:
+        return self.out_dir / "student.pt"
+
+
+def train(
+    spec: TrainSpec,
+    out_dir: str | Path,
+    *,
+    reporter: Reporter | None = None,
+    resume: bool = False,
+    nproc: int | None = None,
+) -> RunResult:
+    """Train (plain or distilled) per `spec` into `out_dir`; `nproc` overrides the spec's."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = out_dir / "checkpoints"
+    if not resume and ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt")):
+        raise RunDirError(f"{out_dir} already holds checkpoints: pass --resume or a new --out")
+    if nproc is not None:
+        spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"nproc": nproc})})
+    (out_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    result_file = out_dir / "result.json"
+    result_file.unlink(missing_ok=True)
+    reporter = reporter or Reporter()
+    try:
+        distributed.launch(_rank_main, spec.runtime.nproc, spec.model_dump_json(), str(out_dir), reporter, resume)
+    except mp.ProcessRaisedException as err:
+        reporter.on_end("failed", _last_line(str(err)))
+        raise TrainingError(_last_line(str(err))) from None
+    except mp.ProcessExitedException as err:
+        reporter.on_end("failed", str(err))
+        raise TrainingError(f"a training process died: {err}") from None
+    except Exception as err:
+        reporter.on_end("failed", str(err))
+        raise
+    data = json.loads(result_file.read_text())
+    reporter.on_end(data["status"])
+    return RunResult(data["status"], data["iteration"], out_dir, data.get("metrics"))
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, spec_json: str, out_dir: str, reporter: Reporter, resume: bool
+) -> None:
+    from hmkd_core.engine.trainer import Trainer
+
+    spec = TrainSpec.model_validate_json(spec_json)
+    ctx = distributed.init(rank, world_size, spec.runtime.device, port)
+    try:
+        trainer = Trainer(spec, Path(out_dir), ctx, reporter)
+        status = trainer.run(resume=resume)
+        if ctx.is_main:
+            result = {"status": status, "iteration": trainer.iteration, "metrics": trainer.last_eval}
+            (Path(out_dir) / "result.json").write_text(json.dumps(result, default=str))
+    except Exception:
+        if world_size > 1:
+            log.error("rank %d failed:\n%s", rank, traceback.format_exc())
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else text

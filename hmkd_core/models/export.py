@@ -1,0 +1,74 @@
+"""The exported student: a plain torchvision state dict plus a small header.
+
+The header carries what is needed to rebuild the detector (its `ModelSpec`), the dataset's
+categories (labels map back to the dataset's own ids), and the metrics it earned, so
+`load_student(path)` returns a ready torchvision model with one call. Nothing of the distiller
+or the teacher is in it, and it is loaded with `weights_only=True`: an artifact is data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hmkd_core.models.builders import WeightsError, build_detector
+from hmkd_core.spec import ModelSpec
+
+FORMAT = "hmkd-student"
+VERSION = 1
+
+
+@dataclass
+class StudentHeader:
+    model: ModelSpec
+    num_classes: int
+    categories: list[dict[str, Any]]
+    label_to_category_id: dict[int, int]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def export_student(model: nn.Module, header: StudentHeader, path: Path) -> Path:
+    """Write the student atomically (temp file + rename) so a reader never sees half a file."""
+    from hmkd_core.engine.checkpoint import save_atomic
+
+    blob = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": header.model.model_copy(update={"weights": "none"}).model_dump(mode="json"),
+        "num_classes": header.num_classes,
+        "categories": header.categories,
+        "label_to_category_id": {int(k): int(v) for k, v in header.label_to_category_id.items()},
+        "metrics": header.metrics,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    save_atomic(blob, Path(path))
+    return Path(path)
+
+
+def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, StudentHeader]:
+    """Rebuild the torchvision detector from a `student.pt`; returns it in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such student file")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"{path}: not a readable student file ({err})") from err
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise WeightsError(f"{path}: not an exported student (format {FORMAT!r} expected)")
+    if blob.get("version") != VERSION:
+        raise WeightsError(f"{path}: student format version {blob.get('version')} is not {VERSION}")
+    header = StudentHeader(
+        model=ModelSpec.model_validate(blob["model"]),
+        num_classes=int(blob["num_classes"]),
+        categories=list(blob["categories"]),
+        label_to_category_id={int(k): int(v) for k, v in blob["label_to_category_id"].items()},
+        metrics=dict(blob.get("metrics", {})),
+    )
+    model = build_detector(header.model, header.num_classes)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), header

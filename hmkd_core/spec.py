@@ -1,0 +1,300 @@
+"""The training spec: one pydantic model, validated once at the edge.
+
+The same model is read from YAML/JSON by `hmkd train` and, unchanged, embedded in the
+service's job spec, so a run behaves the same whichever door it came through. Unknown keys are
+refused (``extra="forbid"``) because a misspelt option silently falling back to its default is
+the worst kind of bug in an experiment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LEVELS = ("p2", "p3", "p4", "p5", "p6", "p7")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the field path and what is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DatasetSplit(_Strict):
+    """A COCO-format split: an image folder and its annotation file."""
+
+    images: Path
+    annotations: Path
+
+
+class DataSpec(_Strict):
+    train: DatasetSplit
+    val: DatasetSplit | None = None
+    hflip: bool = Field(True, description="Random horizontal flip during training.")
+    num_workers: int = Field(0, ge=0, le=64)
+
+
+class ModelSpec(_Strict):
+    """A torchvision detector, built from parts by `hmkd_core.models.build_detector`."""
+
+    arch: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    fpn_channels: int = Field(256, ge=8, le=1024)
+    anchor_sizes: list[int] | None = Field(
+        None,
+        description="Anchor side per pyramid level, finest first; small objects need small "
+        "anchors. Default: 16..256 (Faster R-CNN, P2..P6) or 16..256 (RetinaNet, P3..P7).",
+    )
+    min_size: int = Field(800, ge=32, le=4096, description="Shorter side after resize.")
+    max_size: int = Field(1333, ge=32, le=8192, description="Cap on the longer side.")
+    weights: str = Field(
+        "none",
+        description="none | imagenet (backbone) | coco (whole detector) | a path to a "
+        "student.pt or checkpoint written by this library.",
+    )
+    trainable_backbone_layers: int = Field(5, ge=0, le=5)
+    backbone_norm: Literal["auto", "frozen_bn", "bn", "gn"] = Field(
+        "auto",
+        description="auto: frozen BatchNorm over pretrained weights, GroupNorm from scratch "
+        "(BatchNorm statistics from 2-image batches are noise).",
+    )
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("anchor_sizes")
+    @classmethod
+    def _positive_anchors(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if len(v) != 5:
+                raise ValueError("needs exactly 5 sizes, one per pyramid level")
+            if any(s <= 0 for s in v):
+                raise ValueError("sizes must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ModelSpec:
+        if self.max_size < self.min_size:
+            raise ValueError("max_size must be >= min_size")
+        return self
+
+
+class HMOptions(_Strict):
+    """Hierarchical matching: teacher-side queries attend to the student's features."""
+
+    enabled: bool = True
+    query_source: Literal["teacher", "student"] = "teacher"
+    dim: int = Field(128, ge=8, le=1024)
+    heads: int = Field(4, ge=1, le=64)
+    window: int = Field(3, ge=1, le=15)
+    level_weights: dict[str, float] = Field(default_factory=lambda: {"p2": 1.0, "p3": 1.0, "p4": 1.0})
+    background_weight: float = Field(
+        0.5, ge=0.0, description="Weight of background cells relative to foreground in WeightedMSE."
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("window must be odd so it is centred on its position")
+        return v
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> HMOptions:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class FocalOptions(_Strict):
+    """The focal (foreground/background, attention-weighted) feature terms of SDM and FGD."""
+
+    enabled: bool = True
+    alpha: float = Field(1.0, ge=0.0, description="Foreground term weight.")
+    beta: float = Field(0.5, ge=0.0, description="Background term weight (< alpha).")
+    gamma: float = Field(0.5, ge=0.0, description="Attention-transfer term weight.")
+    temperature: float = Field(0.5, gt=0.0)
+
+
+class HMKDOptions(_Strict):
+    hm: HMOptions = Field(default_factory=HMOptions)
+    sdm: FocalOptions = Field(default_factory=FocalOptions)
+    w_hm: float = Field(1.0, ge=0.0)
+    w_sdm: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _something_on(self) -> HMKDOptions:
+        if not (self.hm.enabled or self.sdm.enabled):
+            raise ValueError("hmkd needs hm or sdm enabled (use method: none for neither)")
+        if self.sdm.enabled and self.sdm.beta >= self.sdm.alpha > 0:
+            raise ValueError("sdm.beta must be below sdm.alpha: background is damped, not boosted")
+        return self
+
+
+class MimicOptions(_Strict):
+    weight: float = Field(1.0, ge=0.0)
+
+
+class FGDOptions(_Strict):
+    focal: FocalOptions = Field(
+        default_factory=lambda: FocalOptions(alpha=1.0, beta=0.5, gamma=0.5, temperature=0.5)
+    )
+    global_weight: float = Field(0.5, ge=0.0, description="GcBlock relation loss weight.")
+    weight: float = Field(1.0, ge=0.0)
+
+
+class MGDOptions(_Strict):
+    mask_ratio: float = Field(0.65, ge=0.0, lt=1.0)
+    weight: float = Field(1.0, ge=0.0)
+
+
+class DistillSpec(_Strict):
+    method: Literal["none", "mimic", "fgd", "mgd", "hmkd"] = "none"
+    levels: list[str] | None = Field(
+        None, description="Distilled levels; default p2,p3,p4 (the three finest the detector has)."
+    )
+    weight: float = Field(1.0, ge=0.0, description="Multiplies the whole distillation loss.")
+    hmkd: HMKDOptions = Field(default_factory=HMKDOptions)
+    mimic: MimicOptions = Field(default_factory=MimicOptions)
+    fgd: FGDOptions = Field(default_factory=FGDOptions)
+    mgd: MGDOptions = Field(default_factory=MGDOptions)
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            bad = [lv for lv in v if lv not in LEVELS]
+            if bad:
+                raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVELS)}")
+            if len(set(v)) != len(v) or not v:
+                raise ValueError("levels must be distinct and non-empty")
+        return v
+
+
+class ScheduleSpec(_Strict):
+    iterations: int = Field(1000, ge=1)
+    batch_size: int = Field(2, ge=1, description="Images per process per iteration.")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.02, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_iters: int = Field(100, ge=0)
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    scheduler: Literal["step", "cosine", "constant"] = "step"
+    steps: list[float] = Field(
+        default_factory=lambda: [0.67, 0.89],
+        description="Step decay points as fractions of iterations.",
+    )
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    clip_grad_norm: float | None = Field(10.0, gt=0.0)
+
+    @field_validator("steps")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < s < 1.0 for s in v) or v != sorted(v):
+            raise ValueError("steps must be increasing fractions in (0, 1)")
+        return v
+
+
+class EvalSpec(_Strict):
+    every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
+    metric: str = Field("AP_S", description="Metric that picks the best checkpoint.")
+    batch_size: int = Field(4, ge=1)
+    extra_area_ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {
+            "tiny": (0.0, 8.0**2),
+            "xsmall": (8.0**2, 16.0**2),
+            "small16_32": (16.0**2, 32.0**2),
+        },
+        description="Additional COCO area ranges (pixels^2) reported as AP_<name>.",
+    )
+
+
+class CheckpointSpec(_Strict):
+    every: int = Field(500, ge=1, description="Write a resumable checkpoint every N iterations.")
+    keep: int = Field(2, ge=1, description="How many periodic checkpoints to keep.")
+
+
+class RuntimeSpec(_Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
+    nproc: int = Field(1, ge=1, le=64, description="Processes (one per GPU; gloo on CPU).")
+    log_every: int = Field(10, ge=1)
+    deterministic: bool = False
+
+
+class TrainSpec(_Strict):
+    """Everything one training or distillation run needs; nothing about where it runs from."""
+
+    data: DataSpec
+    student: ModelSpec
+    teacher: ModelSpec | None = None
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+    @model_validator(mode="after")
+    def _teacher_when_distilling(self) -> TrainSpec:
+        if self.distill.method != "none" and self.teacher is None:
+            raise ValueError(f"distill.method {self.distill.method!r} needs a teacher")
+        if self.teacher is not None and self.teacher.weights == "none":
+            raise ValueError("teacher.weights must name trained weights (a path, or coco)")
+        return self
+
+
+def format_validation_error(err: ValidationError, source: str = "spec") -> str:
+    """One line per problem, each naming the dotted field path, e.g. `schedule.lr: ...`."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{source}: {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict[str, Any], source: str = "spec") -> TrainSpec:
+    try:
+        return TrainSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+
+
+def load_spec(path: str | Path) -> TrainSpec:
+    """Read a YAML or JSON spec; relative dataset/weights paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read spec: {err.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}")
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the spec must be a mapping at the top level")
+    spec = parse_spec(data, source=str(path))
+    return resolve_paths(spec, path.parent)
+
+
+def resolve_paths(spec: TrainSpec, base: Path) -> TrainSpec:
+    """Make relative paths absolute against `base`, so a run directory records real locations."""
+
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    spec = spec.model_copy(deep=True)
+    for split in (spec.data.train, spec.data.val):
+        if split is not None:
+            split.images = fix(split.images)
+            split.annotations = fix(split.annotations)
+    for model in (spec.student, spec.teacher):
+        if model is not None and model.weights not in ("none", "imagenet", "coco"):
+            model.weights = str(fix(Path(model.weights)))
+    return spec

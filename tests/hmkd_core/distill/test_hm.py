@@ -1,0 +1,143 @@
+"""Hierarchical matching: the invariant (D_l is made of student values), gradients, options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hmkd_core.distill import DistillInputs, HMKDDistiller
+from hmkd_core.distill.hm import HierarchicalMatching, hm_weights, weighted_mse
+from hmkd_core.distill.masks import level_masks
+from hmkd_core.spec import FocalOptions, HMKDOptions, HMOptions
+
+LEVELS = ("p2", "p3", "p4")
+
+
+def hm_module(channels: int = 16, **kw) -> HierarchicalMatching:
+    return HierarchicalMatching(LEVELS, channels, HMOptions(dim=16, heads=2, **kw))
+
+
+def hm_only(**kw) -> HMKDOptions:
+    return HMKDOptions(hm=HMOptions(dim=16, heads=2, **kw), sdm=FocalOptions(enabled=False))
+
+
+@torch.no_grad()
+def test_zero_student_gives_constant_prediction_for_any_teacher(make_features) -> None:
+    hm = hm_module()
+    zeros = {lv: torch.zeros_like(t) for lv, t in make_features(2, 16).items()}
+    first = hm.decode(zeros, make_features(2, 16))
+    second = hm.decode(zeros, {lv: 5 * t + 1 for lv, t in make_features(2, 16).items()})
+    for lv in LEVELS:
+        pred = first[lv]
+        assert torch.allclose(pred, pred[:, :, :1, :1].expand_as(pred), atol=1e-5), lv
+        assert torch.allclose(pred, second[lv], atol=1e-5), lv
+
+
+@torch.no_grad()
+def test_zero_student_features_through_the_adapter_give_a_constant(make_features) -> None:
+    distiller = HMKDDistiller(LEVELS, student_channels=8, teacher_channels=16, opts=hm_only())
+    student = {lv: torch.zeros_like(s) for lv, s in make_features(2, 8).items()}
+    aligned = {lv: distiller.align[lv](s) for lv, s in student.items()}
+    preds = distiller.hm.decode(aligned, make_features(2, 16))
+    for pred in preds.values():
+        assert torch.allclose(pred, pred[:, :, :1, :1].expand_as(pred), atol=1e-5)
+
+
+@torch.no_grad()
+def test_teacher_acts_only_through_attention_weights(make_features) -> None:
+    student = make_features(2, 16)
+    teacher_a, teacher_b = make_features(2, 16), make_features(2, 16)
+    # window 1: one value per position, attention weights are all 1 -> teacher has no effect.
+    local = hm_module(window=1)
+    a, b = local.decode(student, teacher_a), local.decode(student, teacher_b)
+    for lv in LEVELS:
+        assert torch.equal(a[lv], b[lv])
+    # window 3: the teacher's query does choose among the student's values.
+    wide = hm_module(window=3)
+    a, b = wide.decode(student, teacher_a), wide.decode(student, teacher_b)
+    assert not torch.allclose(a["p2"], b["p2"])
+
+
+def test_gradients_reach_student_and_hm_but_not_teacher(make_inputs) -> None:
+    inputs = make_inputs(student_channels=8, teacher_channels=16)
+    for feat in inputs.student.values():
+        feat.requires_grad_(True)
+    leaky = inputs.teacher["p3"].requires_grad_(True)  # as if a caller forgot no_grad
+    distiller = HMKDDistiller(LEVELS, student_channels=8, teacher_channels=16, opts=hm_only())
+    losses = distiller(inputs)
+    assert sorted(losses) == ["loss_hm_p2", "loss_hm_p3", "loss_hm_p4"]
+    sum(losses.values()).backward()
+    for lv, feat in inputs.student.items():
+        assert feat.grad is not None and feat.grad.abs().sum() > 0, lv
+    for name, param in distiller.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert leaky.grad is None
+    for lv, feat in inputs.teacher.items():
+        assert feat.grad is None, lv
+
+
+def test_query_source_student_reads_the_aligned_student(make_inputs) -> None:
+    inputs = make_inputs(student_channels=8, teacher_channels=16)
+    distiller = HMKDDistiller(
+        LEVELS, student_channels=8, teacher_channels=16, opts=hm_only(query_source="student")
+    )
+    losses = distiller(inputs)
+    aligned = {lv: distiller.align[lv](s) for lv, s in inputs.student.items()}
+    preds = distiller.hm.decode(aligned, aligned)
+    masks = level_masks(inputs.boxes, inputs.teacher, LEVELS)
+    for lv in LEVELS:
+        expected = weighted_mse(preds[lv], inputs.teacher[lv], hm_weights(*masks[lv], 0.5))
+        assert torch.allclose(losses[f"loss_hm_{lv}"], expected)
+        assert torch.isfinite(losses[f"loss_hm_{lv}"])
+
+
+def test_weighted_mse_and_weights_by_hand() -> None:
+    fg = torch.tensor([[[[1.0, 0.0]]]])
+    weight = torch.tensor([[[[0.25, 0.5]]]])
+    assert torch.equal(hm_weights(fg, weight, 0.5), torch.tensor([[[[0.25, 0.25]]]]))
+    pred = torch.zeros(2, 3, 1, 2)
+    target = torch.ones(2, 3, 1, 2)
+    w = torch.tensor([1.0, 2.0]).reshape(1, 1, 1, 2).expand(2, 1, 1, 2)
+    assert weighted_mse(pred, target, w) == pytest.approx(3 * 3.0)  # (3*1 + 3*2) per image
+
+
+def test_level_weights_scale_each_level(make_inputs) -> None:
+    inputs = make_inputs(student_channels=16, teacher_channels=16)
+    torch.manual_seed(1)
+    plain = HMKDDistiller(LEVELS, student_channels=16, teacher_channels=16, opts=hm_only())
+    torch.manual_seed(1)
+    weights = {"p2": 2.0, "p3": 0.0, "p4": 1.0}
+    weighted = HMKDDistiller(
+        LEVELS, student_channels=16, teacher_channels=16, opts=hm_only(level_weights=weights)
+    )
+    a, b = plain(inputs), weighted(inputs)
+    assert torch.allclose(b["loss_hm_p2"], 2 * a["loss_hm_p2"])
+    assert b["loss_hm_p3"] == 0
+    assert torch.allclose(b["loss_hm_p4"], a["loss_hm_p4"])
+
+
+def test_odd_grids_and_other_level_sets(make_features) -> None:
+    sizes = {"p3": (15, 15), "p4": (8, 8), "p5": (3, 3)}  # ceil and floor halving both occur
+    hm = HierarchicalMatching(("p5", "p3", "p4"), 16, HMOptions(dim=16, heads=2))
+    feats = make_features(1, 16, sizes)
+    preds = hm.decode(feats, feats)
+    assert {lv: tuple(p.shape[-2:]) for lv, p in preds.items()} == sizes
+
+
+def test_refuses_gaps_and_stray_level_weights() -> None:
+    with pytest.raises(ValueError, match="consecutive"):
+        HierarchicalMatching(("p2", "p4"), 16, HMOptions(dim=16, heads=2))
+    with pytest.raises(ValueError, match="not distilled"):
+        HierarchicalMatching(
+            ("p3", "p4", "p5"), 16, HMOptions(dim=16, heads=2, level_weights={"p2": 3.0})
+        )
+    # The default weights name p2..p4; a p3..p5 detector keeps them without complaint.
+    HierarchicalMatching(("p3", "p4", "p5"), 16, HMOptions(dim=16, heads=2))
+
+
+def test_inputs_are_checked_by_level(make_features) -> None:
+    distiller = HMKDDistiller(LEVELS, student_channels=8, teacher_channels=16, opts=hm_only())
+    student = make_features(2, 8)
+    del student["p4"]
+    with pytest.raises(KeyError, match="p4"):
+        distiller(DistillInputs(student, make_features(2, 16), [torch.zeros(0, 4)] * 2, (128, 128)))

@@ -1,0 +1,102 @@
+"""Scale-aware foreground masks and feature attention maps on hand-made inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hmkd_core.distill.masks import (
+    batch_masks,
+    channel_attention,
+    level_masks,
+    scale_aware_mask,
+    spatial_attention,
+)
+
+
+def test_box_covers_cells_whose_centres_lie_inside() -> None:
+    # Stride 4: the box spans cells x in [1, 3], y in [1, 2] -> centres 1.5, 2.5 and 1.5.
+    fg, weight = scale_aware_mask(torch.tensor([[4.0, 4.0, 12.0, 8.0]]), (8, 8), stride=4)
+    expected = torch.zeros(8, 8)
+    expected[1, 1:3] = 1.0
+    assert torch.equal(fg, expected)
+    assert torch.allclose(weight[fg.bool()], torch.full((2,), 1 / (2 * 1)))
+    assert torch.allclose(weight[~fg.bool()], torch.full((62,), 1 / 62))
+
+
+def test_overlap_takes_the_smallest_box() -> None:
+    big = [0.0, 0.0, 32.0, 32.0]  # 8 x 8 cells, the whole grid
+    small = [8.0, 8.0, 16.0, 16.0]  # 2 x 2 cells at rows/cols 2..3
+    fg, weight = scale_aware_mask(torch.tensor([big, small]), (8, 8), stride=4)
+    assert fg.sum() == 64
+    assert torch.allclose(weight[2:4, 2:4], torch.full((2, 2), 1 / 4))
+    assert weight[0, 0] == pytest.approx(1 / 64)
+    assert weight[5, 5] == pytest.approx(1 / 64)
+
+
+def test_tiny_box_still_covers_the_cell_of_its_centre() -> None:
+    # Cells x, y in [2.25, 2.375]: no cell centre inside; the centre lies in cell (2, 2).
+    fg, weight = scale_aware_mask(torch.tensor([[9.0, 9.0, 9.5, 9.5]]), (8, 8), stride=4)
+    assert fg.sum() == 1 and fg[2, 2] == 1
+    assert weight[2, 2] == pytest.approx(1.0)  # sides clamped to one cell: weight at most 1
+
+
+def test_thin_box_covers_its_column() -> None:
+    # Half a cell wide, four cells tall: one column of four cells, weight 1 / (1 * 4).
+    fg, weight = scale_aware_mask(torch.tensor([[13.0, 0.0, 15.0, 16.0]]), (8, 8), stride=4)
+    assert torch.equal(fg.nonzero()[:, 1], torch.full((4,), 3))
+    assert torch.allclose(weight[0:4, 3], torch.full((4,), 0.25))
+
+
+def test_small_and_large_boxes_weigh_about_the_same_in_total() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0], [96.0, 96.0, 104.0, 104.0]])
+    fg, weight = scale_aware_mask(boxes, (32, 32), stride=4)
+    assert (weight[:16, :16]).sum() == pytest.approx(1.0)
+    assert (weight[24:26, 24:26]).sum() == pytest.approx(1.0)
+    assert (weight * (1 - fg)).sum() == pytest.approx(1.0)
+
+
+def test_box_at_the_border_stays_on_the_grid() -> None:
+    fg, _ = scale_aware_mask(torch.tensor([[30.0, 30.0, 32.0, 32.0]]), (8, 8), stride=4)
+    assert fg[7, 7] == 1 and fg.sum() == 1
+
+
+def test_no_boxes_is_all_background() -> None:
+    fg, weight = scale_aware_mask(torch.zeros(0, 4), (4, 5), stride=8)
+    assert fg.sum() == 0
+    assert torch.allclose(weight, torch.full((4, 5), 1 / 20))
+
+
+def test_batch_masks_stacks_per_image_masks() -> None:
+    boxes = [torch.tensor([[4.0, 4.0, 12.0, 8.0]]), torch.zeros(0, 4)]
+    fg, weight = batch_masks(boxes, (8, 8), stride=4)
+    assert fg.shape == weight.shape == (2, 1, 8, 8)
+    one_fg, one_w = scale_aware_mask(boxes[0], (8, 8), stride=4)
+    assert torch.equal(fg[0, 0], one_fg) and torch.equal(weight[0, 0], one_w)
+    assert fg[1].sum() == 0
+
+
+def test_level_masks_follow_each_feature_grid() -> None:
+    feats = {"p2": torch.zeros(1, 3, 16, 12), "p3": torch.zeros(1, 3, 8, 6)}
+    masks = level_masks([torch.tensor([[0.0, 0.0, 16.0, 16.0]])], feats, ["p2", "p3"])
+    assert masks["p2"][0].shape == (1, 1, 16, 12)
+    assert masks["p2"][0].sum() == 16  # 4 x 4 cells at stride 4
+    assert masks["p3"][0].sum() == 4  # 2 x 2 cells at stride 8
+
+
+def test_attention_maps_average_to_one() -> None:
+    feat = torch.randn(2, 6, 5, 7)
+    s, c = spatial_attention(feat, 0.5), channel_attention(feat, 0.5)
+    assert s.shape == (2, 1, 5, 7) and c.shape == (2, 6, 1, 1)
+    assert torch.allclose(s.sum(dim=(1, 2, 3)), torch.full((2,), 35.0))
+    assert torch.allclose(c.sum(dim=(1, 2, 3)), torch.full((2,), 6.0))
+    uniform = torch.ones(1, 4, 3, 3)
+    assert torch.allclose(spatial_attention(uniform, 0.5), torch.ones(1, 1, 3, 3))
+    assert torch.allclose(channel_attention(uniform, 0.5), torch.ones(1, 4, 1, 1))
+
+
+def test_spatial_attention_peaks_where_the_feature_is_strong() -> None:
+    feat = torch.zeros(1, 2, 4, 4)
+    feat[0, :, 1, 2] = -3.0  # |F| counts, not the sign
+    s = spatial_attention(feat, 0.5)
+    assert s[0, 0].argmax() == 1 * 4 + 2
