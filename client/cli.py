@@ -32,7 +32,9 @@ def train(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML or JSON training spec.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
     nproc: Annotated[int | None, typer.Option(help="Processes (GPUs, or gloo on CPU).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint in --out.")
+    ] = False,
 ) -> None:
     """Train a detector, or distil a student from a teacher, as SPEC says."""
     from client.console import ConsoleReporter
@@ -42,7 +44,9 @@ def train(
 
     try:
         spec = load_spec(spec_path)
-        result = run_training(spec, out, reporter=ConsoleReporter(spec.distill.method), resume=resume, nproc=nproc)
+        result = run_training(
+            spec, out, reporter=ConsoleReporter(spec.distill.method), resume=resume, nproc=nproc
+        )
     except (SpecError, RunDirError, FileNotFoundError) as err:
         _fail(str(err))
     except (TrainingError, FloatingPointError) as err:

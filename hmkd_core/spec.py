@@ -64,6 +64,12 @@ class ModelSpec(_Strict):
         description="auto: frozen BatchNorm over pretrained weights, GroupNorm from scratch "
         "(BatchNorm statistics from 2-image batches are noise).",
     )
+    rpn_post_nms_top_n_train: int = Field(
+        2000, ge=1, description="Faster R-CNN proposals kept per image in training."
+    )
+    box_batch_size_per_image: int = Field(
+        512, ge=1, description="Faster R-CNN RoIs sampled per image for the box head loss."
+    )
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -92,7 +98,9 @@ class HMOptions(_Strict):
     dim: int = Field(128, ge=8, le=1024)
     heads: int = Field(4, ge=1, le=64)
     window: int = Field(3, ge=1, le=15)
-    level_weights: dict[str, float] = Field(default_factory=lambda: {"p2": 1.0, "p3": 1.0, "p4": 1.0})
+    level_weights: dict[str, float] = Field(
+        default_factory=lambda: {"p2": 1.0, "p3": 1.0, "p4": 1.0}
+    )
     background_weight: float = Field(
         0.5, ge=0.0, description="Weight of background cells relative to foreground in WeightedMSE."
     )
@@ -276,7 +284,8 @@ def load_spec(path: str | Path) -> TrainSpec:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}")
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise SpecError(f"{path}: not valid {kind}: {err}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a mapping at the top level")
     spec = parse_spec(data, source=str(path))

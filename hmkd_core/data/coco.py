@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -92,7 +92,9 @@ def read_annotation_file(path: Path | str) -> dict[str, Any]:
     for position, ann in enumerate(data["annotations"]):
         _check_annotation(ann, position, images, categories, path)
         if ann["id"] in annotation_ids:
-            raise DatasetError(f"{path}: annotation id {ann['id']} appears twice; ids must be unique")
+            raise DatasetError(
+                f"{path}: annotation id {ann['id']} appears twice; ids must be unique"
+            )
         annotation_ids.add(ann["id"])
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
@@ -120,7 +122,9 @@ def _check_image_entry(image: dict[str, Any], path: Path) -> None:
         raise DatasetError(f"{where}: needs a 'file_name' string")
     for key in ("width", "height"):
         if not _is_int(image.get(key)) or image[key] <= 0:
-            raise DatasetError(f"{where}: needs a positive integer {key!r} (got {image.get(key)!r})")
+            raise DatasetError(
+                f"{where}: needs a positive integer {key!r} (got {image.get(key)!r})"
+            )
 
 
 def _check_annotation(
@@ -329,7 +333,13 @@ class CocoDetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         record = self._records[self.image_ids[index]]
-        pixels = load_rgb_image(record.path)
+        try:
+            pixels = load_rgb_image(record.path)
+        except OSError as err:  # PIL's UnidentifiedImageError included
+            raise DatasetError(
+                f"{self.annotation_file}: image id {record.image_id}: cannot decode "
+                f"{record.path}: {err}; replace or remove the file"
+            ) from None
         if tuple(pixels.shape[1:]) != (record.height, record.width):
             raise DatasetError(
                 f"{self.annotation_file}: image id {record.image_id}: {record.path} is "

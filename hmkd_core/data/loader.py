@@ -50,7 +50,7 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        shuffle=shuffle if sampler is None else False,
+        shuffle=shuffle,
         num_workers=num_workers,
         collate_fn=collate_detection,
         drop_last=drop_last,

@@ -63,6 +63,19 @@ class _PlacedDigit:
         h, w = self.alpha.shape
         return self.x, self.y, self.x + w, self.y + h
 
+    def annotation(self, ann_id: int, image_id: int) -> dict[str, Any]:
+        """The COCO entry: the sprite is cropped to its ink, so its extent is the tight box."""
+        h, w = self.alpha.shape
+        return {
+            "id": ann_id,
+            "image_id": image_id,
+            "category_id": self.label + 1,
+            "bbox": [float(self.x), float(self.y), float(w), float(h)],
+            "area": float(w * h),
+            "iscrowd": 0,
+            "source": self.source,
+        }
+
 
 # --------------------------------------------------------------------------- sprites
 
@@ -93,7 +106,7 @@ def render_digit(sample: np.ndarray, *, side: int, angle: float) -> np.ndarray:
 def digit_sample_split(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint (train, val) pools of sample indices: a seeded permutation cut at 80%."""
     order = np.random.default_rng(seed).permutation(num_samples)
-    cut = int(round(num_samples * TRAIN_FRACTION))
+    cut = round(num_samples * TRAIN_FRACTION)
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
@@ -198,7 +211,7 @@ def _find_spot(
 
 def _draw_side(rng: np.random.Generator, s: _Settings) -> int:
     """Digit side in pixels, skewed small: u^2 puts ~70% in the lower half of the range."""
-    return s.min_side + int(round((s.max_side - s.min_side) * rng.random() ** 2))
+    return s.min_side + round((s.max_side - s.min_side) * rng.random() ** 2)
 
 
 def _plan_digits(
@@ -317,19 +330,9 @@ def _write_split(
         file_name = f"{image_id:06d}.png"
         Image.fromarray(pixels).save(image_dir / file_name, format="PNG")
         images.append({"id": image_id, "file_name": file_name, "width": s.size, "height": s.size})
-        for p in placed:
-            h, w = p.alpha.shape
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": p.label + 1,
-                    "bbox": [float(p.x), float(p.y), float(w), float(h)],
-                    "area": float(w * h),
-                    "iscrowd": 0,
-                    "source": p.source,
-                }
-            )
+        annotations += [
+            p.annotation(len(annotations) + k + 1, image_id) for k, p in enumerate(placed)
+        ]
     info = {
         "description": f"SmallDigits {name} split (sklearn load_digits handwriting)",
         "generator": "hmkd_core.data.synth_digits",
@@ -339,15 +342,9 @@ def _write_split(
         "settings": {"images": count, **asdict(s)},
         "sample_indices": [int(i) for i in pool],
     }
-    categories = [
-        {"id": d + 1, "name": n, "supercategory": "digit"} for d, n in enumerate(CATEGORY_NAMES)
-    ]
-    document = {
-        "info": info,
-        "images": images,
-        "annotations": annotations,
-        "categories": categories,
-    }
+    categories = [{"id": d + 1, "name": n} for d, n in enumerate(CATEGORY_NAMES)]
+    document = {"info": info, "images": images, "annotations": annotations}
+    document["categories"] = categories
     ann_path = out / name / "annotations.json"
     ann_path.write_text(json.dumps(document, separators=(",", ":")), encoding="utf-8")
     return image_dir, ann_path

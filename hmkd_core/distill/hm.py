@@ -130,8 +130,15 @@ class DecoderLevel(nn.Module):
         self.proj = nn.Conv2d(opts.dim, opts.dim, 1) if hands_on else None
         self.norm = nn.GroupNorm(group_count(opts.dim), opts.dim) if hands_on else None
 
-    def forward(self, query: Tensor, aligned: Tensor) -> tuple[Tensor, Tensor | None]:
-        attended = self.attend(query, aligned)
+    def forward(
+        self, query: Tensor, aligned: Tensor, raw: tuple[Tensor, nn.Conv2d] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """raw: optionally (S_l, Align_l) such that `aligned == Align_l(S_l)`; K/V then come
+        from S_l through the composed 1x1 map (same values, fewer multiply-adds)."""
+        if raw is None:
+            attended = self.attend(query, aligned)
+        else:
+            attended = self.attend(query, raw[0], adapter=raw[1])
         if self.proj is None or self.norm is None:
             return self.out(attended), None
         return self.out(attended), self.norm(query + self.proj(attended))
@@ -156,19 +163,25 @@ class HierarchicalMatching(nn.Module):
         )
 
     def decode(
-        self, aligned: Mapping[str, Tensor], query_feats: Mapping[str, Tensor]
+        self,
+        aligned: Mapping[str, Tensor],
+        query_feats: Mapping[str, Tensor],
+        raw: Mapping[str, tuple[Tensor, nn.Conv2d]] | None = None,
     ) -> dict[str, Tensor]:
         """aligned: level -> Align_l(S_l) (B, C_t, H_l, W_l); query_feats: what the encoder
-        reads (teacher features, or the aligned student for `query_source: student`).
+        reads (teacher features, or the aligned student for `query_source: student`); raw:
+        optionally level -> (S_l, Align_l), see `DecoderLevel.forward`.
         Returns level -> D_l (B, C_t, H_l, W_l), decoded coarse to fine.
         """
-        query: Tensor | None = self.encoder(query_feats)
+        query = self.encoder(query_feats)
         preds: dict[str, Tensor] = {}
         for lv in reversed(self.levels):
-            assert query is not None  # only the finest (last) level hands on None
             if query.shape[-2:] != aligned[lv].shape[-2:]:  # up2(h_{l+1}) onto this grid
                 query = F.interpolate(query, size=aligned[lv].shape[-2:], mode="nearest")
-            preds[lv], query = self.decoder[lv](query, aligned[lv])
+            level_raw = raw[lv] if raw is not None else None
+            preds[lv], handed_on = self.decoder[lv](query, aligned[lv], level_raw)
+            if handed_on is not None:  # None only after the finest level
+                query = handed_on
         return preds
 
     def forward(
@@ -176,10 +189,11 @@ class HierarchicalMatching(nn.Module):
         aligned: Mapping[str, Tensor],
         teacher: Mapping[str, Tensor],
         masks: Mapping[str, tuple[Tensor, Tensor]],
+        raw: Mapping[str, tuple[Tensor, nn.Conv2d]] | None = None,
     ) -> dict[str, Tensor]:
         """Per-level `lambda_l * WeightedMSE(D_l, T_l)`; masks: level -> (fg, W) (B, 1, H, W)."""
         query_feats = teacher if self.query_source == "teacher" else aligned
-        preds = self.decode(aligned, query_feats)
+        preds = self.decode(aligned, query_feats, raw)
         losses = {}
         for lv in self.levels:
             fg, weight = masks[lv]

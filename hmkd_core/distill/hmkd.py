@@ -40,6 +40,9 @@ class HMKDDistiller(Distiller):
         self.opts = opts
         self.scale = scale
         self.align = build_aligners(self.levels, student_channels, teacher_channels)
+        # A student narrower than the teacher: HM's keys/values are cheaper computed from S_l
+        # through the composed map Wkv . Align_l than from Align_l(S_l) (same values).
+        self.compose_align = student_channels < teacher_channels
         self.hm = (
             HierarchicalMatching(self.levels, teacher_channels, opts.hm)
             if opts.hm.enabled
@@ -54,7 +57,12 @@ class HMKDDistiller(Distiller):
         losses: dict[str, Tensor] = {}
         if self.hm is not None:
             w = self.opts.w_hm * self.scale
-            for lv, loss in self.hm(aligned, teacher, masks).items():
+            raw = (
+                {lv: (inputs.student[lv], self.align[lv]) for lv in self.levels}
+                if self.compose_align
+                else None
+            )
+            for lv, loss in self.hm(aligned, teacher, masks, raw).items():
                 losses[f"loss_hm_{lv}"] = w * loss
         if self.opts.sdm.enabled:
             w = self.opts.w_sdm * self.scale

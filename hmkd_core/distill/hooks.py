@@ -27,16 +27,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 def name_levels(features: dict[str, Tensor], input_hw: tuple[int, int]) -> dict[str, Tensor]:
     """Name FPN outputs by stride (`p2` = stride 4), whatever keys the backbone used.
 
-    Features are (B, C, H_l, W_l) maps of a padded (B, 3, H, W) batch whose size is a multiple
-    of the coarsest stride, so H / H_l is an exact power of two.
+    Features are (B, C, H_l, W_l) maps of a padded (B, 3, H, W) batch, finest first, each level
+    half the previous one. The finest level's stride is read off its size; the coarse levels of
+    a small input can shrink to 1x1, so their names follow from their order instead.
     """
     named: dict[str, Tensor] = OrderedDict()
-    for key, feat in features.items():
-        stride = input_hw[0] / feat.shape[-2]
-        level = round(math.log2(stride))
-        if abs(2**level - stride) > 1e-6 * stride and feat.shape[-2] > 1:
-            raise ValueError(f"feature {key!r} has stride {stride:.3f}, not a power of two")
-        named[f"p{level}"] = feat
+    first = None
+    for i, (key, feat) in enumerate(features.items()):
+        if first is None:
+            stride = input_hw[0] / feat.shape[-2]
+            first = round(math.log2(stride))
+            if abs(2**first - stride) > 1e-6 * stride:
+                raise ValueError(f"feature {key!r} has stride {stride:.3f}, not a power of two")
+        named[f"p{first + i}"] = feat
     return named
 
 

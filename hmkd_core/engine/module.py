@@ -42,7 +42,9 @@ def check_pair(student: ModelSpec, teacher: ModelSpec, levels: tuple[str, ...]) 
         have = PYRAMIDS[spec.arch]
         missing = [lv for lv in levels if lv not in have]
         if missing:
-            raise IncompatiblePairError(f"{role} ({spec.arch}) has no level(s) {missing}; it has {list(have)}")
+            raise IncompatiblePairError(
+                f"{role} ({spec.arch}) has no level(s) {missing}; it has {list(have)}"
+            )
 
 
 class FrozenTeacher:

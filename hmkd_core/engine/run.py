@@ -60,12 +60,16 @@ def train(
         raise RunDirError(f"{out_dir} already holds checkpoints: pass --resume or a new --out")
     if nproc is not None:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"nproc": nproc})})
-    (out_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    (out_dir / "spec.yaml").write_text(
+        yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    )
     result_file = out_dir / "result.json"
     result_file.unlink(missing_ok=True)
     reporter = reporter or Reporter()
     try:
-        distributed.launch(_rank_main, spec.runtime.nproc, spec.model_dump_json(), str(out_dir), reporter, resume)
+        distributed.launch(
+            _rank_main, spec.runtime.nproc, spec.model_dump_json(), str(out_dir), reporter, resume
+        )
     except mp.ProcessRaisedException as err:
         reporter.on_end("failed", _last_line(str(err)))
         raise TrainingError(_last_line(str(err))) from None
@@ -81,7 +85,13 @@ def train(
 
 
 def _rank_main(
-    rank: int, world_size: int, port: int, spec_json: str, out_dir: str, reporter: Reporter, resume: bool
+    rank: int,
+    world_size: int,
+    port: int,
+    spec_json: str,
+    out_dir: str,
+    reporter: Reporter,
+    resume: bool,
 ) -> None:
     from hmkd_core.engine.trainer import Trainer
 
@@ -91,7 +101,11 @@ def _rank_main(
         trainer = Trainer(spec, Path(out_dir), ctx, reporter)
         status = trainer.run(resume=resume)
         if ctx.is_main:
-            result = {"status": status, "iteration": trainer.iteration, "metrics": trainer.last_eval}
+            result = {
+                "status": status,
+                "iteration": trainer.iteration,
+                "metrics": trainer.last_eval,
+            }
             (Path(out_dir) / "result.json").write_text(json.dumps(result, default=str))
     except Exception:
         if world_size > 1:

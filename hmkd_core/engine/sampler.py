@@ -24,7 +24,12 @@ class ResumableSampler(DistributedSampler):
         shuffle: bool = True,
     ) -> None:
         super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=True,
         )
         self.batch_size = batch_size
         self.skip_batches = 0

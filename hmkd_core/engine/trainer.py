@@ -40,7 +40,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Trainer:
-    def __init__(self, spec: TrainSpec, out_dir: Path, ctx: DistContext, reporter: Reporter) -> None:
+    def __init__(
+        self, spec: TrainSpec, out_dir: Path, ctx: DistContext, reporter: Reporter
+    ) -> None:
         self.spec, self.out_dir, self.ctx, self.reporter = spec, out_dir, ctx, reporter
         torch.manual_seed(spec.runtime.seed * 1000 + ctx.rank)
         self.train_set = CocoDetectionDataset(
@@ -57,7 +59,9 @@ class Trainer:
         )
         self.module = self._build_module().to(ctx.device)
         self.student = self.module.student
-        trainable = [self.module.student] + ([self.module.distiller] if self.module.distiller else [])
+        trainable = [self.module.student] + (
+            [self.module.distiller] if self.module.distiller else []
+        )
         self.optimizer = build_optimizer(
             param_groups(trainable, spec.schedule.weight_decay), spec.schedule
         )
@@ -65,7 +69,9 @@ class Trainer:
         self.amp = spec.runtime.amp and ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
         self.model: torch.nn.Module = (
-            DistributedDataParallel(self.module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+            DistributedDataParallel(
+                self.module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
+            )
             if ctx.distributed
             else self.module
         )
@@ -169,9 +175,7 @@ class Trainer:
             {"boxes": t["boxes"].as_subclass(Tensor).to(dev), "labels": t["labels"].to(dev)}
             for t in targets
         ]
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
-        )
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
         with autocast:
             losses = self.model(images, targets)
         self._check_finite(losses)
@@ -206,7 +210,9 @@ class Trainer:
         main = self.ctx.is_main
         if main:
             self._trim_metrics()
-            self.reporter.on_start(total=total, start_iteration=self.iteration, out_dir=self.out_dir)
+            self.reporter.on_start(
+                total=total, start_iteration=self.iteration, out_dir=self.out_dir
+            )
         self.model.train()
         batches = self._batches()
         window_t, window_n = time.perf_counter(), 0
@@ -277,7 +283,11 @@ class Trainer:
         if value is None and self.spec.eval.metric not in metrics:
             raise KeyError(f"eval.metric {self.spec.eval.metric!r} is not among {sorted(metrics)}")
         if value is not None and (self.best["value"] is None or value > self.best["value"]):
-            self.best = {"metric": self.spec.eval.metric, "value": value, "iteration": self.iteration}
+            self.best = {
+                "metric": self.spec.eval.metric,
+                "value": value,
+                "iteration": self.iteration,
+            }
             path = self.checkpoints.save_named(
                 {"model": self.student.state_dict(), "metrics": _jsonable(metrics)}, "best"
             )

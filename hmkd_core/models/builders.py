@@ -41,10 +41,24 @@ class WeightsError(RuntimeError):
     """Weights that cannot be had: no network for a download, or an unusable file."""
 
 
-def _norm_layer(spec: ModelSpec) -> Callable[[int], nn.Module]:
-    kind = spec.backbone_norm
-    if kind == "auto":
-        kind = "gn" if spec.weights == "none" else "frozen_bn"
+def resolve_norm(spec: ModelSpec, saved: dict[str, Any] | None = None) -> str:
+    """`auto`: frozen BN over downloaded weights, GroupNorm from scratch, and for a file the
+    norm it was trained with (an exported student records it)."""
+    if spec.backbone_norm != "auto":
+        return spec.backbone_norm
+    if saved is not None:
+        # an exported student keeps its ModelSpec under "model"; a checkpoint under "spec"
+        described = (
+            saved["model"] if "state_dict" in saved else saved.get("spec", {}).get("student")
+        )
+        norm = (described or {}).get("backbone_norm", "auto")
+        if norm != "auto":
+            return str(norm)
+        return "frozen_bn" if (described or {}).get("weights") in ("imagenet", "coco") else "gn"
+    return "frozen_bn" if spec.weights in ("imagenet", "coco") else "gn"
+
+
+def _norm_layer(kind: str) -> Callable[[int], nn.Module]:
     if kind == "frozen_bn":
         return FrozenBatchNorm2d
     if kind == "bn":
@@ -76,7 +90,7 @@ def build_backbone(spec: ModelSpec) -> BackboneWithFPN:
         if weights is not None
         else None
     )
-    norm = _norm_layer(spec)
+    norm = _norm_layer(resolve_norm(spec))
     fresh = ctor(weights=None, norm_layer=norm)
     if body is not None:
         fresh.load_state_dict(body.state_dict(), strict=False)
@@ -112,6 +126,10 @@ def build_detector(spec: ModelSpec, num_classes: int) -> nn.Module:
     """
     if spec.weights == "coco":
         return _coco_detector(spec, num_classes)
+    saved = None
+    if spec.weights not in ("none", "imagenet"):
+        saved = read_weights_file(Path(spec.weights))
+        spec = spec.model_copy(update={"backbone_norm": resolve_norm(spec, saved)})
     backbone = build_backbone(spec)
     sizes = spec.anchor_sizes or _DEFAULT_ANCHORS
     common = dict(
@@ -123,14 +141,19 @@ def build_detector(spec: ModelSpec, num_classes: int) -> nn.Module:
     if spec.arch == "faster_rcnn":
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))
         model: nn.Module = FasterRCNN(
-            backbone, num_classes=num_classes, rpn_anchor_generator=anchors, **common
+            backbone,
+            num_classes=num_classes,
+            rpn_anchor_generator=anchors,
+            rpn_post_nms_top_n_train=spec.rpn_post_nms_top_n_train,
+            box_batch_size_per_image=spec.box_batch_size_per_image,
+            **common,
         )
     else:
         octave = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)
         anchors = AnchorGenerator(octave, ((0.5, 1.0, 2.0),) * len(sizes))
         model = RetinaNet(backbone, num_classes=num_classes, anchor_generator=anchors, **common)
-    if spec.weights not in ("none", "imagenet"):
-        load_weights_file(model, Path(spec.weights))
+    if saved is not None:
+        load_state(model, saved, Path(spec.weights))
     return model
 
 
@@ -151,25 +174,38 @@ def _coco_detector(spec: ModelSpec, num_classes: int) -> nn.Module:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(usable, strict=False)
-    log.info("loaded %d/%d COCO tensors (heads sized for other classes skipped)", len(usable), len(own))
+    log.info(
+        "loaded %d/%d COCO tensors (heads sized for other classes skipped)", len(usable), len(own)
+    )
     return model
 
 
-def load_weights_file(model: nn.Module, path: Path) -> None:
-    """Load a `student.pt` or a training checkpoint written by this library, data only."""
+def read_weights_file(path: Path) -> dict[str, Any]:
+    """A `student.pt` or training checkpoint written by this library, read as data only."""
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise WeightsError(f"{path}: not a readable weights file ({err})") from err
-    state = blob.get("state_dict") or blob.get("model") if isinstance(blob, dict) else None
-    if state is None:
+    if not isinstance(blob, dict) or not isinstance(
+        blob.get("state_dict", blob.get("model")), dict
+    ):
         raise WeightsError(f"{path}: holds no 'state_dict' or 'model' entry")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    return blob
+
+
+def load_state(model: nn.Module, blob: dict[str, Any], path: Path) -> None:
+    state = blob["state_dict"] if "state_dict" in blob else blob["model"]
+    own = model.state_dict()
+    misshapen = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or misshapen:
         raise WeightsError(
             f"{path}: does not match the model described by the spec "
-            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); check arch, backbone, "
-            "fpn_channels and the number of classes"
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {misshapen[:3]}); "
+            "check arch, backbone, "
+            "fpn_channels, backbone_norm and the number of classes"
         )
+    model.load_state_dict(state)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hmkd_core.models.builders import WeightsError, build_detector
+from hmkd_core.models.builders import WeightsError, build_detector, resolve_norm
 from hmkd_core.spec import ModelSpec
 
 FORMAT = "hmkd-student"
@@ -38,7 +38,9 @@ def export_student(model: nn.Module, header: StudentHeader, path: Path) -> Path:
     blob = {
         "format": FORMAT,
         "version": VERSION,
-        "model": header.model.model_copy(update={"weights": "none"}).model_dump(mode="json"),
+        "model": header.model.model_copy(
+            update={"weights": "none", "backbone_norm": resolve_norm(header.model)}
+        ).model_dump(mode="json"),
         "num_classes": header.num_classes,
         "categories": header.categories,
         "label_to_category_id": {int(k): int(v) for k, v in header.label_to_category_id.items()},
@@ -49,7 +51,9 @@ def export_student(model: nn.Module, header: StudentHeader, path: Path) -> Path:
     return Path(path)
 
 
-def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, StudentHeader]:
+def load_student(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, StudentHeader]:
     """Rebuild the torchvision detector from a `student.pt`; returns it in eval mode."""
     path = Path(path)
     if not path.is_file():

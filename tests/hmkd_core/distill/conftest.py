@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,12 +14,9 @@ IMAGE_SIZE = (128, 128)
 
 
 @pytest.fixture(autouse=True)
-def _seeded_rng() -> Iterator[None]:
-    """Every test starts from seed 0 and leaves the global RNG as it found it."""
-    state = torch.get_rng_state()
+def _seeded() -> None:
+    """Every distiller test starts from seed 0 (tests/conftest.py restores the RNG after)."""
     torch.manual_seed(0)
-    yield
-    torch.set_rng_state(state)
 
 
 def random_features(
@@ -38,7 +35,9 @@ def make_features() -> Callable[..., dict[str, torch.Tensor]]:
 def make_boxes() -> list[torch.Tensor]:
     """Two images on a 128x128 canvas: a large, a small and a tiny box; then no boxes at all."""
     return [
-        torch.tensor([[8.0, 8.0, 72.0, 64.0], [80.0, 90.0, 92.0, 100.0], [40.0, 100.0, 42.0, 102.0]]),
+        torch.tensor(
+            [[8.0, 8.0, 72.0, 64.0], [80.0, 90.0, 92.0, 100.0], [40.0, 100.0, 42.0, 102.0]]
+        ),
         torch.zeros(0, 4),
     ]
 
@@ -47,7 +46,9 @@ def make_boxes() -> list[torch.Tensor]:
 def make_inputs() -> Callable[..., DistillInputs]:
     """Factory: `make_inputs(student_channels=..., teacher_channels=..., batch=2)`."""
 
-    def build(student_channels: int = 32, teacher_channels: int = 32, batch: int = 2) -> DistillInputs:
+    def build(
+        student_channels: int = 32, teacher_channels: int = 32, batch: int = 2
+    ) -> DistillInputs:
         boxes = (make_boxes() * batch)[:batch]
         return DistillInputs(
             student=random_features(batch, student_channels),

@@ -77,4 +77,5 @@ def test_module_output_mixes_projected_values_only() -> None:
     attend = WindowCrossAttention(6, 8, window=3, heads=2)
     source = torch.zeros(1, 6, 4, 4)  # values are Wv(0) = bias at every position
     out = attend(torch.randn(1, 8, 4, 4), source)
-    assert torch.allclose(out, attend.value.bias.reshape(1, 8, 1, 1).expand_as(out), atol=1e-6)
+    value_bias = attend.key_value.bias[8:].reshape(1, 8, 1, 1)
+    assert torch.allclose(out, value_bias.expand_as(out), atol=1e-6)

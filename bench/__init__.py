@@ -1,0 +1,1 @@
+"""Benchmarks: the cost of each distiller and the SmallDigits comparison."""

@@ -1,0 +1,143 @@
+"""What each distiller costs: one training step of each method over the floor every feature
+distillation pays (one student training step + one teacher backbone forward without grad).
+
+All methods run in one process on the same batch, interleaved round by round, and the median
+of each is used, so machine noise hits every method alike. Prints a table of milliseconds and
+ratios; `--json` writes them too.
+
+    python -m bench.overhead --spec configs/smalldigits/hmkd.yaml --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
+from hmkd_core.distill import build_distiller
+from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher, TrainModule
+from hmkd_core.models import build_detector
+from hmkd_core.spec import DistillSpec, FocalOptions, HMKDOptions, HMOptions, TrainSpec, load_spec
+
+METHODS: dict[str, DistillSpec] = {
+    "mimic": DistillSpec(method="mimic"),
+    "fgd": DistillSpec(method="fgd"),
+    "mgd": DistillSpec(method="mgd"),
+    "hmkd": DistillSpec(method="hmkd"),
+    "hmkd:hm_only": DistillSpec(method="hmkd", hmkd=HMKDOptions(sdm=FocalOptions(enabled=False))),
+    "hmkd:sdm_only": DistillSpec(method="hmkd", hmkd=HMKDOptions(hm=HMOptions(enabled=False))),
+}
+
+
+def _batch(
+    spec: TrainSpec, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict[str, Any]], int]:
+    train = spec.data.train
+    if not train.annotations.is_file():
+        size = spec.student.min_size
+        paths = make_small_digits(tempfile.mkdtemp(), train=batch_size, val=1, size=size, seed=0)
+        train = type(train)(images=paths["train_images"], annotations=paths["train_annotations"])
+    ds = CocoDetectionDataset(train.images, train.annotations)
+    images, targets = collate_detection([ds[i] for i in range(batch_size)])
+    images = [i.as_subclass(torch.Tensor) for i in images]
+    targets = [
+        {"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets
+    ]
+    return images, targets, ds.num_classes
+
+
+def _module(spec: TrainSpec, method: DistillSpec | None, n: int, teacher: FrozenTeacher) -> tuple:
+    torch.manual_seed(0)
+    student = build_detector(spec.student, n).train()
+    if method is None:
+        module = TrainModule(student)
+    else:
+        levels = tuple(method.levels or DEFAULT_LEVELS[spec.student.arch])
+        distiller = build_distiller(
+            method,
+            levels=levels,
+            student_channels=spec.student.fpn_channels,
+            teacher_channels=teacher.out_channels,
+        )
+        module = TrainModule(student, distiller, teacher)
+    opt = torch.optim.SGD(
+        [p for p in module.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
+    )
+    return module, opt
+
+
+def _step(module: TrainModule, opt: torch.optim.Optimizer, images: list, targets: list) -> float:
+    t0 = time.perf_counter()
+    loss = sum(module(images, targets).values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def measure(spec: TrainSpec, *, rounds: int, batch_size: int) -> dict[str, Any]:
+    torch.set_num_threads(torch.get_num_threads())
+    images, targets, n = _batch(spec, batch_size)
+    assert spec.teacher is not None, "the spec needs a teacher"
+    teacher_spec = spec.teacher.model_copy(update={"weights": "none"})
+    teacher = FrozenTeacher(build_detector(teacher_spec, n))
+    runs = {"student": _module(spec, None, n, teacher)}
+    runs.update({name: _module(spec, m, n, teacher) for name, m in METHODS.items()})
+    times: dict[str, list[float]] = {name: [] for name in [*runs, "teacher_forward"]}
+    batch = runs["student"][0].student.transform(images)[0].tensors
+    for r in range(rounds + 2):  # two warm-up rounds
+        for name, (module, opt) in runs.items():
+            dt = _step(module, opt, images, targets)
+            if r >= 2:
+                times[name].append(dt)
+        t0 = time.perf_counter()
+        teacher.features(batch)
+        if r >= 2:
+            times["teacher_forward"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med["student"] + med["teacher_forward"]
+    return {
+        "median_ms": {k: 1000 * v for k, v in med.items()},
+        "floor_ms": 1000 * floor,
+        "ratio": {k: med[k] / floor for k in METHODS},
+        "rounds": rounds,
+        "batch_size": batch_size,
+        "image_size": spec.student.min_size,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", type=Path, default=Path("configs/smalldigits/hmkd.yaml"))
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    spec = load_spec(args.spec)
+    result = measure(
+        spec, rounds=args.rounds, batch_size=args.batch_size or spec.schedule.batch_size
+    )
+    print(
+        f"batch {result['batch_size']} x {result['image_size']}px, {result['threads']} threads, "
+        f"median of {result['rounds']} interleaved rounds"
+    )
+    print(f"{'step':<16}{'ms':>10}{'ratio':>8}")
+    for name in ("student", "teacher_forward"):
+        print(f"{name:<16}{result['median_ms'][name]:>10.1f}{'':>8}")
+    print(f"{'floor':<16}{result['floor_ms']:>10.1f}{1.0:>8.3f}")
+    for name, ratio in result["ratio"].items():
+        print(f"{name:<16}{result['median_ms'][name]:>10.1f}{ratio:>8.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

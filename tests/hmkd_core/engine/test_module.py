@@ -1,0 +1,59 @@
+"""One student forward serves detection and distillation; the teacher stays frozen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hmkd_core.distill import build_distiller
+from hmkd_core.engine.module import FrozenTeacher, IncompatiblePairError, TrainModule, check_pair
+from hmkd_core.models import build_detector
+from hmkd_core.spec import DistillSpec, ModelSpec
+
+S = ModelSpec(fpn_channels=16, min_size=64, max_size=64, anchor_sizes=[8, 16, 32, 64, 128])
+T = S.model_copy(update={"backbone": "resnet34", "fpn_channels": 32})
+
+
+def _batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    return [torch.rand(3, 64, 64), torch.rand(3, 64, 64)], [
+        {
+            "boxes": torch.tensor([[4.0, 4.0, 14.0, 16.0], [30.0, 30.0, 60.0, 50.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
+        {"boxes": torch.tensor([[10.0, 40.0, 18.0, 50.0]]), "labels": torch.tensor([2])},
+    ]
+
+
+@pytest.mark.parametrize("method", ["mimic", "fgd", "mgd", "hmkd"])
+def test_losses_are_prefixed_and_teacher_gets_no_gradient(method: str) -> None:
+    student = build_detector(S, 3)
+    teacher = FrozenTeacher(build_detector(T, 3))
+    distiller = build_distiller(
+        DistillSpec(method=method),
+        levels=("p2", "p3", "p4"),
+        student_channels=16,
+        teacher_channels=32,
+    )
+    module = TrainModule(student, distiller, teacher)
+    module.train()  # must not put the teacher in training mode
+    assert not teacher.detector.training
+    before = {k: v.clone() for k, v in teacher.detector.state_dict().items()}
+    losses = module(*_batch())
+    assert any(k.startswith("student.loss_") for k in losses)
+    distill = [k for k in losses if k.startswith("distill.")]
+    assert distill and all(torch.isfinite(losses[k]) for k in distill)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.detector.parameters())
+    assert student.backbone.fpn.layer_blocks[0][0].weight.grad is not None
+    assert any(p.grad is not None for p in distiller.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.detector.state_dict().items())
+    assert "teacher" not in dict(module.named_children())
+    assert not any(k.startswith("teacher") for k in module.state_dict())
+
+
+def test_pairs_that_cannot_share_a_batch_are_refused() -> None:
+    check_pair(S, T, ("p2", "p3", "p4"))
+    with pytest.raises(IncompatiblePairError, match="image_mean"):
+        check_pair(S, T.model_copy(update={"image_mean": (0.5, 0.5, 0.5)}), ("p2",))
+    with pytest.raises(IncompatiblePairError, match="p2"):
+        check_pair(S, T.model_copy(update={"arch": "retinanet"}), ("p2", "p3", "p4"))

@@ -1,0 +1,116 @@
+"""The trainer end to end on tiny SmallDigits: exact resume, DDP, failure, distillation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmkd_core.engine import RunDirError, StopAfter, TrainingError, train
+from hmkd_core.engine.trainer import NonFiniteLossError
+from hmkd_core.models import load_student
+from tests.conftest import tiny_model, tiny_spec
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_plain_training_writes_the_run_directory(tiny_digits: dict, tmp_path: Path) -> None:
+    result = train(tiny_spec(tiny_digits), tmp_path)
+    assert result.status == "succeeded" and result.iteration == 4
+    for name in ("student.pt", "eval.json", "metrics.jsonl", "spec.yaml", "result.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert {"AP", "AP_S", "AP50", "AP75", "AP_M", "AP_L", "AR@100", "per_category"} <= set(ev)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [x for x in lines if "losses" in x]
+    assert [x["iteration"] for x in losses] == [1, 2, 3, 4]
+    assert all(k.startswith("student.") for k in losses[0]["losses"])
+    _model, header = load_student(tmp_path / "student.pt")
+    assert header.metrics["AP"] == ev["AP"]
+
+
+def test_existing_run_needs_resume(tiny_digits: dict, tmp_path: Path) -> None:
+    train(tiny_spec(tiny_digits, schedule={"iterations": 1}, eval={"every": 0}), tmp_path)
+    with pytest.raises(RunDirError, match="--resume"):
+        train(tiny_spec(tiny_digits), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["none", "hmkd"])
+def test_stopped_and_resumed_equals_uninterrupted(
+    method: str, tiny_digits: dict, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    extra = {}
+    if method != "none":
+        extra = {
+            "teacher": tiny_model(backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher)),
+            "distill": {"method": method},
+        }
+    spec = tiny_spec(
+        tiny_digits, schedule={"iterations": 6, "scheduler": "step", "steps": [0.5]}, **extra
+    )
+    whole = train(spec, tmp_path / "whole")
+    stopped = train(spec, tmp_path / "split", reporter=StopAfter(3))
+    assert stopped.status == "stopped" and stopped.iteration == 3
+    assert not (tmp_path / "split" / "student.pt").exists()
+    resumed = train(spec, tmp_path / "split", resume=True)
+    assert resumed.status == "succeeded" and whole.status == "succeeded"
+    a, b = _weights(whole.student_path), _weights(resumed.student_path)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+    # a run that stopped keeps an honest metrics log: iterations 1..6 once each
+    records = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    its = [r["iteration"] for r in map(json.loads, records) if "losses" in r]
+    assert [i for i in its] == sorted(set(its))
+
+
+def test_two_process_gloo_ddp(tiny_digits: dict, tmp_path: Path) -> None:
+    spec = tiny_spec(tiny_digits, schedule={"iterations": 3})
+    result = train(spec, tmp_path, nproc=2)
+    assert result.status == "succeeded"
+    assert result.metrics is not None and result.metrics["AP"] is not None
+    model, _ = load_student(tmp_path / "student.pt")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_non_finite_loss_names_component_and_keeps_checkpoint(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    spec = tiny_spec(
+        tiny_digits,
+        schedule={"iterations": 5, "lr": 1e30, "clip_grad_norm": None, "warmup_iters": 0},
+        checkpoint={"every": 1},
+    )
+    with pytest.raises(NonFiniteLossError, match=r"student\.loss_\w+.*iteration [2-5]"):
+        train(spec, tmp_path)
+    assert list((tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    assert not (tmp_path / "student.pt").exists()
+
+
+def test_failure_in_a_child_process_reaches_the_caller(tiny_digits: dict, tmp_path: Path) -> None:
+    spec = tiny_spec(tiny_digits, schedule={"iterations": 2, "batch_size": 8})  # 8 images / 2 ranks
+    with pytest.raises(TrainingError, match="cannot fill one batch"):
+        train(spec, tmp_path, nproc=2)
+
+
+def test_mismatched_teacher_transform_is_refused(
+    tiny_digits: dict, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    spec = tiny_spec(
+        tiny_digits,
+        teacher=tiny_model(
+            backbone="resnet34",
+            fpn_channels=32,
+            weights=str(tiny_teacher),
+            min_size=96,
+            max_size=96,
+        ),
+        distill={"method": "mimic"},
+    )
+    with pytest.raises(ValueError, match="min_size"):
+        train(spec, tmp_path)

@@ -1,0 +1,80 @@
+"""The spec refuses what would silently change an experiment, naming the field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hmkd_core.spec import SpecError, load_spec, parse_spec
+from tests.conftest import tiny_spec_dict
+
+PATHS = {
+    "train_images": Path("tr"),
+    "train_annotations": Path("tr.json"),
+    "val_images": Path("va"),
+    "val_annotations": Path("va.json"),
+}
+
+
+def test_defaults_parse() -> None:
+    spec = parse_spec(tiny_spec_dict(PATHS))
+    assert spec.distill.method == "none"
+    assert spec.distill.hmkd.hm.window == 3
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "path"),
+    [
+        ("schedule", {"lr": -1}, "schedule.lr"),
+        ("schedule", {"learning_rate": 0.1}, "schedule.learning_rate"),
+        ("distill", {"method": "kd"}, "distill.method"),
+        ("distill", {"levels": ["p9"]}, "distill.levels"),
+        ("student", {"anchor_sizes": [8, 16]}, "student.anchor_sizes"),
+        ("distill", {"method": "hmkd", "hmkd": {"hm": {"window": 4}}}, "distill.hmkd.hm.window"),
+    ],
+)
+def test_bad_values_name_the_field(section: str, value: dict, path: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(tiny_spec_dict(PATHS, **{section: value}))
+    assert path in str(err.value)
+
+
+def test_distillation_needs_a_trained_teacher() -> None:
+    with pytest.raises(SpecError, match="needs a teacher"):
+        parse_spec(tiny_spec_dict(PATHS, distill={"method": "hmkd"}))
+    d = tiny_spec_dict(PATHS, distill={"method": "mimic"})
+    d["teacher"] = {"backbone": "resnet34"}
+    with pytest.raises(SpecError, match=r"teacher\.weights"):
+        parse_spec(d)
+
+
+def test_sdm_background_must_be_damped() -> None:
+    d = tiny_spec_dict(PATHS, distill={"method": "hmkd", "hmkd": {"sdm": {"alpha": 1, "beta": 2}}})
+    d["teacher"] = {"weights": "t.pt"}
+    with pytest.raises(SpecError, match="beta"):
+        parse_spec(d)
+
+
+def test_yaml_relative_paths_resolve_against_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    f = tmp_path / "cfg" / "run.yaml"
+    f.write_text(
+        "data:\n  train: {images: ../data/img, annotations: ../data/a.json}\n"
+        "student: {backbone: resnet18}\n"
+    )
+    spec = load_spec(f)
+    assert spec.data.train.images == (tmp_path / "data" / "img").resolve()
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    lst = tmp_path / "list.json"
+    lst.write_text("[1, 2]")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(lst)
