@@ -85,3 +85,6 @@ def tiny_teacher(tiny_digits: dict[str, Path], tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("teacher")
     spec = tiny_spec(tiny_digits, student=tiny_model(backbone="resnet34", fpn_channels=32))
     return train(spec, out).student_path
+
+
+pytest_plugins = ["tests.service_fixtures"]

@@ -17,8 +17,6 @@ import contextlib
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from hmkd_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -380,15 +380,4 @@ def write_eval_json(metrics: Mapping[str, Any], path: Path) -> None:
             f"metrics cannot be written as JSON ({err}); use plain floats/None, not NaN, inf "
             "or tensors"
         ) from err
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode()))

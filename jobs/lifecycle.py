@@ -1,0 +1,338 @@
+"""The job state machine and the claim/lease protocol.
+
+`queued -> running -> succeeded | failed | cancelled`. A worker may run a job only after
+*claiming* it in one conditional UPDATE: a queued job, or a running one whose lease expired.
+Anything else is a duplicate delivery (Redis' visibility-timeout redelivery, a re-published
+message) and is ignored, so a job never runs twice at once. Leases are renewed by heartbeat;
+an expired lease means the worker died, and the job is re-queued to resume from its checkpoint,
+at most `max_attempts` times.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import TERMINAL, Job, JobEvent, JobState, User, utcnow
+from jobs.schemas import JOB_REF, JobSpec
+from jobs.settings import Settings
+
+
+class JobError(Exception):
+    """Base of the errors a caller can show to a user."""
+
+
+class NotFound(JobError):
+    pass
+
+
+class Conflict(JobError):
+    pass
+
+
+class InvalidJob(JobError):
+    """A spec that validates but cannot run here; `field` is the dotted path at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def add_event(
+    session: Session, job_id: str, kind: str, message: str = "", attempt: int = 0
+) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, message=message, attempt=attempt))
+
+
+def visible_job(session: Session, user: User, job_id: str) -> Job:
+    """The job if it belongs to the user's team; another team's job does not exist for them."""
+    job = session.get(Job, job_id)
+    if job is None or job.team_id != user.team_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def _check_paths(spec: JobSpec, settings: Settings) -> None:
+    from jobs.paths import PathNotAllowed, confine
+
+    splits = [("train", spec.data.train), ("val", spec.data.val)]
+    for split_name, split in splits:
+        if split is None:
+            continue
+        for attr in ("images", "annotations"):
+            field = f"data.{split_name}.{attr}"
+            try:
+                confine(getattr(split, attr), settings.dataset_roots, field=field)
+            except PathNotAllowed as err:
+                raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
+
+
+def _resolve_weights(session: Session, user: User, ref: str, field: str, settings: Settings) -> str:
+    """`job:<id>` -> that job's student.pt; a plain path must lie under the dataset roots."""
+    from jobs.artifacts import ArtifactStore
+    from jobs.paths import PathNotAllowed, confine
+
+    if ref in ("none", "imagenet", "coco"):
+        return ref
+    m = JOB_REF.match(ref)
+    if m is None:
+        try:
+            return str(confine(ref, settings.dataset_roots, field=field))
+        except PathNotAllowed as err:
+            raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
+    job = session.get(Job, m.group(1))
+    if job is None or job.team_id != user.team_id:
+        raise InvalidJob(field, f"no job {m.group(1)} visible to you")
+    if job.state != JobState.succeeded:
+        raise InvalidJob(field, f"job {job.id} is {job.state}, not succeeded: wait for it")
+    assert settings.artifacts_dir is not None
+    student = ArtifactStore(Path(settings.artifacts_dir)).run_dir(job.id) / "student.pt"
+    if not student.is_file():
+        raise InvalidJob(field, f"job {job.id} has no student.pt")
+    return str(student)
+
+
+def submit_job(
+    session: Session,
+    *,
+    user: User,
+    spec: JobSpec,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Insert a queued, undispatched job; the same idempotency key returns the first job."""
+    if idempotency_key is not None:
+        existing = session.scalar(
+            select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            return existing, False
+    _check_paths(spec, settings)
+    resolved = spec.model_copy(deep=True)
+    if resolved.teacher is not None:
+        resolved.teacher.weights = _resolve_weights(
+            session, user, spec.teacher.weights, "teacher.weights", settings
+        )
+    resolved.student.weights = _resolve_weights(
+        session, user, spec.student.weights, "student.weights", settings
+    )
+    job = Job(
+        team_id=user.team_id,
+        user_id=user.id,
+        name=spec.name,
+        kind=spec.kind,
+        method=spec.distill.method,
+        queue=spec.resources.queue,
+        priority=spec.resources.priority,
+        gpus=spec.resources.gpus,
+        spec=spec.model_dump(mode="json"),
+        resolved_spec=resolved.model_dump(mode="json"),
+        teacher_job_id=spec.teacher_job_id(),
+        idempotency_key=idempotency_key,
+        state=JobState.queued.value,
+        max_attempts=settings.max_attempts,
+        total_iterations=spec.schedule.iterations,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "submitted", f"by {user.name}")
+    return job, True
+
+
+def mark_dispatched(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(dispatched=True))
+    add_event(session, job_id, "dispatched")
+
+
+def pending_dispatch(session: Session, limit: int = 100) -> list[Job]:
+    stmt = (
+        select(Job)
+        .where(Job.state == JobState.queued.value, Job.dispatched.is_(False))
+        .order_by(Job.priority.desc(), Job.created_at)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def claim_job(
+    session: Session, job_id: str, *, worker: str, lease_seconds: float, now: datetime | None = None
+) -> Job | None:
+    """Atomically take the job for `worker`, or return None (duplicate / not runnable)."""
+    now = now or utcnow()
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    if job.attempt >= job.max_attempts and job.state in (JobState.queued, JobState.running):
+        stale = job.state == JobState.queued or (
+            job.lease_expires_at is not None and _aware(job.lease_expires_at) < now
+        )
+        if stale:
+            _exhausted(session, job, now)
+            return None
+    claimable = or_(
+        Job.state == JobState.queued.value,
+        and_(Job.state == JobState.running.value, Job.lease_expires_at < now),
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
+        .where(Job.attempt < Job.max_attempts)
+        .values(
+            state=JobState.running.value,
+            lease_owner=worker,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempt=Job.attempt + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            error=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    session.refresh(job)
+    add_event(session, job.id, "claimed", f"by {worker}", attempt=job.attempt)
+    return job
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were written as UTC."""
+    from datetime import UTC
+
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def _exhausted(session: Session, job: Job, now: datetime) -> None:
+    job.state = JobState.failed.value
+    job.finished_at = now
+    job.lease_owner = None
+    job.error = (
+        f"stopped after {job.attempt} attempts: each attempt lost its worker (crash, OOM kill "
+        "or node loss). Look at the logs, fix the cause, then retry the job."
+    )
+    add_event(session, job.id, "failed", job.error, attempt=job.attempt)
+
+
+def renew_lease(session: Session, job_id: str, *, worker: str, lease_seconds: float) -> bool:
+    """Extend the lease; False means this worker no longer owns the job and must stop."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Queued jobs end at once; a running job is asked to stop and its worker ends it."""
+    if job.state in TERMINAL:
+        raise Conflict(f"job {job.id} is already {job.state}")
+    if job.state == JobState.queued:
+        job.state = JobState.cancelled.value
+        job.finished_at = utcnow()
+        add_event(session, job.id, "cancelled", "before it started", attempt=job.attempt)
+    else:
+        job.cancel_requested = True
+        add_event(session, job.id, "cancel_requested", attempt=job.attempt)
+    session.flush()
+    return job
+
+
+def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:
+    """Re-queue a failed or cancelled job with `attempts` more tries; the worker resumes from
+    its last checkpoint."""
+    if job.state not in (JobState.failed, JobState.cancelled):
+        raise Conflict(f"job {job.id} is {job.state}; only failed or cancelled jobs can be retried")
+    job.state = JobState.queued.value
+    job.dispatched = False
+    job.cancel_requested = False
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.finished_at = None
+    job.error = None
+    job.max_attempts = job.attempt + attempts
+    add_event(session, job.id, "retried", attempt=job.attempt)
+    session.flush()
+    return job
+
+
+def finish_job(
+    session: Session, job_id: str, *, worker: str, state: JobState, error: str | None = None
+) -> bool:
+    """End the job if `worker` still owns it; False when the lease was lost meanwhile."""
+    if state not in TERMINAL:
+        raise ValueError(f"{state} is not a final state")
+    values: dict[str, object] = {
+        "state": state.value,
+        "finished_at": utcnow(),
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": error,
+    }
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    job = session.get(Job, job_id)
+    add_event(session, job_id, state.value, error or "", attempt=job.attempt if job else 0)
+    return True
+
+
+def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
+    """Running jobs whose worker stopped renewing: re-queue them, or fail them when exhausted."""
+    now = now or utcnow()
+    expired = list(
+        session.scalars(
+            select(Job).where(Job.state == JobState.running.value, Job.lease_expires_at < now)
+        )
+    )
+    requeued = []
+    for job in expired:
+        if job.cancel_requested:
+            job.state = JobState.cancelled.value
+            job.finished_at = now
+            job.lease_owner = None
+            add_event(session, job.id, "cancelled", "its worker was lost", attempt=job.attempt)
+        elif job.attempt >= job.max_attempts:
+            _exhausted(session, job, now)
+        else:
+            job.state = JobState.queued.value
+            job.dispatched = False
+            add_event(
+                session,
+                job.id,
+                "lease_expired",
+                f"worker {job.lease_owner} stopped renewing",
+                attempt=job.attempt,
+            )
+            job.lease_owner = None
+            requeued.append(job.id)
+    session.flush()
+    return requeued
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based position among queued jobs of its queue (priority first, then age)."""
+    if job.state != JobState.queued:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.queue == job.queue,
+            Job.state == JobState.queued.value,
+            or_(
+                Job.priority > job.priority,
+                and_(Job.priority == job.priority, Job.created_at < job.created_at),
+            ),
+        )
+    )
+    return int(ahead or 0) + 1

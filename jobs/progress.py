@@ -1,0 +1,126 @@
+"""What a running job writes: progress, evaluations, artifacts, worker heartbeats.
+
+Writes come from the training process's rank 0 through the worker's reporter, throttled, each
+in its own short transaction: SQLite is shared with the API and the heartbeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import Artifact, Evaluation, Job, JobState, MetricPoint, Worker, utcnow
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def record_progress(
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    iteration: int,
+    total: int,
+    images_per_s: float | None,
+    eta_s: float | None,
+    lr: float | None,
+    losses: dict[str, float],
+) -> bool:
+    """Update the job row and append a metric point; returns whether a cancel was requested."""
+    clean = {k: _finite(v) for k, v in losses.items()}
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
+        .values(
+            iteration=iteration,
+            total_iterations=total,
+            images_per_s=_finite(images_per_s),
+            eta_s=_finite(eta_s),
+            lr=_finite(lr),
+            losses=clean,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
+    session.add(
+        MetricPoint(
+            job_id=job_id,
+            attempt=attempt,
+            iteration=iteration,
+            lr=_finite(lr),
+            images_per_s=_finite(images_per_s),
+            losses=clean,
+        )
+    )
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def record_evaluation(
+    session: Session, job_id: str, *, iteration: int, metrics: dict[str, Any], metric_name: str
+) -> None:
+    """Store an evaluation; keep the job's latest and best (by `metric_name`) at hand."""
+    session.add(Evaluation(job_id=job_id, iteration=iteration, metrics=metrics))
+    job = session.get(Job, job_id)
+    if job is None:
+        return
+    job.latest_eval = metrics
+    value = metrics.get(metric_name)
+    best = (job.best_eval or {}).get(metric_name)
+    if value is not None and (best is None or value > best):
+        job.best_eval = metrics
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_artifact(session: Session, job_id: str, *, name: str, kind: str, path: Path) -> Artifact:
+    """Register (or refresh) a file of the job, with its size and sha256."""
+    stat = path.stat()
+    sha = file_sha256(path)
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+    )
+    if artifact is None:
+        artifact = Artifact(job_id=job_id, name=name, kind=kind, size=stat.st_size, sha256=sha)
+        session.add(artifact)
+    else:
+        artifact.kind, artifact.size, artifact.sha256 = kind, stat.st_size, sha
+        artifact.created_at = utcnow()
+    session.flush()
+    return artifact
+
+
+def forget_missing_artifacts(session: Session, job_id: str, root: Path) -> None:
+    """Drop rows of files that no longer exist (pruned checkpoints)."""
+    for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):
+        if not (root / artifact.name).is_file():
+            session.delete(artifact)
+
+
+def heartbeat_worker(
+    session: Session,
+    *,
+    name: str,
+    queues: list[str],
+    gpus: list[dict[str, Any]],
+    current_job_id: str | None,
+) -> None:
+    worker = session.get(Worker, name)
+    if worker is None:
+        session.add(Worker(name=name, queues=queues, gpus=gpus, current_job_id=current_job_id))
+    else:
+        worker.queues, worker.gpus = queues, gpus
+        worker.current_job_id = current_job_id
+        worker.heartbeat_at = utcnow()

@@ -1,0 +1,73 @@
+"""The job spec: the hmkd_core training spec, unchanged, plus what the service needs to queue it.
+
+One pydantic definition validates REST input and drives the worker. A distill job may name its
+teacher's weights as `job:<id>` (the `student.pt` of an earlier job of the same team); the
+service resolves that to a file before the worker sees it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hmkd_core.spec import TrainSpec
+
+JOB_REF = re.compile(r"^job:([0-9a-f]{32})$")
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(0, ge=0, le=64, description="GPUs (processes); 0 runs on CPU with gloo.")
+    queue: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+    priority: int = Field(0, ge=0, le=9, description="Higher runs first within a queue.")
+
+
+class JobSpec(TrainSpec):
+    """A TrainSpec with a name, a kind and resources."""
+
+    name: str = Field(..., min_length=1, max_length=200)
+    kind: Literal["train", "distill", "evaluate"] = "train"
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if not v.isprintable():
+            raise ValueError("name must be printable text")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_matches_method(self) -> JobSpec:
+        method = self.distill.method
+        if self.kind == "distill" and method == "none":
+            raise ValueError("kind distill needs distill.method other than none")
+        if self.kind == "train" and method != "none":
+            raise ValueError(f"kind train trains without a teacher; use kind distill for {method}")
+        if self.kind == "evaluate":
+            if self.data.val is None:
+                raise ValueError("kind evaluate needs data.val")
+            if self.student.weights == "none":
+                raise ValueError("kind evaluate needs student.weights (a path or job:<id>)")
+        return self
+
+    def teacher_job_id(self) -> str | None:
+        """The job id named by `teacher.weights: job:<id>`, if any."""
+        if self.teacher is None:
+            return None
+        m = JOB_REF.match(self.teacher.weights)
+        return m.group(1) if m else None
+
+    def student_job_id(self) -> str | None:
+        m = JOB_REF.match(self.student.weights)
+        return m.group(1) if m else None
+
+    def train_spec(self) -> TrainSpec:
+        """What hmkd_core runs: the training fields, with nproc/device from resources."""
+        data = self.model_dump(exclude={"name", "kind", "resources"})
+        runtime = data["runtime"]
+        runtime["nproc"] = max(1, self.resources.gpus)
+        runtime["device"] = "cuda" if self.resources.gpus > 0 else "cpu"
+        return TrainSpec.model_validate(data)

@@ -1,0 +1,66 @@
+"""One settings object, read from `HMKD_*` environment variables.
+
+With nothing set, everything lives in one data folder (SQLite database, SQLite broker through
+kombu's SQLAlchemy transport, artifacts on disk): the embedded default. Setting
+`HMKD_DATABASE_URL` to PostgreSQL and `HMKD_BROKER_URL` to Redis is the team deployment; no
+code path differs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HMKD_", extra="ignore")
+
+    data_dir: Path = Field(Path.home() / ".hmkd", description="Embedded default's home.")
+    database_url: str = Field("", description="Default: sqlite:///<data_dir>/hmkd.db")
+    broker_url: str = Field("", description="Default: sqla+sqlite:///<data_dir>/broker.db")
+    artifacts_dir: Path | None = Field(None, description="Default: <data_dir>/artifacts")
+    dataset_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders job datasets must lie under. Default: <data_dir>/datasets.",
+    )
+    default_queue: str = "default"
+    lease_seconds: float = Field(
+        60.0, gt=0, description="A claimed job's lease; renewed by heartbeat."
+    )
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    sweep_seconds: float = Field(15.0, gt=0, description="Re-publish / re-queue period.")
+    progress_interval_seconds: float = Field(2.0, ge=0, description="Throttle of progress writes.")
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    visibility_timeout_seconds: int = Field(
+        12 * 3600,
+        description="Redis redelivers an unacked message after this; the lease makes a "
+        "redelivery harmless, this only bounds how soon a lost message comes back.",
+    )
+    api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
+
+    @model_validator(mode="after")
+    def _defaults_from_data_dir(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'hmkd.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        if self.artifacts_dir is None:
+            self.artifacts_dir = self.data_dir / "artifacts"
+        if not self.dataset_roots:
+            self.dataset_roots = [self.data_dir / "datasets"]
+        self.dataset_roots = [p.expanduser().resolve() for p in self.dataset_roots]
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
