@@ -6,7 +6,6 @@ in its own short transaction: SQLite is shared with the API and the heartbeat.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from jobs.artifacts import file_sha256
 from jobs.models import Artifact, Evaluation, Job, JobState, MetricPoint, Worker, utcnow
 
 
@@ -75,14 +75,6 @@ def record_evaluation(
     best = (job.best_eval or {}).get(metric_name)
     if value is not None and (best is None or value > best):
         job.best_eval = metrics
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def record_artifact(session: Session, job_id: str, *, name: str, kind: str, path: Path) -> Artifact:

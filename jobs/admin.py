@@ -1,0 +1,67 @@
+"""What the admin commands do (`hmkd db upgrade`, `hmkd users create`, `hmkd tokens create`).
+
+They work on the database named by the settings, directly: they are run on the server by whoever
+holds its configuration, and the first user of a team deployment has no token to call the API
+with. The CLI only parses arguments and prints what these return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs import auth, migrate
+from jobs.db import session_scope
+from jobs.settings import Settings
+
+
+@dataclass(frozen=True)
+class Upgraded:
+    database: str  # password hidden
+    before: str | None
+    after: str
+
+    def __str__(self) -> str:
+        if self.before == self.after:
+            return f"database {self.database} is up to date (revision {self.after})"
+        return f"database {self.database} upgraded from {self.before or 'empty'} to {self.after}"
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    user: str
+    team: str
+    is_admin: bool
+    token: str  # the only time the plain token exists outside the client
+
+
+def db_upgrade(settings: Settings, revision: str = "head") -> Upgraded:
+    """Migrate the configured database to `revision` (default: this code's head)."""
+    url = settings.database_url
+    before = migrate.current_revision(url)
+    migrate.upgrade(url, revision)
+    after = migrate.current_revision(url)
+    assert after is not None  # an upgrade always leaves a revision behind
+    return Upgraded(migrate.display_url(url), before, after)
+
+
+def create_user(
+    settings: Settings, name: str, *, team: str, is_admin: bool = False, token_name: str = ""
+) -> IssuedToken:
+    """Create user `name` in `team` (created if missing) with a first token.
+
+    Raises auth.AlreadyExists if the name is taken, DatabaseNotMigrated on an old schema.
+    """
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        user = auth.create_user(session, name=name, team_name=team, is_admin=is_admin)
+        token, _ = auth.create_token(session, user, name=token_name or "initial")
+        return IssuedToken(user.name, user.team.name, user.is_admin, token)
+
+
+def create_token(settings: Settings, user: str, *, name: str = "") -> IssuedToken:
+    """A new token for an existing user; raises auth.UnknownUser naming the command to run."""
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        found = auth.get_user(session, user)
+        token, _ = auth.create_token(session, found, name=name)
+        return IssuedToken(found.name, found.team.name, found.is_admin, token)

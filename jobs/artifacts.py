@@ -1,0 +1,109 @@
+"""The artifact store: one folder per job under the artifacts root.
+
+    <root>/<job_id>/run/        the hmkd_core run dir (student.pt, checkpoints/, eval.json, ...)
+    <root>/<job_id>/logs.txt    the worker's log of the job
+
+Artifact names are paths relative to the job's folder (`run/student.pt`). They arrive from URLs,
+so `resolve` is the one place that turns a name into a file and refuses anything that would leave
+the job's folder: `..`, absolute names, NUL bytes, and symlinks pointing elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Kind of a file by its name relative to the job's folder; first match wins.
+_KINDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^run/student\.pt$"), "student"),
+    (re.compile(r"^run/checkpoints/best\.pt$"), "best"),
+    (re.compile(r"^run/checkpoints/ckpt_\d+\.pt$"), "checkpoint"),
+    (re.compile(r"^run/eval\.json$"), "eval"),
+    (re.compile(r"^run/metrics\.jsonl$"), "metrics"),
+    (re.compile(r"^run/spec\.yaml$"), "spec"),
+    (re.compile(r"^logs\.txt$|\.log$"), "logs"),
+    (re.compile(r"(^|/)tensorboard/|(^|/)events\.out\.tfevents\."), "tensorboard"),
+)
+
+
+class ArtifactNameError(ValueError):
+    """An artifact name (or job id) that does not name a file inside the job's folder."""
+
+
+def artifact_kind(name: str) -> str:
+    """The kind of the artifact called `name` (student, checkpoint, best, eval, ...)."""
+    for pattern, kind in _KINDS:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+class ArtifactStore:
+    """Paths of jobs' files under `root`; creates nothing but what the caller writes."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def job_dir(self, job_id: str) -> Path:
+        if not _JOB_ID.match(job_id):
+            raise ArtifactNameError(f"{job_id!r} is not a job id")
+        return self.root / job_id
+
+    def run_dir(self, job_id: str) -> Path:
+        """The folder hmkd_core trains into; resuming reuses it, so its checkpoints survive."""
+        return self.job_dir(job_id) / "run"
+
+    def log_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "logs.txt"
+
+    def resolve(self, job_id: str, name: str) -> Path:
+        """The file called `name` in the job's folder; ArtifactNameError if `name` could reach
+        outside it. Whether the file exists is left to the caller (a 404, not a 400)."""
+        if not name or "\x00" in name or "\\" in name:
+            raise ArtifactNameError(f"artifact name {name!r} is empty or holds NUL or backslash")
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or ".." in pure.parts:
+            raise ArtifactNameError(
+                f"artifact name {name!r} must be relative to the job's folder, without '..' "
+                "(e.g. run/student.pt)"
+            )
+        job_dir = self.job_dir(job_id)
+        path = job_dir.joinpath(*pure.parts)
+        if not path.resolve().is_relative_to(job_dir.resolve()):
+            raise ArtifactNameError(f"artifact {name!r} points outside the job's folder")
+        return path
+
+    def scan(self, job_id: str) -> list[tuple[str, str, Path]]:
+        """(name, kind, path) of every file in the job's folder, sorted by name.
+
+        Hidden files (half-written temporaries of atomic writes) and symlinks are left out: a
+        symlink is nothing a run writes, and following one could list a file outside the job.
+        """
+        job_dir = self.job_dir(job_id)
+        found = []
+        for dirpath, dirnames, filenames in os.walk(job_dir, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for filename in filenames:
+                path = Path(dirpath) / filename
+                if filename.startswith(".") or path.is_symlink() or not path.is_file():
+                    continue
+                name = path.relative_to(job_dir).as_posix()
+                found.append((name, artifact_kind(name), path))
+        return sorted(found)
+
+    @staticmethod
+    def sha256(path: Path | str) -> str:
+        return file_sha256(path)
+
+
+def file_sha256(path: Path | str) -> str:
+    """The file's sha256 (hex), read in 1 MiB chunks: checkpoints can be gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,161 @@
+"""The state machine and lease protocol on a real database (SQLite, and PostgreSQL in CI)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from jobs.db import session_scope
+from jobs.lifecycle import (
+    Conflict,
+    InvalidJob,
+    NotFound,
+    claim_job,
+    finish_job,
+    mark_dispatched,
+    pending_dispatch,
+    queue_position,
+    renew_lease,
+    request_cancel,
+    requeue_expired,
+    retry_job,
+    submit_job,
+    visible_job,
+)
+from jobs.models import Job, JobEvent, JobState, User, utcnow
+from jobs.schemas import JobSpec
+from jobs.settings import Settings
+
+
+def _spec(root: Path, **extra: object) -> JobSpec:
+    (root / "d" / "img").mkdir(parents=True, exist_ok=True)
+    (root / "d" / "a.json").write_text("{}")
+    data = {"train": {"images": str(root / "d" / "img"), "annotations": str(root / "d" / "a.json")}}
+    return JobSpec.model_validate({"name": "j", "data": data, "student": {}, **extra})
+
+
+def _submit(settings: Settings, user_id: int, **extra: object) -> str:
+    with session_scope(settings.database_url) as s:
+        user = s.get(User, user_id)
+        job, created = submit_job(
+            s, user=user, spec=_spec(settings.dataset_roots[0], **extra), settings=settings
+        )
+        assert created
+        return job.id
+
+
+def test_claim_is_exclusive_and_counts_attempts(service_settings: Settings, admin: tuple) -> None:
+    url = service_settings.database_url
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(url) as s:
+        assert [j.id for j in pending_dispatch(s)] == [job_id]
+        mark_dispatched(s, job_id)
+        assert pending_dispatch(s) == []
+    with session_scope(url) as s:
+        job = claim_job(s, job_id, worker="w1", lease_seconds=30)
+        assert job is not None and job.attempt == 1 and job.state == JobState.running
+    with session_scope(url) as s:  # the same message delivered again: ignored
+        assert claim_job(s, job_id, worker="w2", lease_seconds=30) is None
+        assert renew_lease(s, job_id, worker="w1", lease_seconds=30)
+        assert not renew_lease(s, job_id, worker="w2", lease_seconds=30)
+        assert not finish_job(s, job_id, worker="w2", state=JobState.succeeded)
+        assert finish_job(s, job_id, worker="w1", state=JobState.succeeded)
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.succeeded and job.attempt == 1
+        kinds = [e.kind for e in s.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id)]
+        assert kinds == ["submitted", "dispatched", "claimed", "succeeded"]
+
+
+def test_expired_lease_is_requeued_then_exhausted(service_settings: Settings, admin: tuple) -> None:
+    url = service_settings.database_url
+    job_id = _submit(service_settings, admin[0].id)
+    later = utcnow() + timedelta(seconds=120)
+    for attempt in (1, 2, 3):
+        with session_scope(url) as s:
+            now = utcnow() + timedelta(seconds=120 * (attempt - 1))
+            assert claim_job(s, job_id, worker=f"w{attempt}", lease_seconds=60, now=now)
+        with session_scope(url) as s:  # the worker died: its lease runs out
+            later = utcnow() + timedelta(seconds=120 * attempt)
+            ids = requeue_expired(s, now=later)
+            if attempt < 3:
+                assert ids == [job_id]
+                assert s.get(Job, job_id).state == JobState.queued
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.failed
+        assert "after 3 attempts" in job.error
+        assert claim_job(s, job_id, worker="w4", lease_seconds=60, now=later) is None
+
+
+def test_a_dead_workers_job_can_be_claimed_after_expiry(service_settings: Settings, admin: tuple) -> None:
+    url = service_settings.database_url
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(url) as s:
+        claim_job(s, job_id, worker="w1", lease_seconds=10)
+    with session_scope(url) as s:
+        assert claim_job(s, job_id, worker="w2", lease_seconds=10) is None
+        job = claim_job(s, job_id, worker="w2", lease_seconds=10, now=utcnow() + timedelta(seconds=11))
+        assert job is not None and job.attempt == 2 and job.lease_owner == "w2"
+    with session_scope(url) as s:  # the old owner finds out at its next renewal
+        assert not renew_lease(s, job_id, worker="w1", lease_seconds=10)
+
+
+def test_cancel_and_retry(service_settings: Settings, admin: tuple) -> None:
+    url = service_settings.database_url
+    queued, running = _submit(service_settings, admin[0].id), _submit(service_settings, admin[0].id)
+    with session_scope(url) as s:
+        claim_job(s, running, worker="w", lease_seconds=30)
+    with session_scope(url) as s:
+        assert request_cancel(s, s.get(Job, queued)).state == JobState.cancelled
+        job = request_cancel(s, s.get(Job, running))
+        assert job.state == JobState.running and job.cancel_requested
+        with pytest.raises(Conflict):
+            request_cancel(s, s.get(Job, queued))
+        with pytest.raises(Conflict):
+            retry_job(s, s.get(Job, running))
+        assert finish_job(s, running, worker="w", state=JobState.cancelled)
+    with session_scope(url) as s:
+        job = retry_job(s, s.get(Job, running))
+        assert job.state == JobState.queued and not job.dispatched and not job.cancel_requested
+        assert job.max_attempts == job.attempt + 3
+
+
+def test_queue_positions_follow_priority_then_age(service_settings: Settings, admin: tuple) -> None:
+    a = _submit(service_settings, admin[0].id)
+    b = _submit(service_settings, admin[0].id)
+    c = _submit(service_settings, admin[0].id, resources={"priority": 5})
+    with session_scope(service_settings.database_url) as s:
+        assert [queue_position(s, s.get(Job, i)) for i in (c, a, b)] == [1, 2, 3]
+
+
+def test_paths_teams_and_teacher_refs(
+    service_settings: Settings, admin: tuple, other_team_user: tuple, tmp_path: Path
+) -> None:
+    url = service_settings.database_url
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(url) as s:
+        other = s.get(User, other_team_user[0].id)
+        with pytest.raises(NotFound):
+            visible_job(s, other, job_id)
+        outside = tmp_path / "elsewhere"
+        with pytest.raises(InvalidJob) as err:
+            submit_job(s, user=other, spec=_spec(outside), settings=service_settings)
+        assert err.value.field == "data.train.images"
+        ref = {"teacher": {"weights": f"job:{job_id}"}, "distill": {"method": "mimic"}, "kind": "distill"}
+        spec = _spec(service_settings.dataset_roots[0], **ref)
+        with pytest.raises(InvalidJob, match="visible"):
+            submit_job(s, user=other, spec=spec, settings=service_settings)
+        with pytest.raises(InvalidJob, match="not succeeded"):
+            submit_job(s, user=s.get(User, admin[0].id), spec=spec, settings=service_settings)
+
+
+def test_idempotency_key_returns_the_first_job(service_settings: Settings, admin: tuple) -> None:
+    with session_scope(service_settings.database_url) as s:
+        user = s.get(User, admin[0].id)
+        spec = _spec(service_settings.dataset_roots[0])
+        first, c1 = submit_job(s, user=user, spec=spec, settings=service_settings, idempotency_key="k")
+        again, c2 = submit_job(s, user=user, spec=spec, settings=service_settings, idempotency_key="k")
+        assert (c1, c2) == (True, False) and first.id == again.id
