@@ -126,7 +126,10 @@ def submit_job(
         name=spec.name,
         kind=spec.kind,
         method=spec.distill.method,
-        queue=spec.resources.queue,
+        # a spec that names no queue goes to this deployment's default queue
+        queue=spec.resources.queue
+        if "queue" in spec.resources.model_fields_set
+        else settings.default_queue,
         priority=spec.resources.priority,
         gpus=spec.resources.gpus,
         spec=spec.model_dump(mode="json"),

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Check the deployment files without a Docker engine (none runs here or in CI).
+#
+#   scripts/check_deploy.sh              # everything: ~2 minutes, ~6 GB of scratch space
+#   scripts/check_deploy.sh --compose    # step 1 alone: seconds
+#   scripts/check_deploy.sh --image      # step 2 alone
+#
+# 1. docker-compose.yml: tests/deploy validate it against the Compose Specification's JSON
+#    schema (check-jsonschema's vendored copy, installed into .venv here if missing) and check
+#    what the schema cannot: environment names are Settings fields, the worker reserves GPUs,
+#    api/worker wait for the migration, healthchecks, volumes, the Dockerfile's contract.
+# 2. The image's install steps: the Dockerfile's `RUN <<'INSTALL'` block, extracted verbatim,
+#    runs in a fresh virtual environment on a copy of the build context (the `!` entries of
+#    .dockerignore). That is the whole `pip install .` with the pinned torch/torchvision, so it
+#    proves the pins resolve and that what the build would install is complete: the block
+#    imports the API and worker from outside the source tree, and this script then migrates a
+#    scratch SQLite database with the installed `hmkd db upgrade` (migration scripts packaged)
+#    and starts the API with the compose file's uvicorn command until /v1/health answers.
+# What it cannot check: the apt steps of the Dockerfile (base image, Python 3.11 from a PPA) and
+# CUDA itself; deploy/README.md says how to check those on a machine with Docker and a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-all}
+case "$mode" in
+  all | --compose | --image) ;;
+  *) echo "usage: $0 [--compose | --image]" >&2; exit 2 ;;
+esac
+start=$SECONDS
+step() { printf '== %s (%ds)\n' "$1" "$((SECONDS - start))"; }
+
+# ---- 1. compose file and Dockerfile contract -------------------------------------------------
+if [ "$mode" != --image ]; then
+  step "compose: schema and contract tests"
+  [ -x .venv/bin/pytest ] || ./scripts/setup.sh
+  if [ ! -x .venv/bin/check-jsonschema ]; then
+    .venv/bin/python -m pip install --quiet 'check-jsonschema>=0.28'
+  fi
+  .venv/bin/pytest tests/deploy -q -p no:cacheprovider
+  [ "$mode" = --compose ] && { step "done"; exit 0; }
+fi
+
+# ---- 2. the image's install steps in a fresh virtual environment --------------------------------
+block=$(sed -n "/^RUN <<'INSTALL'\$/,/^INSTALL\$/p" Dockerfile | sed '1d;$d')
+if [ -z "$block" ]; then
+  echo "error: no RUN <<'INSTALL' ... INSTALL block in Dockerfile; restore its markers" >&2
+  exit 1
+fi
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/hmkd-deploy.XXXXXX")
+api_pid=""
+cleanup() {
+  if [ -n "$api_pid" ]; then kill "$api_pid" 2>/dev/null || true; fi
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+free_kb=$(df -Pk "$scratch" | awk 'NR == 2 {print $4}')
+if [ "$free_kb" -lt $((8 * 1024 * 1024)) ]; then
+  echo "error: $scratch has $((free_kb / 1024)) MB free; the image's install needs ~6 GB." \
+    "Set TMPDIR to a roomier disk." >&2
+  exit 1
+fi
+
+step "build context: the .dockerignore allowlist"
+mkdir "$scratch/src"
+sed -n 's/^!//p' .dockerignore | while read -r path; do
+  if [ ! -e "$path" ]; then
+    echo "error: .dockerignore lets in $path, which does not exist" >&2
+    exit 1
+  fi
+  cp -R "$path" "$scratch/src/"
+done
+find "$scratch/src" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
+
+step "the Dockerfile's INSTALL block (pip install . with the pinned torch)"
+(cd "$scratch/src" && VENV="$scratch/venv" PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_QUIET=1 sh -c "$block")
+venv=$scratch/venv
+
+step "installed hmkd db upgrade on a scratch SQLite database"
+export HMKD_DATA_DIR=$scratch/data
+unset HMKD_DATABASE_URL HMKD_BROKER_URL HMKD_ARTIFACTS_DIR HMKD_DATASET_ROOTS
+(cd / && "$venv/bin/hmkd" db upgrade)
+(cd / && "$venv/bin/hmkd" worker --help >/dev/null)
+
+step "the compose file's API command answers /v1/health"
+port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+(cd / && exec "$venv/bin/uvicorn" api.app:create_app --factory --host 127.0.0.1 --port "$port") \
+  >"$scratch/api.log" 2>&1 &
+api_pid=$!
+if ! "$venv/bin/python" - "$port" <<'PY'; then
+import sys, time, urllib.request
+
+url = f"http://127.0.0.1:{sys.argv[1]}/v1/health"
+deadline = time.monotonic() + 60
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            print(url, answer.status, answer.read().decode())
+            break
+    except OSError as err:
+        if time.monotonic() > deadline:
+            sys.exit(f"error: the API did not answer {url} within 60 s: {err}")
+        time.sleep(0.5)
+PY
+  cat "$scratch/api.log" >&2
+  exit 1
+fi
+step "done; the install used $(du -sh "$venv" | cut -f1)"
