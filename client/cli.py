@@ -1,4 +1,4 @@
-"""`hmkd`: train, evaluate and make data on one machine.
+"""`hmkd`: train, evaluate and make data on one machine; submit and follow jobs on the service.
 
 Heavy imports (torch, torchvision) happen inside commands so `hmkd --help` stays instant.
 Errors a user can fix (a bad spec, a missing file) print one clear message and exit 2; a
@@ -15,9 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from client.service_cli import app as service_app
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 datasets_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(service_app)  # submit, jobs, status, logs, cancel, retry, download, queue, serve...
 console = Console()
 err_console = Console(stderr=True)
 

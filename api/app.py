@@ -1,0 +1,175 @@
+"""The FastAPI application: `create_app(settings)` wires settings, limits, errors and routes.
+
+It refuses to start on a database that Alembic has not brought to the current revision, because
+an API answering 500s on every request is worse than one that says what to run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobs.lifecycle import Conflict, InvalidJob, NotFound
+from jobs.settings import Settings, get_settings
+
+DESCRIPTION = """\
+Submit knowledge-distillation jobs for small-object detectors, follow their progress and
+download the distilled students.
+
+Every endpoint but `/v1/health` and `/v1/ready` needs `Authorization: Bearer <token>`.
+A user sees and acts on their own team's jobs only; any other job id is a 404.
+Errors answer `{"detail": ...}`; validation errors (422) list each problem with its `field`
+path, e.g. `data.train.images`.
+"""
+
+TAGS = [
+    {"name": "jobs", "description": "Submit, list, follow, cancel and retry training jobs."},
+    {"name": "artifacts", "description": "Checkpoints, `student.pt`, `eval.json`: streamed."},
+    {"name": "queue", "description": "Queued and running jobs per queue, workers and GPUs."},
+    {"name": "health", "description": "Liveness and readiness probes (no token needed)."},
+]
+
+
+def package_version() -> str:
+    try:
+        return version("hmkd")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class BodySizeLimit:
+    """Answer 413 before reading more than `max_bytes` of a request body.
+
+    A declared Content-Length is refused at once; a chunked body is counted as it arrives and
+    refused when it passes the limit (the route is still reading it, so nothing was sent yet).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return (
+            f"request body over {self.max_bytes} bytes; send a smaller spec "
+            "(or raise HMKD_MAX_BODY_BYTES on the server)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = JSONResponse({"detail": self._message()}, status_code=413)
+                await response(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    """`("body", "data", "train", "images")` -> `data.train.images`."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "<body>"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = []
+    for e in exc.errors():
+        errors.append(
+            {"field": _field(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            | {"loc": list(e.get("loc", ()))}
+        )
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+async def _invalid_job(request: Request, exc: InvalidJob) -> JSONResponse:
+    detail = [
+        {
+            "field": exc.field,
+            "msg": exc.message,
+            "type": "invalid_job",
+            "loc": ["body", *exc.field.split(".")],
+        }
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API over `settings` (default: from `HMKD_*` variables)."""
+    from api.routes import artifacts, health, jobs, queue
+
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from jobs.migrate import check_current
+
+        check_current(settings.database_url)  # DatabaseNotMigrated says what to run
+        yield
+        celery = getattr(app.state, "celery", None)
+        if celery is not None:
+            celery.close()
+
+    app = FastAPI(
+        title="HMKD job service",
+        description=DESCRIPTION,
+        version=package_version(),
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.celery = None
+    app.state.sse_poll_seconds = 0.5
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidJob, _invalid_job)  # type: ignore[arg-type]
+    app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    for module in (jobs, artifacts, queue, health):
+        app.include_router(module.router, prefix="/v1")
+    return app
+
+
+_celery_lock = threading.Lock()
+
+
+def celery_of(app: FastAPI) -> Any:
+    """The app's Celery client (publishing only), made on first use: it holds a connection
+    pool, so one per app, shared by the request threads."""
+    with _celery_lock:
+        if app.state.celery is None:
+            from jobs.broker import make_celery
+
+            app.state.celery = make_celery(app.state.settings)
+        return app.state.celery

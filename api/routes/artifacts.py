@@ -1,0 +1,82 @@
+"""`/v1/jobs/{id}/artifacts`: what a job wrote, and each file streamed.
+
+Downloads carry the sha256 as a strong ETag (`If-None-Match` answers 304) and honour `Range`
+(206, 416 when unsatisfiable) so a multi-gigabyte checkpoint resumes instead of restarting.
+Names go through the artifact store, which refuses anything that would leave the job's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Response, status
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from api.deps import SessionDep, SettingsDep, VisibleJob
+from api.schemas import ArtifactPublic, Problem
+from jobs.models import Artifact
+
+router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
+
+_ERRORS = {
+    401: {"model": Problem, "description": "Missing or unknown token."},
+    404: {"model": Problem, "description": "No such job in your team, or no such artifact."},
+}
+
+
+@router.get("", response_model=list[ArtifactPublic], summary="List artifacts", responses=_ERRORS)
+def list_artifacts(job: VisibleJob, session: SessionDep) -> list[ArtifactPublic]:
+    """Checkpoints, `run/student.pt`, `run/eval.json`, ... with size and sha256."""
+    rows = session.scalars(
+        select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)
+    )
+    return [ArtifactPublic.from_row(r) for r in rows]
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    candidates = [c.strip() for c in header.split(",")]
+    return "*" in candidates or etag in candidates or f"W/{etag}" in candidates
+
+
+@router.get(
+    "/{name:path}",
+    response_class=FileResponse,
+    summary="Download an artifact",
+    responses={
+        **_ERRORS,
+        200: {"content": {"application/octet-stream": {}}, "description": "The file."},
+        206: {"description": "The requested byte range."},
+        304: {"description": "Unchanged: the If-None-Match ETag is current."},
+        416: {"description": "Range outside the file."},
+    },
+)
+def download_artifact(
+    job: VisibleJob,
+    name: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Stream one artifact; `ETag` is its quoted sha256."""
+    from jobs.artifacts import ArtifactNameError, ArtifactStore
+
+    missing = HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no artifact {name!r}")
+    assert settings.artifacts_dir is not None
+    try:
+        path = ArtifactStore(Path(settings.artifacts_dir)).resolve(job.id, name)
+    except ArtifactNameError:
+        raise missing from None
+    row = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if row is None or not path.is_file():
+        raise missing
+    etag = f'"{row.sha256}"'
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    return FileResponse(
+        path,
+        filename=Path(name).name,
+        media_type="application/octet-stream",
+        headers={"ETag": etag, "Cache-Control": "private, no-cache"},
+    )

@@ -1,0 +1,291 @@
+"""`/v1/jobs`: submit, list, read, follow (SSE), logs, cancel and retry."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.app import celery_of
+from api.deps import CurrentUser, SessionDep, SettingsDep, VisibleJob
+from api.queries import BadCursor, list_jobs, metric_series
+from api.schemas import EvaluationPublic, JobList, JobPublic, MetricSeries, Problem
+from jobs.db import session_scope
+from jobs.lifecycle import (
+    Conflict,
+    mark_dispatched,
+    queue_position,
+    request_cancel,
+    retry_job,
+    submit_job,
+)
+from jobs.models import TERMINAL, Evaluation, Job, JobState
+from jobs.schemas import JobSpec
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_ERRORS = {
+    401: {"model": Problem, "description": "Missing or unknown token."},
+    404: {"model": Problem, "description": "No such job in your team."},
+}
+LOG_CHUNK_BYTES = 1 << 20
+
+
+def _public(session: Session, job: Job, *, with_spec: bool = True) -> JobPublic:
+    return JobPublic.from_job(job, position=queue_position(session, job), with_spec=with_spec)
+
+
+def _dispatch(request: Request, session: Session, job: Job) -> None:
+    """Commit, then publish; a failed publish leaves the job for the workers' sweeper."""
+    session.commit()  # the worker must find the row when the message arrives
+    try:
+        from jobs.broker import publish
+
+        publish(celery_of(request.app), job)
+    except Exception:  # any broker failure: the outbox sweeper re-publishes it later
+        log.warning("publishing job %s failed; it stays undispatched", job.id, exc_info=True)
+        return
+    mark_dispatched(session, job.id)
+    session.commit()
+    session.refresh(job)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    summary="Submit a job",
+    responses={
+        **_ERRORS,
+        200: {"model": JobPublic, "description": "The Idempotency-Key was used: that job."},
+        409: {"model": Problem, "description": "Idempotency-Key reused with another spec."},
+        413: {"model": Problem, "description": "Body too large."},
+    },
+)
+def create_job(
+    spec: JobSpec,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    user: CurrentUser,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            description="Retry-safe submission: the same key returns the job it first made.",
+        ),
+    ] = None,
+) -> JobPublic:
+    """Validate the spec, check its dataset paths and teacher, queue it and publish it."""
+    try:
+        job, created = submit_job(
+            session, user=user, spec=spec, settings=settings, idempotency_key=idempotency_key
+        )
+    except IntegrityError:  # the same key raced in from a concurrent retry: answer with it
+        session.rollback()
+        job, created = submit_job(
+            session, user=user, spec=spec, settings=settings, idempotency_key=idempotency_key
+        )
+    if not created and job.spec != spec.model_dump(mode="json"):
+        raise Conflict(
+            f"Idempotency-Key {idempotency_key!r} already made job {job.id} from another "
+            "spec; use a new key for a new job"
+        )
+    if created:
+        _dispatch(request, session, job)
+    else:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return _public(session, job)
+
+
+@router.get("", response_model=JobList, summary="List your team's jobs", responses=_ERRORS)
+def get_jobs(
+    session: SessionDep,
+    user: CurrentUser,
+    state: Annotated[list[JobState] | None, Query(description="Repeat to match several.")] = None,
+    kind: Literal["train", "distill", "evaluate"] | None = None,
+    queue: Annotated[str | None, Query(max_length=100)] = None,
+    name: Annotated[str | None, Query(max_length=200, description="Name contains.")] = None,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobList:
+    """Newest first; follow `next_cursor` for older pages."""
+    try:
+        items, next_cursor = list_jobs(
+            session,
+            user,
+            states=[s.value for s in state or []],
+            kind=kind,
+            queue=queue,
+            name=name,
+            cursor=cursor,
+            limit=limit,
+        )
+    except BadCursor as err:
+        raise RequestValidationError(
+            [{"loc": ("query", "cursor"), "msg": str(err), "type": "value_error"}]
+        ) from None
+    return JobList(items=items, next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, summary="One job", responses=_ERRORS)
+def get_job(job: VisibleJob, session: SessionDep) -> JobPublic:
+    """State, attempt, progress, ETA, throughput, losses, evaluations, error, queue place."""
+    return _public(session, job)
+
+
+@router.get(
+    "/{job_id}/metrics", response_model=MetricSeries, summary="Metric series", responses=_ERRORS
+)
+def get_metrics(
+    job: VisibleJob,
+    session: SessionDep,
+    since: Annotated[int, Query(ge=0, description="Only iterations >= since.")] = 0,
+) -> MetricSeries:
+    """Loss components, lr and images/s per recorded iteration, and every evaluation."""
+    return metric_series(session, job.id, since=since)
+
+
+def _snapshot(
+    url: str, job_id: str, after_eval: int
+) -> tuple[JobPublic | None, list[tuple[int, EvaluationPublic]]]:
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None, []
+        rows = session.scalars(
+            select(Evaluation)
+            .where(Evaluation.job_id == job_id, Evaluation.id > after_eval)
+            .order_by(Evaluation.id)
+        )
+        evals = [(e.id, EvaluationPublic.from_row(e)) for e in rows]
+        return _public(session, job, with_spec=False), evals
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    summary="Follow a job (server-sent events)",
+    responses=_ERRORS,
+)
+async def job_events(job: VisibleJob, request: Request) -> AsyncIterator[ServerSentEvent]:
+    """A `state` event at once and on every state change, `progress` when the job row
+    changes, `evaluation` per evaluation; the stream ends once the job is final."""
+    url: str = request.app.state.settings.database_url
+    poll: float = request.app.state.sse_poll_seconds
+    job_id = job.id
+    last_state: str | None = None
+    last_seen: JobPublic | None = None
+    after_eval = 0
+    while True:
+        current, evals = await anyio.to_thread.run_sync(_snapshot, url, job_id, after_eval)
+        if current is None:
+            return
+        for eval_id, evaluation in evals:
+            after_eval = eval_id
+            yield ServerSentEvent(event="evaluation", data=evaluation, id=f"e{eval_id}")
+        if current.state != last_state:
+            yield ServerSentEvent(event="state", data=current)
+        elif current != last_seen:
+            yield ServerSentEvent(event="progress", data=current)
+        last_state, last_seen = current.state, current
+        if current.state in TERMINAL:
+            return
+        await anyio.sleep(poll)
+
+
+def _tail(path: Path, lines: int) -> tuple[bytes, int]:
+    """The last `lines` lines of the file and its size, reading backwards in blocks."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        data, pos = b"", size
+        while pos > 0 and data.count(b"\n") <= lines:
+            step = min(64 * 1024, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    kept = data.splitlines(keepends=True)[-lines:]
+    return b"".join(kept), size
+
+
+def _from_offset(path: Path, offset: int) -> tuple[bytes, int]:
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(min(offset, size))
+        data = f.read(LOG_CHUNK_BYTES)
+    return data, min(offset, size) + len(data)
+
+
+@router.get(
+    "/{job_id}/logs",
+    response_class=PlainTextResponse,
+    summary="The job's log",
+    responses={
+        **_ERRORS,
+        200: {
+            "content": {"text/plain": {}},
+            "description": "Log text; `X-Log-Offset` is where the next `offset` read starts.",
+        },
+    },
+)
+def get_logs(
+    job: VisibleJob,
+    settings: SettingsDep,
+    tail: Annotated[int | None, Query(ge=1, le=100_000, description="Last N lines.")] = None,
+    offset: Annotated[
+        int | None, Query(ge=0, description="Bytes from here on (to follow a log).")
+    ] = None,
+) -> PlainTextResponse:
+    """The whole log (up to 1 MiB per call), its last `tail` lines, or what follows `offset`."""
+    from jobs.artifacts import ArtifactStore
+
+    assert settings.artifacts_dir is not None
+    path = ArtifactStore(Path(settings.artifacts_dir)).log_path(job.id)
+    if not path.is_file():
+        data, end = b"", 0
+    elif tail is not None and offset is None:
+        data, end = _tail(path, tail)
+    else:
+        data, end = _from_offset(path, offset or 0)
+    return PlainTextResponse(
+        data.decode("utf-8", errors="replace"), headers={"X-Log-Offset": str(end)}
+    )
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={**_ERRORS, 409: {"model": Problem, "description": "Already final."}},
+)
+def cancel_job(job: VisibleJob, session: SessionDep) -> JobPublic:
+    """A queued job ends at once; a running one is asked to stop and ends within seconds."""
+    request_cancel(session, job)
+    return _public(session, job)
+
+
+@router.post(
+    "/{job_id}/retry",
+    response_model=JobPublic,
+    summary="Retry a failed or cancelled job",
+    responses={**_ERRORS, 409: {"model": Problem, "description": "Not failed or cancelled."}},
+)
+def retry(job: VisibleJob, session: SessionDep, request: Request) -> JobPublic:
+    """Queue it again; the worker resumes from its last checkpoint."""
+    retry_job(session, job)
+    _dispatch(request, session, job)
+    return _public(session, job)

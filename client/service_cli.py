@@ -1,0 +1,343 @@
+"""`hmkd` commands of the job service: submit and follow jobs, and run the service.
+
+Client commands (`submit`, `jobs`, `status`, `logs`, `cancel`, `retry`, `download`, `queue`)
+talk HTTP through `client.sdk`, finding the API and token by themselves (`HMKD_API_URL`,
+`HMKD_TOKEN`, else the embedded default's). Server commands (`serve`, `worker`, `db upgrade`,
+`users create`, `tokens create`) act on the configured database directly and import the server
+packages lazily, so `hmkd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from client.follow import eval_line, follow, jobs_table, queue_tables, status_table
+from client.sdk import TERMINAL_STATES, ApiError, Client
+
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+users_app = typer.Typer(no_args_is_help=True, help="Users of the service (server side).")
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens (server side).")
+db_app = typer.Typer(no_args_is_help=True, help="The service's database (server side).")
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job's id.")]
+_KEYWORD_WEIGHTS = ("none", "imagenet", "coco")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _client() -> Client:
+    return Client()
+
+
+def _api(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run an SDK call; an API error prints the server's message and exits."""
+    try:
+        return call(*args, **kwargs)
+    except ApiError as err:
+        _fail(str(err), code=1 if err.status in (0, 409) or err.status >= 500 else 2)
+
+
+def read_spec(path: Path, overrides: list[str]) -> dict[str, Any]:
+    """A job spec from YAML/JSON, `--set a.b=value` applied, relative paths made absolute
+    against the spec's folder (the server resolves nothing relative)."""
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as err:
+        _fail(f"{path}: cannot read the spec: {err.strerror}")
+    except (ValueError, yaml.YAMLError) as err:
+        _fail(f"{path}: not valid YAML/JSON: {err}")
+    if not isinstance(data, dict):
+        _fail(f"{path}: a spec is a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            _fail(f"--set {item!r}: write KEY=VALUE, e.g. --set teacher.weights=job:<id>")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    base = path.parent.resolve()
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    for split in (data.get("data") or {}).values():
+        if isinstance(split, dict):
+            for key in ("images", "annotations"):
+                if key in split:
+                    split[key] = absolute(split[key])
+    for model in (data.get("student"), data.get("teacher")):
+        if isinstance(model, dict) and "weights" in model:
+            weights = model["weights"]
+            if weights not in _KEYWORD_WEIGHTS and not str(weights).startswith("job:"):
+                model["weights"] = absolute(weights)
+    return data
+
+
+def _final(job: dict[str, Any], quiet: bool) -> None:
+    if quiet:
+        typer.echo(job["id"])
+    else:
+        console.print(f"job {job['id']} {job['state']} at iteration {job['iteration']}")
+        if job.get("latest_eval"):
+            console.print(f"final: {eval_line(job['latest_eval'])}")
+        if job.get("best_eval") and job["best_eval"] != job.get("latest_eval"):
+            console.print(f"best:  {eval_line(job['best_eval'])}")
+    if job["state"] != "succeeded":
+        err_console.print(f"[red]{job['state']}[/]: {escape(job.get('error') or '')}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML or JSON job spec.")],
+    follow_: Annotated[
+        bool, typer.Option("--follow", "-f", help="Show progress until the job ends.")
+    ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: --set teacher.weights=job:<id>."),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retry-safe: the same key never makes a second job.")
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the job id on stdout.")
+    ] = False,
+) -> None:
+    """Submit a job; --follow draws its progress and prints its AP and AP_S."""
+    spec = read_spec(spec_path, overrides or [])
+    with _client() as client:
+        job = _api(client.submit, spec, idempotency_key=idempotency_key)
+        if not quiet:
+            place = f", #{job['queue_position']} in {job['queue']}" if job["queue_position"] else ""
+            err_console.print(f"submitted job {job['id']} ({job['state']}{place})")
+        if not follow_:
+            if quiet:
+                typer.echo(job["id"])
+            return
+        job = _api(follow, client, job["id"], err_console)
+    _final(job, quiet)
+
+
+@app.command("jobs")
+def list_jobs(
+    state: Annotated[list[str] | None, typer.Option(help="queued, running, ...")] = None,
+    kind: Annotated[str | None, typer.Option(help="train, distill or evaluate.")] = None,
+    queue: Annotated[str | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option(help="Name contains.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Your team's jobs, newest first."""
+    with _client() as client:
+        page = _api(client.jobs, state=state, kind=kind, queue=queue, name=name, limit=limit)
+    if as_json:
+        console.print_json(data=page)
+    else:
+        console.print(jobs_table(page["items"]))
+
+
+@app.command()
+def status(job_id: JobArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Where a job stands: state, progress, ETA, losses, evaluations, error."""
+    with _client() as client:
+        job = _api(client.job, job_id)
+    if as_json:
+        console.print_json(data=job)
+    else:
+        console.print(status_table(job))
+
+
+@app.command()
+def logs(
+    job_id: JobArg,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    tail: Annotated[int | None, typer.Option(min=1, help="Only the last N lines.")] = None,
+) -> None:
+    """A job's log; -f follows it until the job ends."""
+    with _client() as client:
+        if not follow_:
+            console.out(_api(client.logs, job_id, tail=tail), end="")
+            return
+        text, offset = _api(client.logs_tail, job_id, tail or 20)
+        console.out(text, end="")
+        while True:
+            text, offset = _api(client.logs_from, job_id, offset)
+            if text:
+                console.out(text, end="")
+                continue
+            if _api(client.job, job_id)["state"] in TERMINAL_STATES:
+                text, offset = _api(client.logs_from, job_id, offset)
+                console.out(text, end="")
+                return
+            time.sleep(1.0)
+
+
+@app.command()
+def cancel(job_id: JobArg) -> None:
+    """Cancel a job: a queued one at once, a running one within seconds."""
+    with _client() as client:
+        job = _api(client.cancel, job_id)
+    note = " (stopping)" if job["cancel_requested"] and job["state"] == "running" else ""
+    console.print(f"job {job['id']} {job['state']}{note}")
+
+
+@app.command()
+def retry(job_id: JobArg) -> None:
+    """Queue a failed or cancelled job again; it resumes from its checkpoint."""
+    with _client() as client:
+        job = _api(client.retry, job_id)
+    console.print(f"job {job['id']} {job['state']} (attempt {job['attempt']} done so far)")
+
+
+@app.command()
+def download(
+    job_id: JobArg,
+    artifact: Annotated[
+        str, typer.Argument(help="Name inside the job, e.g. run/eval.json.")
+    ] = "run/student.pt",
+    out: Annotated[Path, typer.Option("--out", "-o", help="File or folder.")] = Path("."),
+) -> None:
+    """Download an artifact (default: the student), checked by sha256.
+
+    An interrupted download resumes where it stopped.
+    """
+    bar = Progress(
+        "[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=err_console,
+    )  # fmt: skip
+    with _client() as client, bar:
+        task = bar.add_task(artifact, total=None)
+        path = _api(
+            client.download,
+            job_id,
+            artifact,
+            out,
+            progress=lambda done, total: bar.update(task, completed=done, total=total or None),
+        )
+    typer.echo(str(path))
+
+
+@app.command("queue")
+def show_queue() -> None:
+    """Queued and running jobs per queue, your jobs' positions, workers and GPUs."""
+    with _client() as client:
+        overview = _api(client.queue)
+    for table in queue_tables(overview):
+        console.print(table)
+
+
+@users_app.command("create")
+def users_create(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    team: Annotated[str, typer.Option("--team", help="Team (created if missing).")],
+    admin: Annotated[bool, typer.Option("--admin", help="Make an administrator.")] = False,
+) -> None:
+    """Create a user and print their first token (shown once)."""
+    from jobs.admin import create_user
+    from jobs.auth import AlreadyExists
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    try:
+        issued = create_user(Settings(), name, team=team, is_admin=admin)
+    except (AlreadyExists, DatabaseNotMigrated, ValueError) as err:
+        _fail(str(err))
+    err_console.print(
+        escape(f"created user {issued.user} in team {issued.team}; their token (shown once):")
+    )
+    typer.echo(issued.token)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    user: Annotated[str, typer.Option("--user", help="An existing user.")],
+    name: Annotated[str, typer.Option(help="A label for the token.")] = "",
+) -> None:
+    """Issue another token for a user and print it (shown once)."""
+    from jobs.admin import create_token
+    from jobs.auth import UnknownUser
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    try:
+        issued = create_token(Settings(), user, name=name)
+    except (UnknownUser, DatabaseNotMigrated) as err:
+        _fail(str(err))
+    err_console.print(escape(f"token for {issued.user} (team {issued.team}), shown once:"))
+    typer.echo(issued.token)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Migrate the configured database (HMKD_DATABASE_URL) to this code's schema."""
+    from jobs.admin import db_upgrade as upgrade
+    from jobs.settings import Settings
+
+    typer.echo(str(upgrade(Settings(), revision)))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data folder (default HMKD_DATA_DIR or ~/.hmkd).")
+    ] = None,
+    worker: Annotated[bool, typer.Option(help="Start one worker on the default queue.")] = True,
+) -> None:
+    """Run the service: the API and, by default, one worker.
+
+    On the embedded default the database is migrated and a local admin token written where
+    the CLI finds it.
+    """
+    from client.serve import run_service
+
+    try:
+        run_service(host=host, port=port, data_dir=data_dir, with_worker=worker, console=console)
+    except RuntimeError as err:  # DatabaseNotMigrated and a worker that cannot start
+        _fail(str(err))
+
+
+@app.command("worker")
+def run_worker_command(
+    queue: Annotated[
+        list[str], typer.Option("--queue", "-Q", help="Queue to serve; repeat for several.")
+    ],
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once (CPU only).")] = 1,
+    loglevel: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run a worker serving QUEUEs, one job at a time on this machine's GPUs."""
+    from jobs.migrate import DatabaseNotMigrated, check_current
+    from jobs.settings import Settings
+    from worker.cli import run_worker
+
+    try:
+        check_current(Settings().database_url)
+    except DatabaseNotMigrated as err:
+        _fail(str(err))
+    run_worker(queue, concurrency=concurrency, loglevel=loglevel)

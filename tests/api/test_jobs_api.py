@@ -1,0 +1,365 @@
+"""`/v1/jobs` as a client sees it: submit, validate, list, page, cancel, retry, logs, events."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from client.sdk import parse_sse
+from jobs.db import session_scope
+from jobs.models import Job
+from jobs.settings import Settings
+from tests.api.conftest import bearer, distill_spec, job_spec, run_to_end, submit
+
+
+def _count_jobs(settings: Settings) -> int:
+    with session_scope(settings.database_url) as session:
+        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+def test_create_then_idempotent_repeat(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    spec = job_spec(dataset, name="teacher-r34")
+    first = client.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 201, first.text
+    job = first.json()
+    assert job["state"] == "queued" and job["queue_position"] == 1
+    assert job["dispatched"] is True  # published to the test's broker
+    assert first.headers["location"] == f"/v1/jobs/{job['id']}"
+
+    again = client.post("/v1/jobs", json=spec, headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 200 and again.json()["id"] == job["id"]
+    assert _count_jobs(service_settings) == 1
+
+    other = dict(spec, name="something else")
+    clash = client.post("/v1/jobs", json=other, headers={"Idempotency-Key": "k-1"})
+    assert clash.status_code == 409 and "Idempotency-Key" in clash.json()["detail"]
+
+
+def test_bad_spec_is_422_with_field_paths(client: TestClient, dataset: dict[str, Path]) -> None:
+    spec = job_spec(dataset, schedule={"lr": -1}, resources={"gpus": 0, "queue": "bad queue!"})
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 422
+    fields = {e["field"] for e in r.json()["detail"]}
+    assert {"schedule.lr", "resources.queue"} <= fields
+
+    r = client.post("/v1/jobs", json={**job_spec(dataset), "colour": "blue"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "colour"
+
+    r = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("where", ["outside", "missing", "relative"])
+def test_dataset_paths_confined_to_roots(
+    client: TestClient, dataset: dict[str, Path], tmp_path: Path, where: str
+) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    bad = {
+        "outside": str(outside),
+        "missing": str(dataset["val_images"].parent / "nope"),
+        "relative": "digits/val/images",
+    }[where]
+    spec = job_spec(dataset)
+    spec["data"]["val"]["images"] = bad
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["field"] == "data.val.images"
+    assert error["loc"] == ["body", "data", "val", "images"]
+
+
+def test_teacher_job_must_be_visible_and_succeeded(
+    client: TestClient,
+    dataset: dict[str, Path],
+    service_settings: Settings,
+    other_team_user: tuple[Any, str],
+) -> None:
+    theirs = client.post(
+        "/v1/jobs", json=job_spec(dataset, name="bob-teacher"), headers=bearer(other_team_user[1])
+    ).json()
+    run_to_end(service_settings, theirs["id"], files={"run/student.pt": b"weights"})
+    unknown = "0" * 32
+    for ref in (theirs["id"], unknown):
+        r = client.post("/v1/jobs", json=distill_spec(dataset, f"job:{ref}"))
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["field"] == "teacher.weights"
+        assert "no job" in r.json()["detail"][0]["msg"]
+
+    mine = submit(client, job_spec(dataset, name="alice-teacher"))
+    r = client.post("/v1/jobs", json=distill_spec(dataset, f"job:{mine['id']}"))
+    assert r.status_code == 422 and "not succeeded" in r.json()["detail"][0]["msg"]
+    run_to_end(service_settings, mine["id"], files={"run/student.pt": b"weights"})
+    ok = submit(client, distill_spec(dataset, f"job:{mine['id']}"))
+    assert ok["teacher_job_id"] == mine["id"] and ok["kind"] == "distill"
+
+
+def test_list_filters_and_three_pages(client: TestClient, dataset: dict[str, Path]) -> None:
+    made = []
+    for i in range(7):
+        queue = "gpu-a100" if i % 2 else "default"
+        spec = job_spec(dataset, name=f"Sweep-{i}", resources={"queue": queue})
+        made.append(submit(client, spec)["id"])
+    client.post(f"/v1/jobs/{made[0]}/cancel").raise_for_status()
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        params: dict[str, Any] = {"limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        page = client.get("/v1/jobs", params=params).json()
+        pages += 1
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3 and seen == made[::-1]  # newest first, nothing twice, nothing lost
+
+    def ids(**params: Any) -> set[str]:
+        r = client.get("/v1/jobs", params=params)
+        assert r.status_code == 200, r.text
+        return {j["id"] for j in r.json()["items"]}
+
+    assert ids(state="cancelled") == {made[0]}
+    assert ids(state=["cancelled", "queued"]) == set(made)
+    assert ids(queue="gpu-a100") == set(made[1::2])
+    assert ids(name="sweep-3") == {made[3]}  # case-insensitive "contains"
+    assert ids(kind="distill") == set()
+    assert client.get("/v1/jobs", params={"limit": 201}).status_code == 422
+    bad = client.get("/v1/jobs", params={"cursor": "garbage!"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "cursor"
+
+
+def test_get_one_job(client: TestClient, dataset: dict[str, Path]) -> None:
+    job = submit(client, job_spec(dataset, name="one"))
+    r = client.get(f"/v1/jobs/{job['id']}")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["spec"]["name"] == "one" and body["progress"] == 0.0
+    assert client.get(f"/v1/jobs/{'f' * 32}").status_code == 404
+
+
+def test_cancel_queued_then_retry(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    job = submit(client, job_spec(dataset))
+    r = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+
+    r = client.post(f"/v1/jobs/{job['id']}/retry")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "queued" and r.json()["dispatched"] is True
+    assert client.post(f"/v1/jobs/{job['id']}/retry").status_code == 409  # queued: not retryable
+
+
+def test_logs_tail_and_offset(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    job = submit(client, job_spec(dataset))
+    assert client.get(f"/v1/jobs/{job['id']}/logs").text == ""  # not started: empty, not 404
+    log = Path(service_settings.artifacts_dir or "") / job["id"] / "logs.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(f"line {i}\n" for i in range(10)))
+    r = client.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 3})
+    assert r.text == "line 7\nline 8\nline 9\n"
+    assert int(r.headers["x-log-offset"]) == log.stat().st_size
+    with log.open("a") as f:
+        f.write("line 10\n")
+    r = client.get(f"/v1/jobs/{job['id']}/logs", params={"offset": r.headers["x-log-offset"]})
+    assert r.text == "line 10\n"
+    assert client.get(f"/v1/jobs/{job['id']}/logs").text.count("\n") == 11
+
+
+def test_metrics_series(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    from jobs.lifecycle import claim_job
+    from jobs.progress import record_evaluation, record_progress
+
+    job = submit(client, job_spec(dataset))
+    with session_scope(service_settings.database_url) as session:
+        claim_job(session, job["id"], worker="w#1", lease_seconds=60)
+    for it in (1, 2):
+        with session_scope(service_settings.database_url) as session:
+            record_progress(
+                session,
+                job["id"],
+                worker="w#1",
+                iteration=it,
+                total=4,
+                images_per_s=10.0 * it,
+                eta_s=4.0 - it,
+                lr=0.01,
+                losses={"loss_classifier": 1.0 / it, "distill.loss_hm_p2": 0.5},
+            )
+    with session_scope(service_settings.database_url) as session:
+        record_evaluation(
+            session, job["id"], iteration=2, metrics={"AP": 0.1, "AP_S": 0.05}, metric_name="AP_S"
+        )
+    series = client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert series["iteration"] == [1, 2] and series["images_per_s"] == [10.0, 20.0]
+    assert series["losses"]["loss_classifier"] == [1.0, 0.5]
+    assert series["evaluations"][0]["metrics"]["AP_S"] == 0.05
+    got = client.get(f"/v1/jobs/{job['id']}").json()
+    assert got["progress"] == 50.0 and got["eta_s"] == 2.0 and got["best_eval"]["AP"] == 0.1
+
+
+def _events(client: TestClient, job_id: str) -> list[Any]:
+    r = client.get(f"/v1/jobs/{job_id}/events")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    return list(parse_sse(iter(r.text.splitlines())))
+
+
+def test_events_of_a_final_job_end_with_its_state(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    job = submit(client, job_spec(dataset))
+    client.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+    events = _events(client, job["id"])
+    assert [e.event for e in events] == ["state"]
+    assert events[0].data["state"] == "cancelled"
+
+
+def test_events_follow_a_running_job(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """A worker stand-in moves the job along while the stream is open (server polls 50 ms)."""
+    from jobs.lifecycle import claim_job, finish_job
+    from jobs.models import JobState
+    from jobs.progress import record_evaluation, record_progress
+
+    job = submit(client, job_spec(dataset))
+    url = service_settings.database_url
+
+    def worker() -> None:
+        time.sleep(0.3)
+        with session_scope(url) as s:
+            claim_job(s, job["id"], worker="w#1", lease_seconds=60)
+        time.sleep(0.3)
+        with session_scope(url) as s:
+            record_progress(
+                s, job["id"], worker="w#1", iteration=2, total=4, images_per_s=5.0,
+                eta_s=1.0, lr=0.01, losses={"loss": 1.0},
+            )  # fmt: skip
+        time.sleep(0.3)
+        with session_scope(url) as s:
+            record_evaluation(s, job["id"], iteration=4, metrics={"AP": 0.2}, metric_name="AP")
+            finish_job(s, job["id"], worker="w#1", state=JobState.succeeded)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        events = _events(client, job["id"])
+    finally:
+        thread.join()
+    states = [e.data["state"] for e in events if e.event == "state"]
+    assert states == ["queued", "running", "succeeded"]
+    assert any(e.event == "progress" and e.data["iteration"] == 2 for e in events)
+    (evaluation,) = [e for e in events if e.event == "evaluation"]
+    assert evaluation.data["metrics"] == {"AP": 0.2}
+    assert events[-1].event == "state"
+
+
+def test_oversized_body_is_413(client: TestClient, service_settings: Settings) -> None:
+    big = json.dumps({"name": "x" * (service_settings.max_body_bytes + 1)}).encode()
+    r = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "HMKD_MAX_BODY_BYTES" in r.json()["detail"]
+
+    def chunks() -> Any:  # no Content-Length: counted as it streams in
+        for _ in range(0, len(big), 65536):
+            yield big[:65536]
+
+    r = client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_openapi_lists_the_v1_paths(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    assert doc["info"]["title"] == "HMKD job service"
+    assert {t["name"] for t in doc["tags"]} >= {"jobs", "artifacts", "queue", "health"}
+    paths = set(doc["paths"])
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/metrics",
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/logs",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/retry",
+        "/v1/jobs/{job_id}/artifacts",
+        "/v1/jobs/{job_id}/artifacts/{name}",
+        "/v1/queue",
+        "/v1/health",
+        "/v1/ready",
+    ):
+        assert path in paths, path
+    assert all(p.startswith("/v1/") for p in paths)
+
+
+def test_queue_overview(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    from jobs.progress import heartbeat_worker
+
+    a = submit(client, job_spec(dataset, name="a"))
+    b = submit(client, job_spec(dataset, name="b", resources={"priority": 5}))
+    with session_scope(service_settings.database_url) as session:
+        heartbeat_worker(
+            session,
+            name="gpu-box",
+            queues=["default"],
+            gpus=[{"index": 0, "name": "H100"}],
+            current_job_id=None,
+        )
+    overview = client.get("/v1/queue").json()
+    (default,) = overview["queues"]
+    assert default["queued"] == 2 and default["running"] == 0
+    assert [j["id"] for j in default["jobs"]] == [b["id"], a["id"]]  # priority first
+    (worker,) = overview["workers"]
+    assert worker["gpus"][0]["name"] == "H100" and worker["heartbeat_age_s"] < 60
+
+
+def test_health_ready_and_unmigrated_start(
+    app: FastAPI, service_settings: Settings, tmp_path: Path
+) -> None:
+    from api.app import create_app
+    from jobs.migrate import DatabaseNotMigrated
+
+    with TestClient(app) as anonymous:
+        assert anonymous.get("/v1/health").json()["status"] == "ok"
+        ready = anonymous.get("/v1/ready")
+        assert ready.status_code == 200 and ready.json()["ready"] is True, ready.text
+
+    empty = service_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'e.db'}"})
+    with pytest.raises(DatabaseNotMigrated, match="hmkd db upgrade"), TestClient(create_app(empty)):
+        pass
+
+
+def test_submit_while_the_broker_is_down_keeps_the_job(
+    service_settings: Settings, admin: tuple[Any, str], dataset: dict[str, Path]
+) -> None:
+    """Nothing listens on port 1: the publish fails fast, the job stays queued and
+    undispatched for the workers' sweeper, and the client still gets its 201."""
+    from api.app import create_app
+
+    down = service_settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(down), headers=bearer(admin[1])) as c:
+        started = time.monotonic()
+        r = c.post("/v1/jobs", json=job_spec(dataset))
+        elapsed = time.monotonic() - started
+        assert r.status_code == 201, r.text
+        assert r.json()["state"] == "queued" and r.json()["dispatched"] is False
+        assert elapsed < 10
+        ready = c.get("/v1/ready")
+        assert ready.status_code == 503 and ready.json()["broker"].startswith("unreachable")

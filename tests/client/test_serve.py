@@ -1,0 +1,78 @@
+"""`hmkd serve` on the embedded default, as a user starts it: a real process tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client.sdk import Client
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_with(env_entry: bytes) -> list[int]:
+    """Pids of processes whose environment holds `env_entry` (ours: the test's data dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if env_entry in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_serve_embedded_starts_api_and_worker_and_stops_both(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMKD_")} | {
+        "HMKD_DATA_DIR": str(tmp_path),
+        "PYTHONPATH": str(REPO),
+    }
+    serve = subprocess.Popen(
+        [sys.executable, "-c", "from client.service_cli import app; app()", "serve",
+         "--port", str(port)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert serve.poll() is None, serve.stdout.read().decode() if serve.stdout else ""
+            try:
+                if httpx.get(f"{url}/v1/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "hmkd serve did not answer in 60 s"
+            time.sleep(0.2)
+        token = (tmp_path / "token").read_text().strip()
+        with Client(url, token) as client:  # the token `serve` wrote is the CLI's
+            assert client.jobs()["items"] == []
+            assert client.ready()["ready"] is True
+            while not client.queue()["workers"]:  # the worker's heartbeat reached the db
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.3)
+        assert (tmp_path / "datasets").is_dir()
+    finally:
+        serve.send_signal(signal.SIGINT)
+        out, _ = serve.communicate(timeout=60)
+    assert serve.returncode == 0, out.decode()
+    assert b"stopping the worker" in out
+    marker = f"HMKD_DATA_DIR={tmp_path}".encode()
+    assert _processes_with(marker) == []  # no worker (or pool child) left behind

@@ -1,0 +1,152 @@
+"""The service's `hmkd` commands: admin commands on the database, client commands over HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from client.service_cli import app
+from jobs.db import session_scope
+from jobs.models import Job
+from jobs.settings import Settings
+from tests.api.conftest import job_spec, run_to_end
+
+runner = CliRunner()
+
+
+def test_admin_commands(empty_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HMKD_DATABASE_URL", empty_db_url)
+    monkeypatch.setenv("HMKD_DATA_DIR", str(tmp_path))
+    res = runner.invoke(app, ["users", "create", "carol", "--team", "gamma"])
+    assert res.exit_code == 2 and "hmkd db upgrade" in res.output
+    res = runner.invoke(app, ["db", "upgrade"])
+    assert res.exit_code == 0 and "upgraded" in res.output, res.output
+    res = runner.invoke(app, ["users", "create", "carol", "--team", "gamma", "--admin"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1].startswith("hmkd_")
+    res = runner.invoke(app, ["tokens", "create", "--user", "carol"])
+    assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1].startswith("hmkd_")
+    res = runner.invoke(app, ["tokens", "create", "--user", "nobody"])
+    assert res.exit_code == 2 and "hmkd users create nobody" in res.output
+
+
+@pytest.fixture
+def cli_env(live_api: str, admin: tuple[Any, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HMKD_API_URL", live_api)
+    monkeypatch.setenv("HMKD_TOKEN", admin[1])
+
+
+def _spec_file(dataset: dict[str, Path], folder: Path, **sections: Any) -> Path:
+    """A YAML spec with paths relative to its own folder, as users write them."""
+    spec = job_spec(dataset, **sections)
+    root = dataset["train_images"].parents[2]  # the dataset root holding digits/
+    for split in spec["data"].values():
+        for key in ("images", "annotations"):
+            split[key] = str(Path(split[key]).relative_to(root))
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_submit_status_cancel_and_list(
+    cli_env: None, dataset: dict[str, Path], tmp_path: Path
+) -> None:
+    spec = _spec_file(dataset, tmp_path, name="from-cli")
+    res = runner.invoke(app, ["submit", str(spec), "-q", "--set", "resources.priority=3"])
+    assert res.exit_code == 0, res.output
+    job_id = res.stdout.strip()
+    assert len(job_id) == 32
+    res = runner.invoke(app, ["status", job_id, "--json"])
+    assert res.exit_code == 0 and '"priority": 3' in res.stdout
+    res = runner.invoke(app, ["jobs"])
+    assert res.exit_code == 0 and job_id in res.stdout and "from-cli" in res.stdout
+    res = runner.invoke(app, ["cancel", job_id])
+    assert res.exit_code == 0 and "cancelled" in res.stdout
+    res = runner.invoke(app, ["cancel", job_id])
+    assert res.exit_code == 1 and "already cancelled" in res.output
+    res = runner.invoke(app, ["retry", job_id])
+    assert res.exit_code == 0 and "queued" in res.stdout
+    res = runner.invoke(app, ["queue"])
+    assert res.exit_code == 0 and "default" in res.stdout
+
+
+def test_submit_bad_path_names_the_field(
+    cli_env: None, dataset: dict[str, Path], tmp_path: Path
+) -> None:
+    spec = _spec_file(dataset, tmp_path)
+    res = runner.invoke(app, ["submit", str(spec), "--set", "data.val.images=/etc"])
+    assert res.exit_code == 2 and "data.val.images" in res.output
+
+
+def test_submit_follow_prints_ap(
+    cli_env: None, dataset: dict[str, Path], tmp_path: Path, service_settings: Settings
+) -> None:
+    from jobs.lifecycle import claim_job, finish_job
+    from jobs.models import JobState
+    from jobs.progress import record_evaluation
+
+    url = service_settings.database_url
+
+    def worker() -> None:
+        job_id = None
+        while job_id is None:
+            time.sleep(0.1)
+            with session_scope(url) as s:
+                job_id = s.scalar(select(Job.id).where(Job.name == "followed"))
+        with session_scope(url) as s:
+            claim_job(s, job_id, worker="w#1", lease_seconds=60)
+        time.sleep(0.2)
+        with session_scope(url) as s:
+            metrics = {"AP": 0.4321, "AP_S": 0.1234, "AP50": 0.6}
+            record_evaluation(s, job_id, iteration=4, metrics=metrics, metric_name="AP_S")
+            finish_job(s, job_id, worker="w#1", state=JobState.succeeded)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        spec = _spec_file(dataset, tmp_path, name="followed")
+        res = runner.invoke(app, ["submit", str(spec), "--follow"])
+    finally:
+        thread.join()
+    assert res.exit_code == 0, res.output
+    assert "AP 43.2  AP_S 12.3" in res.stdout
+
+
+def test_download_and_logs(
+    cli_env: None,
+    dataset: dict[str, Path],
+    tmp_path: Path,
+    service_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = _spec_file(dataset, tmp_path)
+    job_id = runner.invoke(app, ["submit", str(spec), "-q"]).stdout.strip()
+    run_to_end(service_settings, job_id, files={"run/student.pt": b"student", "logs.txt": b"hi\n"})
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["download", job_id])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "student.pt").read_bytes() == b"student"
+    res = runner.invoke(app, ["download", job_id, "run/student.pt", "-o", str(tmp_path / "x.pt")])
+    assert res.exit_code == 0 and (tmp_path / "x.pt").read_bytes() == b"student"
+    res = runner.invoke(app, ["download", job_id, "run/missing.pt"])
+    assert res.exit_code == 2 and "no artifact" in res.output
+    res = runner.invoke(app, ["logs", job_id, "-f"])
+    assert res.exit_code == 0 and res.stdout == "hi\n"
+
+
+def test_serve_refuses_an_unmigrated_team_database(
+    empty_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if empty_db_url.startswith("sqlite"):
+        pytest.skip("the embedded default migrates its SQLite database by itself")
+    monkeypatch.setenv("HMKD_DATABASE_URL", empty_db_url)
+    monkeypatch.setenv("HMKD_DATA_DIR", str(tmp_path))
+    res = runner.invoke(app, ["serve", "--no-worker", "--port", "1"])
+    assert res.exit_code == 2 and "hmkd db upgrade" in res.output
