@@ -83,7 +83,6 @@ def _step(module: TrainModule, opt: torch.optim.Optimizer, images: list, targets
 
 
 def measure(spec: TrainSpec, *, rounds: int, batch_size: int) -> dict[str, Any]:
-    torch.set_num_threads(torch.get_num_threads())
     images, targets, n = _batch(spec, batch_size)
     assert spec.teacher is not None, "the spec needs a teacher"
     teacher_spec = spec.teacher.model_copy(update={"weights": "none"})
@@ -120,7 +119,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 is steadier on a busy host)"
+    )
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
     result = measure(
         spec, rounds=args.rounds, batch_size=args.batch_size or spec.schedule.batch_size

@@ -132,8 +132,12 @@ class FocalOptions(_Strict):
 class HMKDOptions(_Strict):
     hm: HMOptions = Field(default_factory=HMOptions)
     sdm: FocalOptions = Field(default_factory=FocalOptions)
-    w_hm: float = Field(1.0, ge=0.0)
-    w_sdm: float = Field(1.0, ge=0.0)
+    # The losses are sums over positions and channels of squared FPN differences, so their
+    # scale follows the teacher's feature magnitude. Defaults calibrated on SmallDigits (see
+    # docs/calibration.md): each method's initial distillation loss is about the detection
+    # loss (~3), so neither drowns the other.
+    w_hm: float = Field(5e-5, ge=0.0)
+    w_sdm: float = Field(2e-5, ge=0.0)
 
     @model_validator(mode="after")
     def _something_on(self) -> HMKDOptions:
@@ -145,20 +149,20 @@ class HMKDOptions(_Strict):
 
 
 class MimicOptions(_Strict):
-    weight: float = Field(1.0, ge=0.0)
+    weight: float = Field(0.02, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
 class FGDOptions(_Strict):
     focal: FocalOptions = Field(
         default_factory=lambda: FocalOptions(alpha=1.0, beta=0.5, gamma=0.5, temperature=0.5)
     )
-    global_weight: float = Field(0.5, ge=0.0, description="GcBlock relation loss weight.")
-    weight: float = Field(1.0, ge=0.0)
+    global_weight: float = Field(0.002, ge=0.0, description="GcBlock relation loss weight.")
+    weight: float = Field(3e-5, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
 class MGDOptions(_Strict):
     mask_ratio: float = Field(0.65, ge=0.0, lt=1.0)
-    weight: float = Field(1.0, ge=0.0)
+    weight: float = Field(2e-7, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
 class DistillSpec(_Strict):

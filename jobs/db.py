@@ -3,6 +3,7 @@ in WAL mode with a busy timeout; transactions stay short."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,18 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def _reset_after_fork() -> None:
+    """A forked child gets a fresh lock (the parent's may have been held mid-fork) and no
+    engines: pooled sockets belong to the parent."""
+    global _lock
+    _lock = threading.Lock()
+    _engines.clear()
+    _factories.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def dispose_engines() -> None:

@@ -147,14 +147,25 @@ def submit_job(
 
 
 def mark_dispatched(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(dispatched=True))
+    # updated_at doubles as the time of the last publish for a queued job
+    session.execute(
+        update(Job).where(Job.id == job_id).values(dispatched=True, updated_at=utcnow())
+    )
     add_event(session, job_id, "dispatched")
 
 
-def pending_dispatch(session: Session, limit: int = 100) -> list[Job]:
+def pending_dispatch(
+    session: Session, limit: int = 100, *, redispatch_seconds: float | None = None
+) -> list[Job]:
+    """Queued jobs never published, and (with `redispatch_seconds`) those published that long
+    ago and still unclaimed, whose message the broker may have lost."""
+    waiting = Job.dispatched.is_(False)
+    if redispatch_seconds is not None:
+        stale = utcnow() - timedelta(seconds=redispatch_seconds)
+        waiting = or_(waiting, Job.updated_at < stale)
     stmt = (
         select(Job)
-        .where(Job.state == JobState.queued.value, Job.dispatched.is_(False))
+        .where(Job.state == JobState.queued.value, waiting)
         .order_by(Job.priority.desc(), Job.created_at)
         .limit(limit)
     )

@@ -65,9 +65,16 @@ class JobSpec(TrainSpec):
         return m.group(1) if m else None
 
     def train_spec(self) -> TrainSpec:
-        """What hmkd_core runs: the training fields, with nproc/device from resources."""
+        """What hmkd_core runs: the training fields, with nproc/device from resources.
+
+        `gpus: N` runs N processes on N GPUs (NCCL); `gpus: 0` runs on the CPU with the spec's
+        own `runtime.nproc` processes (gloo).
+        """
         data = self.model_dump(exclude={"name", "kind", "resources"})
         runtime = data["runtime"]
-        runtime["nproc"] = max(1, self.resources.gpus)
-        runtime["device"] = "cuda" if self.resources.gpus > 0 else "cpu"
+        if self.resources.gpus > 0:
+            runtime["nproc"] = self.resources.gpus
+            runtime["device"] = "cuda"
+        else:
+            runtime["device"] = "cpu"
         return TrainSpec.model_validate(data)

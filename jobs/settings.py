@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     sweep_seconds: float = Field(15.0, gt=0, description="Re-publish / re-queue period.")
+    redispatch_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Publish again a job still queued this long after its last publish: a "
+        "broker that lost the message (a Redis restart without persistence) delays, never "
+        "loses, a job; the claim makes a duplicate harmless.",
+    )
     progress_interval_seconds: float = Field(2.0, ge=0, description="Throttle of progress writes.")
     max_body_bytes: int = Field(1_000_000, gt=0)
     visibility_timeout_seconds: int = Field(

@@ -1,24 +1,49 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine, CPU only: set up, make SmallDigits, train a teacher,
-# distil a student from it with HMKD, and print the student's COCO AP / AP_S.
+# The main job on a fresh machine, CPU only, embedded default (no services to install):
+# set up, make SmallDigits, start the service, submit a teacher job and then an HMKD distill
+# job that names it, follow both, download the distilled student and print its AP and AP_S.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+export HMKD_DATA_DIR="$PWD/.hmkd"
+port=${HMKD_DEMO_PORT:-8765}
+export HMKD_API_URL="http://127.0.0.1:$port"
 hmkd=.venv/bin/hmkd
-if [ ! -f data/smalldigits/val/annotations.json ]; then
-  "$hmkd" datasets synth-digits data/smalldigits --train 400 --val 100 --size 256 --seed 0
+
+data="$HMKD_DATA_DIR/datasets/smalldigits"
+if [ ! -f "$data/val/annotations.json" ]; then
+  "$hmkd" datasets synth-digits "$data" --train 400 --val 100 --size 256 --seed 0
 fi
-if [ ! -f runs/demo/teacher/student.pt ]; then
-  rm -rf runs/demo/teacher
-  "$hmkd" train configs/smalldigits/teacher.yaml --out runs/demo/teacher
-fi
-rm -rf runs/demo/hmkd
-"$hmkd" train configs/smalldigits/hmkd.yaml --out runs/demo/hmkd
-.venv/bin/python - <<'PY'
-import json
-t = json.load(open("runs/demo/teacher/eval.json"))
-s = json.load(open("runs/demo/hmkd/eval.json"))
-print(f"teacher (resnet34-FPN):      AP {100 * t['AP']:.1f}  AP_S {100 * t['AP_S']:.1f}")
-print(f"HMKD student (resnet18-FPN): AP {100 * s['AP']:.1f}  AP_S {100 * s['AP_S']:.1f}")
-print("student weights: runs/demo/hmkd/student.pt  (hmkd_core.models.load_student)")
+
+mkdir -p "$HMKD_DATA_DIR"
+"$hmkd" serve --port "$port" >"$HMKD_DATA_DIR/serve.log" 2>&1 &
+serve_pid=$!
+trap 'kill -INT "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 120); do
+  .venv/bin/python -c "import httpx,sys; httpx.get('$HMKD_API_URL/v1/ready').raise_for_status()" \
+    2>/dev/null && break
+  kill -0 "$serve_pid" 2>/dev/null || { cat "$HMKD_DATA_DIR/serve.log"; exit 1; }
+  sleep 1
+done
+echo "service up at $HMKD_API_URL (log: $HMKD_DATA_DIR/serve.log)"
+
+teacher=$("$hmkd" submit configs/service/teacher.yaml --follow --quiet)
+student=$("$hmkd" submit configs/service/hmkd.yaml --set "teacher.weights=job:$teacher" \
+  --follow --quiet)
+mkdir -p runs/demo
+"$hmkd" download "$student" run/student.pt -o runs/demo/student.pt
+.venv/bin/python - "$teacher" "$student" <<'PY'
+import sys
+
+
+from client.sdk import Client
+from hmkd_core.models import load_student
+
+with Client() as api:
+    t, s = (api.job(j)["latest_eval"] for j in sys.argv[1:3])
+model, header = load_student("runs/demo/student.pt")
+print(f"teacher job {sys.argv[1]} (resnet34-FPN):      AP {100 * t['AP']:.1f}  AP_S {100 * t['AP_S']:.1f}")
+print(f"HMKD student job {sys.argv[2]} (resnet18-FPN): AP {100 * header.metrics['AP']:.1f}  "
+      f"AP_S {100 * header.metrics['AP_S']:.1f}")
+print(f"downloaded runs/demo/student.pt: a torchvision {type(model).__name__}")
 PY

@@ -90,14 +90,18 @@ def test_expired_lease_is_requeued_then_exhausted(service_settings: Settings, ad
         assert claim_job(s, job_id, worker="w4", lease_seconds=60, now=later) is None
 
 
-def test_a_dead_workers_job_can_be_claimed_after_expiry(service_settings: Settings, admin: tuple) -> None:
+def test_a_dead_workers_job_can_be_claimed_after_expiry(
+    service_settings: Settings, admin: tuple
+) -> None:
     url = service_settings.database_url
     job_id = _submit(service_settings, admin[0].id)
     with session_scope(url) as s:
         claim_job(s, job_id, worker="w1", lease_seconds=10)
     with session_scope(url) as s:
         assert claim_job(s, job_id, worker="w2", lease_seconds=10) is None
-        job = claim_job(s, job_id, worker="w2", lease_seconds=10, now=utcnow() + timedelta(seconds=11))
+        job = claim_job(
+            s, job_id, worker="w2", lease_seconds=10, now=utcnow() + timedelta(seconds=11)
+        )
         assert job is not None and job.attempt == 2 and job.lease_owner == "w2"
     with session_scope(url) as s:  # the old owner finds out at its next renewal
         assert not renew_lease(s, job_id, worker="w1", lease_seconds=10)
@@ -144,7 +148,11 @@ def test_paths_teams_and_teacher_refs(
         with pytest.raises(InvalidJob) as err:
             submit_job(s, user=other, spec=_spec(outside), settings=service_settings)
         assert err.value.field == "data.train.images"
-        ref = {"teacher": {"weights": f"job:{job_id}"}, "distill": {"method": "mimic"}, "kind": "distill"}
+        ref = {
+            "teacher": {"weights": f"job:{job_id}"},
+            "distill": {"method": "mimic"},
+            "kind": "distill",
+        }
         spec = _spec(service_settings.dataset_roots[0], **ref)
         with pytest.raises(InvalidJob, match="visible"):
             submit_job(s, user=other, spec=spec, settings=service_settings)
@@ -156,6 +164,22 @@ def test_idempotency_key_returns_the_first_job(service_settings: Settings, admin
     with session_scope(service_settings.database_url) as s:
         user = s.get(User, admin[0].id)
         spec = _spec(service_settings.dataset_roots[0])
-        first, c1 = submit_job(s, user=user, spec=spec, settings=service_settings, idempotency_key="k")
-        again, c2 = submit_job(s, user=user, spec=spec, settings=service_settings, idempotency_key="k")
+        first, c1 = submit_job(
+            s, user=user, spec=spec, settings=service_settings, idempotency_key="k"
+        )
+        again, c2 = submit_job(
+            s, user=user, spec=spec, settings=service_settings, idempotency_key="k"
+        )
         assert (c1, c2) == (True, False) and first.id == again.id
+
+
+def test_a_lost_message_is_published_again(service_settings: Settings, admin: tuple) -> None:
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(service_settings.database_url) as s:
+        mark_dispatched(s, job_id)
+    with session_scope(service_settings.database_url) as s:
+        assert pending_dispatch(s, redispatch_seconds=600) == []
+        s.get(Job, job_id).updated_at = utcnow() - timedelta(seconds=601)
+    with session_scope(service_settings.database_url) as s:
+        assert [j.id for j in pending_dispatch(s, redispatch_seconds=600)] == [job_id]
+        assert pending_dispatch(s) == []  # without the option only undispatched jobs

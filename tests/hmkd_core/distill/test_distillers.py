@@ -12,10 +12,12 @@ from hmkd_core.spec import DistillSpec
 LEVELS = ("p2", "p3", "p4")
 SMALL_HM = {"dim": 16, "heads": 2}
 
+# Unit method weights: the defaults are calibrated for real FPN magnitudes, and on these small
+# hand-made features they would shrink gradients to the size of Adam's epsilon.
 CONFIGS: dict[str, dict] = {
-    "mimic": {"method": "mimic"},
-    "fgd": {"method": "fgd"},
-    "mgd": {"method": "mgd"},
+    "mimic": {"method": "mimic", "mimic": {"weight": 1.0}},
+    "fgd": {"method": "fgd", "fgd": {"weight": 1.0}},
+    "mgd": {"method": "mgd", "mgd": {"weight": 1.0}},
     "hmkd": {"method": "hmkd", "hmkd": {"hm": SMALL_HM}},
     "hmkd_no_sdm": {"method": "hmkd", "hmkd": {"hm": SMALL_HM, "sdm": {"enabled": False}}},
     "hmkd_no_hm": {"method": "hmkd", "hmkd": {"hm": {**SMALL_HM, "enabled": False}}},

@@ -18,7 +18,8 @@ def hm_module(channels: int = 16, **kw) -> HierarchicalMatching:
 
 
 def hm_only(**kw) -> HMKDOptions:
-    return HMKDOptions(hm=HMOptions(dim=16, heads=2, **kw), sdm=FocalOptions(enabled=False))
+    hm = HMOptions(dim=16, heads=2, **kw)
+    return HMKDOptions(hm=hm, sdm=FocalOptions(enabled=False), w_hm=1.0)
 
 
 @torch.no_grad()

@@ -1,0 +1,62 @@
+"""Worker process plumbing that needs no broker: GPU discovery and the worker's arguments."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from worker.celery_app import app, list_gpus
+from worker.cli import worker_argv
+
+SMI = """#!/bin/sh
+echo "GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-aaaa)"
+echo "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb)"
+"""
+
+
+@pytest.fixture
+def fake_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `nvidia-smi` that lists two GPUs, first on PATH (this machine may have none)."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(SMI)
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+
+
+def test_gpus_come_from_nvidia_smi_without_touching_cuda(
+    fake_smi: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert list_gpus() == [
+        {"index": 0, "name": "NVIDIA A100-SXM4-80GB"},
+        {"index": 1, "name": "NVIDIA H100 80GB HBM3"},
+    ]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")  # renumbered from 0, as CUDA does
+    assert list_gpus() == [{"index": 0, "name": "NVIDIA H100 80GB HBM3"}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert list_gpus() == []
+
+
+def test_no_nvidia_smi_means_a_cpu_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert list_gpus() == []
+
+
+def test_worker_runs_one_job_at_a_time_on_named_queues() -> None:
+    argv = worker_argv(["gpu-a100", "gpu-any"], hostname="a100-1@node7")
+    assert argv[:3] == ["worker", "-Q", "gpu-a100,gpu-any"]
+    joined = " ".join(argv)
+    assert "--concurrency 1" in joined and "--pool prefork" in joined and "-O fair" in joined
+    assert "--without-gossip" in argv and "--without-mingle" in argv
+    assert argv[-2:] == ["--hostname", "a100-1@node7"]
+    with pytest.raises(ValueError, match="at least one queue"):
+        worker_argv([])
+
+
+def test_the_app_registers_the_task_by_name() -> None:
+    app.loader.import_default_modules()
+    assert "hmkd.run_job" in app.tasks
+    assert app.conf.task_acks_late and app.conf.worker_prefetch_multiplier == 1

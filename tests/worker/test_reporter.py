@@ -1,0 +1,102 @@
+"""DbReporter on a real database: throttled progress, artifacts, and the stop signal."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from hmkd_core.engine import Progress
+from jobs.db import session_scope
+from jobs.lifecycle import claim_job, request_cancel, requeue_expired
+from jobs.models import Artifact, Job, MetricPoint, utcnow
+from jobs.settings import Settings
+from worker.reporter import DbReporter
+
+WORKER = "w1@test#1"
+
+
+def _claimed(settings: Settings, submit: Callable[..., str]) -> str:
+    job_id = submit()
+    with session_scope(settings.database_url) as session:
+        assert claim_job(session, job_id, worker=WORKER, lease_seconds=60) is not None
+    return job_id
+
+
+def _reporter(settings: Settings, job_id: str, **kw: float) -> DbReporter:
+    return DbReporter(
+        database_url=settings.database_url,
+        job_id=job_id,
+        worker=WORKER,
+        job_dir=Path(settings.artifacts_dir) / job_id,
+        **kw,
+    )
+
+
+def _progress(i: int, total: int = 10) -> Progress:
+    return Progress(i, total, 4.0, 1.0, 0.01, {"loss_rpn": 0.5, "loss_cls": math.nan})
+
+
+def test_progress_is_throttled_but_the_last_iteration_always_written(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    job_id = _claimed(service_settings, submit)
+    reporter = _reporter(service_settings, job_id, throttle_seconds=3600)
+    for i in range(1, 11):
+        reporter.on_progress(_progress(i))
+    with session_scope(service_settings.database_url) as session:
+        points = session.scalars(select(MetricPoint.iteration).where(MetricPoint.job_id == job_id))
+        assert sorted(points) == [1, 10]
+        job = session.get(Job, job_id)
+        assert job.iteration == 10 and job.losses == {"loss_rpn": 0.5, "loss_cls": None}
+
+
+def test_pickles_without_a_connection_and_stops_on_cancel(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    job_id = _claimed(service_settings, submit)
+    reporter = _reporter(service_settings, job_id, check_seconds=0, supervisor_pid=os.getpid())
+    assert not reporter.should_stop()
+    clone = pickle.loads(pickle.dumps(reporter))  # what a spawned rank receives
+    with session_scope(service_settings.database_url) as session:
+        request_cancel(session, session.get(Job, job_id))
+    assert clone.should_stop() and clone.stop_reason == "cancel requested"
+
+
+def test_stops_when_the_lease_is_lost(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    job_id = _claimed(service_settings, submit)
+    reporter = _reporter(service_settings, job_id, check_seconds=0)
+    with session_scope(service_settings.database_url) as session:  # presumed dead: re-queued
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    with session_scope(service_settings.database_url) as session:
+        assert requeue_expired(session) == [job_id]
+    assert reporter.should_stop() and "lease lost" in (reporter.stop_reason or "")
+
+
+def test_artifacts_are_registered_relative_to_the_job_folder(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    job_id = _claimed(service_settings, submit)
+    ckpts = Path(service_settings.artifacts_dir) / job_id / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    reporter = _reporter(service_settings, job_id)
+    for it in (5, 10):
+        (ckpts / f"ckpt_{it:08d}.pt").write_bytes(b"x" * it)
+        reporter.on_artifact("checkpoint", ckpts / f"ckpt_{it:08d}.pt")
+    (ckpts / "ckpt_00000005.pt").unlink()  # pruned by checkpoint.keep
+    (ckpts / "ckpt_00000015.pt").write_bytes(b"y")
+    reporter.on_artifact("checkpoint", ckpts / "ckpt_00000015.pt")
+    reporter.on_artifact("student", Path("/etc/hostname"))  # outside the job: refused
+    with session_scope(service_settings.database_url) as session:
+        names = session.scalars(select(Artifact.name).where(Artifact.job_id == job_id))
+        assert sorted(names) == [
+            "run/checkpoints/ckpt_00000010.pt",
+            "run/checkpoints/ckpt_00000015.pt",
+        ]

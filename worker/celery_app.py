@@ -1,0 +1,143 @@
+"""The workers' Celery app, its process hooks and the sweeper.
+
+`celery -A worker.celery_app worker -Q gpu-a100` (or `hmkd worker --queue gpu-a100`) starts a
+worker. Its configuration lives in `jobs.broker.make_celery`, shared with the API.
+
+The sweeper is a daemon thread of the worker's main process, so no separate beat process is
+needed: every `sweep_seconds` it re-queues jobs whose lease expired (their worker died),
+re-publishes queued jobs whose message never reached the broker (the outbox), and writes this
+worker's heartbeat row (its queues, GPUs and current job) for the queue overview. It never
+touches CUDA: the main process forks the pool, and CUDA initialised before a fork breaks the
+children; GPUs are listed with `nvidia-smi -L` or read from `CUDA_VISIBLE_DEVICES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+from typing import Any
+
+from celery import signals
+from sqlalchemy import select
+
+from jobs.broker import dispatch_pending, make_celery
+from jobs.db import dispose_engines, session_scope
+from jobs.models import Job, JobState
+from jobs.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+app = make_celery(get_settings())
+app.conf.include = ["worker.tasks"]
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    """A pool process must not reuse database connections inherited from its parent."""
+    dispose_engines()
+
+
+_GPU_LINE = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?$")
+
+
+def list_gpus() -> list[dict[str, Any]]:
+    """This worker's GPUs, without initialising CUDA (which would break forked children)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    wanted = None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
+    found: list[dict[str, Any]] = []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "-L"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as err:
+            log.warning("nvidia-smi -L failed: %s", err)
+            out = ""
+        for line in out.splitlines():
+            m = _GPU_LINE.match(line.strip())
+            if m:
+                found.append({"index": int(m.group(1)), "name": m.group(2), "uuid": m.group(3)})
+    if wanted is None:
+        return [{"index": g["index"], "name": g["name"]} for g in found]
+    gpus = []
+    for i, ident in enumerate(wanted):  # CUDA renumbers the visible devices from 0
+        match = next((g for g in found if ident in (str(g["index"]), g["uuid"])), None)
+        gpus.append({"index": i, "name": match["name"] if match else f"GPU {ident}"})
+    return gpus
+
+
+class Sweeper:
+    """The periodic duties of a worker's main process, on a daemon thread."""
+
+    def __init__(self, hostname: str, queues: list[str]) -> None:
+        self.hostname = hostname
+        self.queues = queues
+        self.gpus = list_gpus()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hmkd-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        settings = get_settings()
+        while True:
+            try:
+                self.sweep_once()
+            except Exception:  # a database or broker outage: try again next period
+                log.exception("sweep failed; retrying in %.0f s", settings.sweep_seconds)
+            if self._done.wait(settings.sweep_seconds):
+                return
+
+    def sweep_once(self) -> None:
+        from jobs.lifecycle import requeue_expired
+        from jobs.progress import heartbeat_worker
+
+        settings = get_settings()
+        with session_scope(settings.database_url) as session:
+            requeued = requeue_expired(session)
+        if requeued:
+            log.warning("re-queued jobs whose worker stopped renewing: %s", ", ".join(requeued))
+        dispatch_pending(settings, app)
+        with session_scope(settings.database_url) as session:
+            current = session.scalar(
+                select(Job.id).where(
+                    Job.state == JobState.running.value,
+                    Job.lease_owner.startswith(f"{self.hostname}#", autoescape=True),
+                )
+            )
+            heartbeat_worker(
+                session,
+                name=self.hostname,
+                queues=self.queues,
+                gpus=self.gpus,
+                current_job_id=current,
+            )
+
+
+_sweeper: Sweeper | None = None
+
+
+@signals.worker_ready.connect
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    global _sweeper
+    hostname = getattr(sender, "hostname", None) or "worker"
+    queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
+    _sweeper = Sweeper(hostname, queues)
+    _sweeper.start()
+    log.info("sweeper started for %s on queues %s (GPUs: %s)", hostname, queues, _sweeper.gpus)
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

@@ -1,0 +1,139 @@
+"""The training process: what a job's task starts to run hmkd_core (`python -m worker.child`).
+
+Training runs in its own, freshly started interpreter (not a fork), for three reasons. A crash
+or an OOM kill of training ends that process only, and the Celery worker survives to record the
+failure. CUDA is first touched there: CUDA initialised before a `fork` breaks the children, and
+the Celery worker forks its pool. And a Celery pool process is daemonic, which multiprocessing
+forbids to have children, while a plain subprocess is fine (and may start its per-GPU
+processes in turn).
+
+The task passes a `TrainRequest` as JSON on stdin; the process's stdout and stderr (and those of
+the per-GPU processes it starts, which inherit them) are the job's `logs.txt`, opened for
+appending, so a retried job keeps the logs of its earlier attempts. The outcome is written as
+JSON to `request.result_path`: a process that dies without writing it was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+TRACEBACK_LINES = 20
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Everything the training process needs, as plain JSON-able data."""
+
+    job_id: str
+    spec: dict[str, Any]  # the job's resolved JobSpec, as JSON
+    run_dir: str
+    result_path: str
+    database_url: str
+    worker: str
+    job_dir: str
+    throttle_seconds: float
+    supervisor_pid: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainRequest:
+        return cls(**json.loads(text))
+
+
+def main(request: TrainRequest) -> int:
+    """Train, then write the result JSON; the exit code is 0 unless training failed."""
+    # Ctrl-C in the terminal of `hmkd serve` reaches the whole process group: leave it to the
+    # Celery worker to shut down (as its pool processes do). If the worker goes, the reporter
+    # sees it, checkpoints and stops; the lease then expires and the job resumes elsewhere.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    try:
+        result = run(request)
+    except BaseException as err:  # report everything, even SystemExit from a library
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
+        result = {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": "".join(tb.splitlines(keepends=True)[-TRACEBACK_LINES:]),
+        }
+    sys.stdout.flush()
+    sys.stderr.flush()
+    tmp = Path(request.result_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, default=str))
+    os.replace(tmp, request.result_path)
+    return 1 if result["status"] == "failed" else 0
+
+
+def run(request: TrainRequest) -> dict[str, Any]:
+    from hmkd_core.engine import train
+    from jobs.schemas import JobSpec
+    from worker.reporter import DbReporter
+
+    spec = JobSpec.model_validate(request.spec)
+    train_spec = spec.train_spec()
+    check_gpus(spec.resources.gpus)
+    run_dir = Path(request.run_dir)
+    resume = has_checkpoints(run_dir)
+    reporter = DbReporter(
+        database_url=request.database_url,
+        job_id=request.job_id,
+        worker=request.worker,
+        job_dir=request.job_dir,
+        metric_name=train_spec.eval.metric,
+        throttle_seconds=request.throttle_seconds,
+        supervisor_pid=request.supervisor_pid,
+    )
+    logging.getLogger(__name__).info(
+        "training job %s in %s (resume=%s, nproc=%d, device=%s)",
+        request.job_id,
+        run_dir,
+        resume,
+        train_spec.runtime.nproc,
+        train_spec.runtime.device,
+    )
+    result = train(train_spec, run_dir, reporter=reporter, resume=resume)
+    return {"status": result.status, "iteration": result.iteration, "stop": reporter.stop_reason}
+
+
+class NotEnoughGpus(RuntimeError):
+    """The job asks for more GPUs than this worker has; it would oversubscribe them."""
+
+
+def check_gpus(wanted: int) -> None:
+    """Fail clearly, before building anything, when the worker cannot give `wanted` GPUs."""
+    if wanted == 0:
+        return
+    import torch  # CUDA is first initialised here, in the training process
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < wanted:
+        raise NotEnoughGpus(
+            f"resources.gpus is {wanted} but this worker sees {have} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): submit "
+            "to a queue whose workers have enough GPUs, or ask for fewer"
+        )
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt"))
+
+
+if __name__ == "__main__":
+    sys.exit(main(TrainRequest.from_json(sys.stdin.read())))

@@ -1,0 +1,202 @@
+"""`DbReporter`: how a training process reports to the service, through the database.
+
+It runs in the training process (rank 0 of a distributed run), never in the Celery worker, and
+is pickled into spawned processes, so it holds plain data only (a URL, ids, numbers) and opens
+its database connection lazily in whichever process uses it.
+
+Every write is its own short transaction and a failed write is logged, not raised: a database
+hiccup (SQLite busy, a PostgreSQL failover) must not kill hours of training. Progress writes
+are throttled; the last iteration is always written. `should_stop` reads the job row at most
+once per `check_seconds`, which is how a cancel request or a lost lease reaches the training
+loop within seconds (Celery's revoke does not stop a running task).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from hmkd_core.engine.reporter import Progress, Reporter
+from jobs.db import session_scope
+from jobs.models import Job, JobState
+from jobs.progress import (
+    forget_missing_artifacts,
+    record_artifact,
+    record_evaluation,
+    record_progress,
+)
+
+log = logging.getLogger(__name__)
+
+
+def jsonable(obj: Any) -> Any:
+    """Metrics as strict JSON: PostgreSQL's JSON type rejects NaN and tensors are not JSON."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool | int | str) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item"):  # a 0-d tensor or numpy scalar
+        return jsonable(obj.item())
+    return str(obj)
+
+
+class DbReporter(Reporter):
+    """Writes a job's progress, evaluations and artifacts; says stop on cancel or lost lease.
+
+    `job_dir` is the job's folder in the artifact store: artifact names are relative to it
+    (`run/checkpoints/ckpt_00000100.pt`). `supervisor_pid`, when set, is the worker process
+    that owns the lease: if it is gone nobody renews the lease, so the run stops itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        job_id: str,
+        worker: str,
+        job_dir: str | Path,
+        metric_name: str = "AP",
+        throttle_seconds: float = 2.0,
+        check_seconds: float = 1.0,
+        supervisor_pid: int | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.job_id = job_id
+        self.worker = worker
+        self.job_dir = str(job_dir)
+        self.metric_name = metric_name
+        self.throttle_seconds = throttle_seconds
+        self.check_seconds = check_seconds
+        self.supervisor_pid = supervisor_pid
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._last_write = -math.inf
+        self._last_check = -math.inf
+        self._stop = False
+        self.stop_reason: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_last_write", "_last_check", "_stop", "stop_reason"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_state()
+
+    # ---- reporter protocol ---------------------------------------------------------------
+    def on_start(self, *, total: int, start_iteration: int, out_dir: Path) -> None:
+        log.info("job %s: starting at iteration %d of %d", self.job_id, start_iteration, total)
+
+    def on_progress(self, progress: Progress) -> None:
+        now = time.monotonic()
+        last = progress.iteration >= progress.total
+        if not last and now - self._last_write < self.throttle_seconds:
+            return
+        self._last_write = now
+        try:
+            with session_scope(self.database_url) as session:
+                cancel = record_progress(
+                    session,
+                    self.job_id,
+                    worker=self.worker,
+                    iteration=progress.iteration,
+                    total=progress.total,
+                    images_per_s=progress.images_per_s,
+                    eta_s=progress.eta_s,
+                    lr=progress.lr,
+                    losses=dict(progress.losses),
+                )
+        except Exception as err:  # a progress point is not worth a training run
+            log.warning("job %s: progress write failed: %s", self.job_id, err)
+            return
+        if cancel:
+            self._request_stop("cancel requested")
+
+    def on_evaluation(self, iteration: int, metrics: dict[str, Any]) -> None:
+        try:
+            with session_scope(self.database_url) as session:
+                record_evaluation(
+                    session,
+                    self.job_id,
+                    iteration=iteration,
+                    metrics=jsonable(metrics),
+                    metric_name=self.metric_name,
+                )
+        except Exception as err:
+            log.warning("job %s: evaluation write failed: %s", self.job_id, err)
+
+    def on_artifact(self, kind: str, path: Path) -> None:
+        """Register a file as soon as it exists, so a run that fails later still lists it."""
+        path = Path(path)
+        try:
+            name = path.resolve().relative_to(Path(self.job_dir).resolve()).as_posix()
+        except ValueError:
+            log.warning("job %s: artifact %s lies outside %s", self.job_id, path, self.job_dir)
+            return
+        try:
+            with session_scope(self.database_url) as session:
+                record_artifact(session, self.job_id, name=name, kind=kind, path=path)
+                if kind == "checkpoint":  # older checkpoints were pruned (checkpoint.keep)
+                    forget_missing_artifacts(session, self.job_id, Path(self.job_dir))
+        except Exception as err:
+            log.warning("job %s: artifact %s not registered: %s", self.job_id, name, err)
+
+    def should_stop(self) -> bool:
+        if self._stop:
+            return True
+        now = time.monotonic()
+        if now - self._last_check < self.check_seconds:
+            return False
+        self._last_check = now
+        if self.supervisor_pid is not None and not _alive(self.supervisor_pid):
+            self._request_stop(f"worker process {self.supervisor_pid} is gone")
+            return True
+        try:
+            with session_scope(self.database_url) as session:
+                row = session.execute(
+                    select(Job.cancel_requested, Job.lease_owner, Job.state).where(
+                        Job.id == self.job_id
+                    )
+                ).one_or_none()
+        except Exception as err:
+            log.warning("job %s: could not read the job row: %s", self.job_id, err)
+            return False
+        if row is None:
+            self._request_stop("the job no longer exists")
+        elif row.cancel_requested:
+            self._request_stop("cancel requested")
+        elif row.lease_owner != self.worker or row.state != JobState.running.value:
+            self._request_stop(f"lease lost (job is {row.state}, owned by {row.lease_owner})")
+        return self._stop
+
+    def on_end(self, status: str, message: str | None = None) -> None:
+        log.info("job %s: training %s%s", self.job_id, status, f": {message}" if message else "")
+
+    def _request_stop(self, reason: str) -> None:
+        if not self._stop:
+            log.info("job %s: stopping: %s", self.job_id, reason)
+        self._stop = True
+        self.stop_reason = reason
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

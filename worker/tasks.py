@@ -1,0 +1,289 @@
+"""The task `hmkd.run_job`: claim a job, keep its lease alive, run training, record the outcome.
+
+The task is thin and idempotent. It re-reads the job and claims it; a message that arrives
+for a job it cannot claim (a duplicate, a redelivery, a job already finished or cancelled) is
+acknowledged and ignored. While training runs in a separate process (see `worker.child`), a
+heartbeat thread renews the lease. If the lease is lost (this worker was presumed dead and the
+job re-queued), training is stopped and the job is left to its new owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from jobs.artifacts import ArtifactStore
+from jobs.db import session_scope
+from jobs.lifecycle import add_event, claim_job, finish_job, renew_lease
+from jobs.models import Artifact, Job, JobState
+from jobs.progress import forget_missing_artifacts, record_artifact
+from jobs.settings import Settings, get_settings
+from worker.celery_app import app
+from worker.child import TrainRequest
+
+log = logging.getLogger(__name__)
+
+# After a lost lease, how long training may take to stop by itself before it is terminated.
+LOST_LEASE_GRACE_S = 10.0
+
+
+@app.task(name="hmkd.run_job", bind=True, acks_late=True, ignore_result=True)
+def run_job(self: Any, job_id: str) -> str:
+    """Run one job; returns what happened (`succeeded`, `duplicate`, `lease_lost`, ...)."""
+    worker = f"{self.request.hostname or 'worker'}#{os.getpid()}"
+    return execute_job(get_settings(), job_id, worker)
+
+
+def execute_job(settings: Settings, job_id: str, worker: str) -> str:
+    """Claim and run `job_id` as `worker`; the body of the task, callable without Celery."""
+    with session_scope(settings.database_url) as session:
+        job = claim_job(session, job_id, worker=worker, lease_seconds=settings.lease_seconds)
+        if job is None:
+            state = session.scalar(select(Job.state).where(Job.id == job_id))
+            if state is not None:  # unknown ids (another deployment's message) leave no trace
+                add_event(session, job_id, "delivery_ignored", f"by {worker}: job is {state}")
+            log.info("job %s not claimable (%s): duplicate delivery, ignored", job_id, state)
+            return "duplicate"
+        spec, attempt = job.resolved_spec or job.spec, job.attempt
+    try:
+        return _run_claimed(settings, job_id, worker, spec, attempt)
+    except Exception as err:
+        # A fault of the worker itself, not of training: end the job with it rather than let
+        # its lease expire and the same fault repeat on every attempt.
+        log.exception("job %s: worker error", job_id)
+        with contextlib.suppress(Exception), session_scope(settings.database_url) as session:
+            finish_job(
+                session,
+                job_id,
+                worker=worker,
+                state=JobState.failed,
+                error=f"the worker failed: {type(err).__name__}: {err}",
+            )
+        raise
+
+
+def _run_claimed(
+    settings: Settings, job_id: str, worker: str, spec: dict[str, Any], attempt: int
+) -> str:
+    store = ArtifactStore(Path(settings.artifacts_dir or settings.data_dir / "artifacts"))
+    job_dir, run_dir = store.job_dir(job_id), store.run_dir(job_id)
+    log_path = store.log_path(job_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log_line(log_path, f"attempt {attempt} claimed by {worker}")
+    heartbeat = LeaseHeartbeat(settings, job_id, worker)
+    heartbeat.start()
+    try:
+        request = TrainRequest(
+            job_id=job_id,
+            spec=spec,
+            run_dir=str(run_dir),
+            result_path=str(job_dir / f".result-{attempt}.json"),
+            database_url=settings.database_url,
+            worker=worker,
+            job_dir=str(job_dir),
+            throttle_seconds=settings.progress_interval_seconds,
+            supervisor_pid=os.getpid(),
+        )
+        result = run_training(request, log_path, heartbeat)
+    finally:
+        heartbeat.stop()
+    return record_outcome(settings, job_id, worker, job_dir, log_path, result, heartbeat)
+
+
+def run_training(
+    request: TrainRequest, log_path: Path, heartbeat: LeaseHeartbeat
+) -> dict[str, Any]:
+    """Start the training process and wait for it; returns its result dict."""
+    result_path = Path(request.result_path)
+    result_path.unlink(missing_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.child"],
+            stdin=subprocess.PIPE,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=os.getcwd(),
+            env=_child_env(),
+        )
+    _log_line(log_path, f"training process pid {proc.pid}")
+    assert proc.stdin is not None
+    with proc.stdin:
+        proc.stdin.write(request.to_json().encode())
+    lost_at: float | None = None
+    while proc.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
+        if heartbeat.lost.is_set():  # training sees it too, through its reporter; give it time
+            lost_at = lost_at or time.monotonic()
+            if time.monotonic() - lost_at > LOST_LEASE_GRACE_S:
+                log.warning("job %s: lease lost, training still running: stop it", request.job_id)
+                _terminate(proc)
+    if result_path.is_file():
+        result: dict[str, Any] = json.loads(result_path.read_text())
+        result_path.unlink()
+        return result
+    return {"status": "failed", "error": _death_message(proc.returncode), "traceback": ""}
+
+
+def _child_env() -> dict[str, str]:
+    """The worker's environment, with the repo importable even when started from elsewhere."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _death_message(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            sig = signal.Signals(-exitcode).name
+        except ValueError:
+            sig = f"signal {-exitcode}"
+        hint = " (SIGKILL is often the out-of-memory killer)" if exitcode == -9 else ""
+        return (
+            f"the training process was killed by {sig}{hint}; its checkpoints are kept: "
+            "retry the job to resume, with a smaller batch_size if memory ran out"
+        )
+    return f"the training process exited with code {exitcode} without reporting a result"
+
+
+def record_outcome(
+    settings: Settings,
+    job_id: str,
+    worker: str,
+    job_dir: Path,
+    log_path: Path,
+    result: dict[str, Any],
+    heartbeat: LeaseHeartbeat,
+) -> str:
+    """Register artifacts and end the job, unless another worker owns it by now."""
+    status = result.get("status")
+    with session_scope(settings.database_url) as session:
+        row = session.execute(
+            select(Job.lease_owner, Job.cancel_requested, Job.state).where(Job.id == job_id)
+        ).one_or_none()
+    if row is None:
+        log.warning("job %s was deleted while it ran", job_id)
+        return "gone"
+    if heartbeat.lost.is_set() or row.lease_owner != worker:
+        _log_line(log_path, f"lease lost by {worker}; the job is left to its new owner")
+        log.warning("job %s: lease lost; not finishing it", job_id)
+        return "lease_lost"
+    if status == "succeeded":
+        final, error = JobState.succeeded, None
+    elif status == "stopped" and row.cancel_requested:
+        final, error = JobState.cancelled, None
+    elif status == "stopped":  # stopped for no reason we own: leave it to the lease protocol
+        _log_line(log_path, f"training stopped ({result.get('stop')}); job left running")
+        return "stopped"
+    else:
+        final = JobState.failed
+        error = str(result.get("error") or "training failed")
+        tail = str(result.get("traceback") or "").rstrip()
+        if tail:
+            error = f"{error}\n\nTraceback (last lines):\n{tail}"
+    _log_line(
+        log_path, f"attempt ends {final.value}" + (f": {result.get('error')}" if error else "")
+    )
+    register_artifacts(settings, job_id, job_dir)
+    with session_scope(settings.database_url) as session:
+        if not finish_job(session, job_id, worker=worker, state=final, error=error):
+            log.warning("job %s: lease lost before it could be finished", job_id)
+            return "lease_lost"
+    log.info("job %s: %s", job_id, final.value)
+    return final.value
+
+
+def register_artifacts(settings: Settings, job_id: str, job_dir: Path) -> None:
+    """Record every file of the job (checkpoints, student, eval, logs) with size and sha256.
+
+    Checkpoints the reporter registered as they were written are immutable and not hashed
+    again (they can be gigabytes); rows of pruned checkpoints are dropped.
+    """
+    with session_scope(settings.database_url) as session:
+        forget_missing_artifacts(session, job_id, job_dir)
+        known = dict(
+            session.execute(
+                select(Artifact.name, Artifact.size).where(Artifact.job_id == job_id)
+            ).all()
+        )
+    for name, kind, path in ArtifactStore(job_dir.parent).scan(job_id):
+        try:
+            if kind == "checkpoint" and known.get(name) == path.stat().st_size:
+                continue
+            with session_scope(settings.database_url) as session:
+                record_artifact(session, job_id, name=name, kind=kind, path=path)
+        except OSError as err:
+            log.warning("job %s: artifact %s not registered: %s", job_id, name, err)
+
+
+@dataclass
+class LeaseHeartbeat:
+    """Renews the job's lease every `heartbeat_seconds` from a daemon thread."""
+
+    settings: Settings
+    job_id: str
+    worker: str
+    lost: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, name=f"lease-{self.job_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.settings.heartbeat_seconds + 5)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.settings.heartbeat_seconds):
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    owned = renew_lease(
+                        session,
+                        self.job_id,
+                        worker=self.worker,
+                        lease_seconds=self.settings.lease_seconds,
+                    )
+            except Exception as err:  # a missed beat is survivable; the lease has slack
+                log.warning("job %s: lease renewal failed: %s", self.job_id, err)
+                continue
+            if not owned:
+                log.warning("job %s: lease lost by %s", self.job_id, self.worker)
+                self.lost.set()
+                return
+
+
+def _log_line(path: Path, message: str) -> None:
+    """A line from the worker itself in the job's log, between the training's own lines."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"{stamp} WORKER {message}\n")
