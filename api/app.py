@@ -26,7 +26,8 @@ DESCRIPTION = """\
 Submit knowledge-distillation jobs for small-object detectors, follow their progress and
 download the distilled students.
 
-Every endpoint but `/v1/health` and `/v1/ready` needs `Authorization: Bearer <token>`.
+Every endpoint but `/v1/health`, `/v1/ready` and `/metrics` (Prometheus) needs
+`Authorization: Bearer <token>`.
 A user sees and acts on their own team's jobs only; any other job id is a 404.
 Errors answer `{"detail": ...}`; validation errors (422) list each problem with its `field`
 path, e.g. `data.train.images`.
@@ -127,6 +128,7 @@ async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API over `settings` (default: from `HMKD_*` variables)."""
+    from api.metrics import install_metrics
     from api.routes import artifacts, health, jobs, queue
 
     settings = settings or get_settings()
@@ -152,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = None
     app.state.sse_poll_seconds = 0.5
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_metrics(app, settings)  # outermost middleware: 413s are timed too
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidJob, _invalid_job)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
 """What each distiller costs: one training step of each method over the floor every feature
 distillation pays (one student training step + one teacher backbone forward without grad).
+A step here is forward + backward; the optimizer update is the same for every method.
 
 All methods run in one process on the same batch, interleaved round by round, and the median
 of each is used, so machine noise hits every method alike. Prints a table of milliseconds and
@@ -74,12 +75,19 @@ def _module(spec: TrainSpec, method: DistillSpec | None, n: int, teacher: Frozen
 
 
 def _step(module: TrainModule, opt: torch.optim.Optimizer, images: list, targets: list) -> float:
+    """Forward and backward of one training step. The weights are never updated: a student
+    that moves changes its own proposals and RoI counts, hence the detector's cost, and would
+    blur the comparison; the update itself costs the same for every method."""
     t0 = time.perf_counter()
-    loss = sum(module(images, targets).values())
+    losses = module(images, targets)
+    loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite {bad}: the timing would not be of a real step")
+    return elapsed
 
 
 def measure(spec: TrainSpec, *, rounds: int, batch_size: int) -> dict[str, Any]:

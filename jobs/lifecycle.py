@@ -56,7 +56,9 @@ def visible_job(session: Session, user: User, job_id: str) -> Job:
     return job
 
 
-def _check_paths(spec: JobSpec, settings: Settings) -> None:
+def _confine_data(spec: JobSpec, settings: Settings) -> None:
+    """Check the dataset paths lie under the roots and replace them, in place, by their
+    resolved form: the worker opens what was checked, not a symlink swapped later."""
     from jobs.paths import PathNotAllowed, confine
 
     splits = [("train", spec.data.train), ("val", spec.data.val)]
@@ -66,7 +68,9 @@ def _check_paths(spec: JobSpec, settings: Settings) -> None:
         for attr in ("images", "annotations"):
             field = f"data.{split_name}.{attr}"
             try:
-                confine(getattr(split, attr), settings.dataset_roots, field=field)
+                setattr(
+                    split, attr, confine(getattr(split, attr), settings.dataset_roots, field=field)
+                )
             except PathNotAllowed as err:
                 raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
 
@@ -111,8 +115,8 @@ def submit_job(
         )
         if existing is not None:
             return existing, False
-    _check_paths(spec, settings)
     resolved = spec.model_copy(deep=True)
+    _confine_data(resolved, settings)
     if resolved.teacher is not None:
         resolved.teacher.weights = _resolve_weights(
             session, user, spec.teacher.weights, "teacher.weights", settings
@@ -219,15 +223,38 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-def _exhausted(session: Session, job: Job, now: datetime) -> None:
-    job.state = JobState.failed.value
-    job.finished_at = now
-    job.lease_owner = None
-    job.error = (
-        f"stopped after {job.attempt} attempts: each attempt lost its worker (crash, OOM kill "
+def _exhausted_message(attempts: int) -> str:
+    return (
+        f"stopped after {attempts} attempts: each attempt lost its worker (crash, OOM kill "
         "or node loss). Look at the logs, fix the cause, then retry the job."
     )
-    add_event(session, job.id, "failed", job.error, attempt=job.attempt)
+
+
+def _exhausted(session: Session, job: Job, now: datetime) -> None:
+    """Fail a job out of attempts, unless someone changed it since it was read."""
+    message = _exhausted_message(job.attempt)
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.attempt == job.attempt,
+            or_(
+                Job.state == JobState.queued.value,
+                and_(Job.state == JobState.running.value, Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            state=JobState.failed.value,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            error=message,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:
+        add_event(session, job.id, "failed", message, attempt=job.attempt)
+    session.refresh(job)
 
 
 def renew_lease(session: Session, job_id: str, *, worker: str, lease_seconds: float) -> bool:
@@ -242,17 +269,42 @@ def renew_lease(session: Session, job_id: str, *, worker: str, lease_seconds: fl
 
 
 def request_cancel(session: Session, job: Job) -> Job:
-    """Queued jobs end at once; a running job is asked to stop and its worker ends it."""
-    if job.state in TERMINAL:
-        raise Conflict(f"job {job.id} is already {job.state}")
-    if job.state == JobState.queued:
-        job.state = JobState.cancelled.value
-        job.finished_at = utcnow()
-        add_event(session, job.id, "cancelled", "before it started", attempt=job.attempt)
+    """Queued jobs, and running ones whose worker is gone (lease expired), end at once; a
+    running job with a live worker is asked to stop and its worker ends it within seconds."""
+    now = utcnow()
+    ended = session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            or_(
+                Job.state == JobState.queued.value,
+                and_(Job.state == JobState.running.value, Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            state=JobState.cancelled.value,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            cancel_requested=True,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if ended.rowcount == 1:
+        add_event(session, job.id, "cancelled", "before a worker ran it", attempt=job.attempt)
     else:
-        job.cancel_requested = True
+        asked = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == JobState.running.value)
+            .values(cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+        if asked.rowcount != 1:
+            session.refresh(job)
+            raise Conflict(f"job {job.id} is already {job.state}")
         add_event(session, job.id, "cancel_requested", attempt=job.attempt)
     session.flush()
+    session.refresh(job)
     return job
 
 
@@ -301,34 +353,41 @@ def finish_job(
 
 
 def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
-    """Running jobs whose worker stopped renewing: re-queue them, or fail them when exhausted."""
+    """Running jobs whose worker stopped renewing: re-queue them, or end them when cancelled
+    or out of attempts. Each change is a conditional UPDATE on the lease that was seen, so a
+    slow worker that renews or finishes meanwhile wins and nothing is overwritten."""
     now = now or utcnow()
-    expired = list(
-        session.scalars(
-            select(Job).where(Job.state == JobState.running.value, Job.lease_expires_at < now)
+    seen = session.execute(
+        select(Job.id, Job.lease_owner, Job.attempt, Job.max_attempts, Job.cancel_requested).where(
+            Job.state == JobState.running.value, Job.lease_expires_at < now
         )
-    )
+    ).all()
     requeued = []
-    for job in expired:
-        if job.cancel_requested:
-            job.state = JobState.cancelled.value
-            job.finished_at = now
-            job.lease_owner = None
-            add_event(session, job.id, "cancelled", "its worker was lost", attempt=job.attempt)
-        elif job.attempt >= job.max_attempts:
-            _exhausted(session, job, now)
+    for job_id, owner, attempt, max_attempts, cancel in seen:
+        if cancel:
+            kind, message = "cancelled", "its worker was lost"
+            values: dict[str, object] = {"state": JobState.cancelled.value, "finished_at": now}
+        elif attempt >= max_attempts:
+            kind, message = "failed", _exhausted_message(attempt)
+            values = {"state": JobState.failed.value, "finished_at": now, "error": message}
         else:
-            job.state = JobState.queued.value
-            job.dispatched = False
-            add_event(
-                session,
-                job.id,
-                "lease_expired",
-                f"worker {job.lease_owner} stopped renewing",
-                attempt=job.attempt,
+            kind, message = "lease_expired", f"worker {owner} stopped renewing"
+            values = {"state": JobState.queued.value, "dispatched": False}
+        result = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.state == JobState.running.value,
+                Job.lease_expires_at < now,
+                Job.lease_owner == owner,
             )
-            job.lease_owner = None
-            requeued.append(job.id)
+            .values(lease_owner=None, lease_expires_at=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            add_event(session, job_id, kind, message, attempt=attempt)
+            if kind == "lease_expired":
+                requeued.append(job_id)
     session.flush()
     return requeued
 

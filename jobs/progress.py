@@ -35,7 +35,7 @@ def record_progress(
 ) -> bool:
     """Update the job row and append a metric point; returns whether a cancel was requested."""
     clean = {k: _finite(v) for k, v in losses.items()}
-    session.execute(
+    owned = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
         .values(
@@ -48,6 +48,8 @@ def record_progress(
         )
         .execution_options(synchronize_session=False)
     )
+    if owned.rowcount != 1:  # a worker that lost its lease writes nothing
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
     attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
     session.add(
         MetricPoint(

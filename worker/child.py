@@ -107,6 +107,11 @@ def run(request: TrainRequest) -> dict[str, Any]:
         train_spec.runtime.nproc,
         train_spec.runtime.device,
     )
+    if spec.kind == "evaluate":
+        from hmkd_core.engine.evaluate import evaluate_spec
+
+        evaluate_spec(train_spec, run_dir, reporter)
+        return {"status": "succeeded", "iteration": 0, "stop": None}
     result = train(train_spec, run_dir, reporter=reporter, resume=resume)
     return {"status": result.status, "iteration": result.iteration, "stop": reporter.stop_reason}
 

@@ -154,6 +154,10 @@ class DbReporter(Reporter):
         except Exception as err:
             log.warning("job %s: artifact %s not registered: %s", self.job_id, name, err)
 
+    def checkpoint_on_stop(self) -> bool:
+        # a worker that lost its lease must not write into the folder the new owner resumes from
+        return not (self.stop_reason or "").startswith("lease lost")
+
     def should_stop(self) -> bool:
         if self._stop:
             return True

@@ -117,6 +117,7 @@ def run_training(
             stderr=subprocess.STDOUT,
             cwd=os.getcwd(),
             env=_child_env(),
+            start_new_session=True,  # its own process group: the DDP ranks go down with it
         )
     _log_line(log_path, f"training process pid {proc.pid}")
     assert proc.stdin is not None
@@ -148,12 +149,18 @@ def _child_env() -> dict[str, str]:
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+    """Stop the training process and every rank it spawned (they share its process group)."""
+    _signal_group(proc, signal.SIGTERM)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _signal_group(proc, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 def _death_message(exitcode: int | None) -> str:
@@ -236,7 +243,7 @@ def register_artifacts(settings: Settings, job_id: str, job_dir: Path) -> None:
                 continue
             with session_scope(settings.database_url) as session:
                 record_artifact(session, job_id, name=name, kind=kind, path=path)
-        except OSError as err:
+        except Exception as err:  # bookkeeping must not fail a run whose files are written
             log.warning("job %s: artifact %s not registered: %s", job_id, name, err)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response, status
 
 from api.app import celery_of, package_version
 from api.schemas import Health, Readiness
 from jobs.settings import Settings
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
@@ -25,7 +28,9 @@ def _database_status(settings: Settings) -> str:
     except DatabaseNotMigrated as err:
         return str(err)
     except Exception as err:  # unreachable, bad credentials, ...: report, don't crash
-        return f"unreachable: {type(err).__name__}: {err}"
+        # no token is needed here: name the kind of failure, not hosts or users
+        log.warning("readiness: database check failed: %s", err)
+        return f"unreachable: {type(err).__name__}"
     return "ok"
 
 
@@ -34,7 +39,8 @@ def _broker_status(request: Request) -> str:
         with celery_of(request.app).connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
     except Exception as err:  # kombu raises transport-specific errors
-        return f"unreachable: {type(err).__name__}: {err}"
+        log.warning("readiness: broker check failed: %s", err)
+        return f"unreachable: {type(err).__name__}"
     return "ok"
 
 

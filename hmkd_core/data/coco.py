@@ -211,13 +211,26 @@ def _build_records(
         report["dropped"] += int((~keep).sum())
         records[img["id"]] = _ImageRecord(
             image_id=img["id"],
-            path=images_dir / img["file_name"],
+            path=_inside(images_dir, img["file_name"], img["id"]),
             width=img["width"],
             height=img["height"],
             boxes=xyxy[keep],
             labels=labels[keep],
         )
     return records, report
+
+
+def _inside(images_dir: Path, file_name: str, image_id: int) -> Path:
+    """The image's path, refused when `file_name` leads out of the image folder: a dataset
+    confined to allowed roots must not reach files elsewhere through its annotations."""
+    root = images_dir.resolve()
+    path = (root / file_name).resolve()
+    if not path.is_relative_to(root):
+        raise DatasetError(
+            f"image {image_id}: file_name {file_name!r} points outside {images_dir}; "
+            "file names must be relative paths inside the image folder"
+        )
+    return path
 
 
 def _check_files_exist(records: dict[int, _ImageRecord], images_dir: Path, source: Path) -> None:

@@ -6,6 +6,7 @@ scores them, so evaluation costs 1/world of the time and gives the same numbers 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,9 @@ from torch import nn
 
 from hmkd_core.data import CocoDetectionDataset
 from hmkd_core.engine.distributed import DistContext, gather_objects
+from hmkd_core.engine.reporter import Reporter
 from hmkd_core.evaluation import CocoEvaluator
+from hmkd_core.spec import TrainSpec
 
 _SINGLE = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -52,3 +55,36 @@ def evaluate_detector(
         extra_results=[r for results, _ in others for r in results],
         extra_image_ids=[i for _, ids in others for i in ids],
     )
+
+
+def evaluate_spec(
+    spec: TrainSpec, out_dir: Path, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """Score `spec.student` (its `weights` name a trained file) on `spec.data.val`; no training.
+
+    What an `evaluate` job runs: writes `eval.json` in `out_dir` and reports it, so a student
+    can be measured on another split with the same metrics as its training run.
+    """
+    from hmkd_core.evaluation import write_eval_json
+    from hmkd_core.models import build_detector
+
+    if spec.data.val is None:
+        raise ValueError("data.val: evaluation needs a validation split")
+    reporter = reporter or Reporter()
+    dataset = CocoDetectionDataset(spec.data.val.images, spec.data.val.annotations)
+    device = torch.device("cuda" if spec.runtime.device == "cuda" else "cpu")
+    model = build_detector(spec.student, dataset.num_classes).to(device)
+    metrics = evaluate_detector(
+        model,
+        dataset,
+        device=device,
+        batch_size=spec.eval.batch_size,
+        extra_area_ranges=spec.eval.extra_area_ranges,
+    )
+    assert metrics is not None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "eval.json"
+    write_eval_json(metrics, path)
+    reporter.on_evaluation(0, metrics)
+    reporter.on_artifact("eval", path)
+    return metrics

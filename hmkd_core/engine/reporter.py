@@ -45,6 +45,11 @@ class Reporter:
         """Asked every iteration; True makes the run checkpoint and return `stopped`."""
         return False
 
+    def checkpoint_on_stop(self) -> bool:
+        """Whether a stop asked by `should_stop` writes a checkpoint first. False when another
+        process now owns the run directory (a service worker that lost its lease)."""
+        return True
+
     def on_end(self, status: str, message: str | None = None) -> None:
         """`succeeded`, `stopped` or `failed` (with the error message)."""
 
@@ -61,3 +66,43 @@ class StopAfter(Reporter):
 
     def should_stop(self) -> bool:
         return self._last >= self.iteration
+
+
+class MultiReporter(Reporter):
+    """Fans every call out to several reporters, in order, so the trainer can add its own
+    (TensorBoard) next to the caller's without either knowing of the other.
+
+    The run stops when any reporter asks (each is still asked, so none misses its poll), and
+    checkpoints on that stop only when all agree: one that knows the run directory changed
+    owner must be able to veto the write.
+    """
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = list(reporters)
+
+    def on_start(self, *, total: int, start_iteration: int, out_dir: Path) -> None:
+        for r in self.reporters:
+            r.on_start(total=total, start_iteration=start_iteration, out_dir=out_dir)
+
+    def on_progress(self, progress: Progress) -> None:
+        for r in self.reporters:
+            r.on_progress(progress)
+
+    def on_evaluation(self, iteration: int, metrics: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.on_evaluation(iteration, metrics)
+
+    def on_artifact(self, kind: str, path: Path) -> None:
+        for r in self.reporters:
+            r.on_artifact(kind, path)
+
+    def should_stop(self) -> bool:
+        answers = [r.should_stop() for r in self.reporters]
+        return any(answers)
+
+    def checkpoint_on_stop(self) -> bool:
+        return all(r.checkpoint_on_stop() for r in self.reporters)
+
+    def on_end(self, status: str, message: str | None = None) -> None:
+        for r in self.reporters:
+            r.on_end(status, message)

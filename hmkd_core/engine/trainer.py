@@ -28,8 +28,9 @@ from hmkd_core.engine.distributed import DistContext, any_true, gather_objects
 from hmkd_core.engine.evaluate import evaluate_detector
 from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher, TrainModule, check_pair
 from hmkd_core.engine.optim import build_optimizer, build_scheduler, param_groups
-from hmkd_core.engine.reporter import Progress, Reporter
+from hmkd_core.engine.reporter import MultiReporter, Progress, Reporter
 from hmkd_core.engine.sampler import ResumableSampler
+from hmkd_core.engine.tensorboard import TensorBoardReporter
 from hmkd_core.evaluation import write_eval_json
 from hmkd_core.models import StudentHeader, build_detector, export_student
 from hmkd_core.spec import TrainSpec
@@ -43,7 +44,11 @@ class Trainer:
     def __init__(
         self, spec: TrainSpec, out_dir: Path, ctx: DistContext, reporter: Reporter
     ) -> None:
-        self.spec, self.out_dir, self.ctx, self.reporter = spec, out_dir, ctx, reporter
+        self.spec, self.out_dir, self.ctx = spec, out_dir, ctx
+        # Every run gets event files next to metrics.jsonl, whoever launched it; only rank 0
+        # reports, so only rank 0 opens a writer.
+        self.tensorboard = TensorBoardReporter(out_dir / "tensorboard")
+        self.reporter: Reporter = MultiReporter(reporter, self.tensorboard)
         torch.manual_seed(spec.runtime.seed * 1000 + ctx.rank)
         self.train_set = CocoDetectionDataset(
             spec.data.train.images,
@@ -201,6 +206,13 @@ class Trainer:
         )
 
     def run(self, *, resume: bool) -> str:
+        """Train to the end or to a requested stop; `succeeded` or `stopped`."""
+        try:
+            return self._run(resume=resume)
+        finally:  # `on_end` reaches only the launcher's reporter (another process under DDP)
+            self.tensorboard.close()
+
+    def _run(self, *, resume: bool) -> str:
         latest = self.checkpoints.latest() if resume else None
         if latest is not None:
             from hmkd_core.engine.checkpoint import load_checkpoint
@@ -233,7 +245,8 @@ class Trainer:
             if self.iteration % self.spec.checkpoint.every == 0 and self.iteration < total:
                 self.save_checkpoint()
             if any_true(main and self.reporter.should_stop(), self.ctx):
-                self.save_checkpoint()
+                if any_true(main and self.reporter.checkpoint_on_stop(), self.ctx):
+                    self.save_checkpoint()
                 return "stopped"
         self.finish()
         return "succeeded"

@@ -183,3 +183,17 @@ def test_a_lost_message_is_published_again(service_settings: Settings, admin: tu
     with session_scope(service_settings.database_url) as s:
         assert [j.id for j in pending_dispatch(s, redispatch_seconds=600)] == [job_id]
         assert pending_dispatch(s) == []  # without the option only undispatched jobs
+
+
+def test_cancelling_a_job_whose_worker_is_gone_ends_it_at_once(
+    service_settings: Settings, admin: tuple
+) -> None:
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(service_settings.database_url) as s:
+        claim_job(s, job_id, worker="w", lease_seconds=30, now=utcnow() - timedelta(seconds=60))
+    with session_scope(service_settings.database_url) as s:
+        job = request_cancel(s, s.get(Job, job_id))
+        assert job.state == JobState.cancelled and job.lease_owner is None
+    with session_scope(service_settings.database_url) as s:  # the sweeper finds nothing to do
+        assert requeue_expired(s) == []
+        assert not finish_job(s, job_id, worker="w", state=JobState.failed)

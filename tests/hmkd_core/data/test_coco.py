@@ -187,6 +187,16 @@ def test_missing_image_file_names_file_and_id(tmp_path: Path) -> None:
         CocoDetectionDataset(images_dir, ann_path)
 
 
+def test_file_name_leading_out_of_the_image_folder_is_refused(tmp_path: Path) -> None:
+    images_dir, ann_path = write_dataset(tmp_path, [], sizes={1: (4, 4)})
+    data = json.loads(ann_path.read_text())
+    data["images"][0]["file_name"] = "../../etc/passwd"
+    ann_path.write_text(json.dumps(data))
+
+    with pytest.raises(DatasetError, match=r"image 1: file_name .* points outside"):
+        CocoDetectionDataset(images_dir, ann_path)
+
+
 def test_malformed_json_names_file_and_position(tmp_path: Path) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text('{"images": [}')

@@ -114,3 +114,16 @@ def test_mismatched_teacher_transform_is_refused(
     )
     with pytest.raises(ValueError, match="min_size"):
         train(spec, tmp_path)
+
+
+def test_evaluate_spec_scores_a_trained_file_without_training(
+    tiny_digits: dict, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    from hmkd_core.engine.evaluate import evaluate_spec
+
+    model = tiny_model(backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher))
+    metrics = evaluate_spec(tiny_spec(tiny_digits, student=model), tmp_path)
+    trained = json.loads((tiny_teacher.parent / "eval.json").read_text())
+    assert metrics["AP"] == trained["AP"] and metrics["AP_S"] == trained["AP_S"]
+    assert json.loads((tmp_path / "eval.json").read_text())["AP"] == trained["AP"]
+    assert not (tmp_path / "checkpoints").exists()
