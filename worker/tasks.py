@@ -117,7 +117,6 @@ def run_training(
             stderr=subprocess.STDOUT,
             cwd=os.getcwd(),
             env=_child_env(),
-            start_new_session=True,  # its own process group: the DDP ranks go down with it
         )
     _log_line(log_path, f"training process pid {proc.pid}")
     assert proc.stdin is not None
@@ -149,18 +148,42 @@ def _child_env() -> dict[str, str]:
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the training process and every rank it spawned (they share its process group)."""
-    _signal_group(proc, signal.SIGTERM)
+    """Stop the training process and every rank it spawned.
+
+    The training process stays in the worker's process group, so a node-wide kill of the
+    worker takes it down too; its DDP ranks are found through /proc instead.
+    """
+    family = [proc.pid, *_descendants(proc.pid)]
+    _signal_all(family, signal.SIGTERM)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        _signal_group(proc, signal.SIGKILL)
+        _signal_all([proc.pid, *_descendants(proc.pid)], signal.SIGKILL)
         proc.wait(timeout=10)
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (Linux /proc; empty elsewhere)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _death_message(exitcode: int | None) -> str:
