@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import TERMINAL, Job, JobEvent, JobState, User, utcnow
@@ -191,10 +191,7 @@ def claim_job(
         if stale:
             _exhausted(session, job, now)
             return None
-    claimable = or_(
-        Job.state == JobState.queued.value,
-        and_(Job.state == JobState.running.value, Job.lease_expires_at < now),
-    )
+    claimable = _unowned(now)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
@@ -214,6 +211,14 @@ def claim_job(
     session.refresh(job)
     add_event(session, job.id, "claimed", f"by {worker}", attempt=job.attempt)
     return job
+
+
+def _unowned(now: datetime) -> ColumnElement[bool]:
+    """No live worker holds the job: it is queued, or running on a lease that has expired."""
+    return or_(
+        Job.state == JobState.queued.value,
+        and_(Job.state == JobState.running.value, Job.lease_expires_at < now),
+    )
 
 
 def _aware(t: datetime) -> datetime:
@@ -238,10 +243,7 @@ def _exhausted(session: Session, job: Job, now: datetime) -> None:
         .where(
             Job.id == job.id,
             Job.attempt == job.attempt,
-            or_(
-                Job.state == JobState.queued.value,
-                and_(Job.state == JobState.running.value, Job.lease_expires_at < now),
-            ),
+            _unowned(now),
         )
         .values(
             state=JobState.failed.value,
@@ -276,10 +278,7 @@ def request_cancel(session: Session, job: Job) -> Job:
         update(Job)
         .where(
             Job.id == job.id,
-            or_(
-                Job.state == JobState.queued.value,
-                and_(Job.state == JobState.running.value, Job.lease_expires_at < now),
-            ),
+            _unowned(now),
         )
         .values(
             state=JobState.cancelled.value,
