@@ -213,6 +213,17 @@ def claim_job(
     return job
 
 
+def _ended(state: JobState, now: datetime, **extra: object) -> dict[str, object]:
+    """Column values of a job that has ended: final state, end time, no lease."""
+    return {
+        "state": state.value,
+        "finished_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        **extra,
+    }
+
+
 def _unowned(now: datetime) -> ColumnElement[bool]:
     """No live worker holds the job: it is queued, or running on a lease that has expired."""
     return or_(
@@ -245,13 +256,7 @@ def _exhausted(session: Session, job: Job, now: datetime) -> None:
             Job.attempt == job.attempt,
             _unowned(now),
         )
-        .values(
-            state=JobState.failed.value,
-            finished_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            error=message,
-        )
+        .values(**_ended(JobState.failed, now, error=message))
         .execution_options(synchronize_session=False)
     )
     if result.rowcount == 1:
@@ -280,13 +285,7 @@ def request_cancel(session: Session, job: Job) -> Job:
             Job.id == job.id,
             _unowned(now),
         )
-        .values(
-            state=JobState.cancelled.value,
-            finished_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            cancel_requested=True,
-        )
+        .values(**_ended(JobState.cancelled, now, cancel_requested=True))
         .execution_options(synchronize_session=False)
     )
     if ended.rowcount == 1:
@@ -331,17 +330,10 @@ def finish_job(
     """End the job if `worker` still owns it; False when the lease was lost meanwhile."""
     if state not in TERMINAL:
         raise ValueError(f"{state} is not a final state")
-    values: dict[str, object] = {
-        "state": state.value,
-        "finished_at": utcnow(),
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "error": error,
-    }
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
-        .values(**values)
+        .values(**_ended(state, utcnow(), error=error))
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
@@ -365,13 +357,18 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
     for job_id, owner, attempt, max_attempts, cancel in seen:
         if cancel:
             kind, message = "cancelled", "its worker was lost"
-            values: dict[str, object] = {"state": JobState.cancelled.value, "finished_at": now}
+            values = _ended(JobState.cancelled, now)
         elif attempt >= max_attempts:
             kind, message = "failed", _exhausted_message(attempt)
-            values = {"state": JobState.failed.value, "finished_at": now, "error": message}
+            values = _ended(JobState.failed, now, error=message)
         else:
             kind, message = "lease_expired", f"worker {owner} stopped renewing"
-            values = {"state": JobState.queued.value, "dispatched": False}
+            values = {
+                "state": JobState.queued.value,
+                "dispatched": False,
+                "lease_owner": None,
+                "lease_expires_at": None,
+            }
         result = session.execute(
             update(Job)
             .where(
@@ -380,7 +377,7 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
                 Job.lease_expires_at < now,
                 Job.lease_owner == owner,
             )
-            .values(lease_owner=None, lease_expires_at=None, **values)
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
         if result.rowcount == 1:
