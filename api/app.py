@@ -26,8 +26,9 @@ DESCRIPTION = """\
 Submit knowledge-distillation jobs for small-object detectors, follow their progress and
 download the distilled students.
 
-Every endpoint but `/v1/health`, `/v1/ready` and `/metrics` (Prometheus) needs
-`Authorization: Bearer <token>`.
+Every endpoint but `/v1/health`, `/v1/ready`, `/metrics` (Prometheus) and
+`/v1/downloads/{link}` (a short-lived signed link from `POST /v1/jobs/{id}/artifact-links`)
+needs `Authorization: Bearer <token>`. The web dashboard is served at `/`.
 A user sees and acts on their own team's jobs only; any other job id is a 404.
 Errors answer `{"detail": ...}`; validation errors (422) list each problem with its `field`
 path, e.g. `data.train.images`.
@@ -37,6 +38,7 @@ TAGS = [
     {"name": "jobs", "description": "Submit, list, follow, cancel and retry training jobs."},
     {"name": "artifacts", "description": "Checkpoints, `student.pt`, `eval.json`: streamed."},
     {"name": "queue", "description": "Queued and running jobs per queue, workers and GPUs."},
+    {"name": "users", "description": "Who a token belongs to."},
     {"name": "health", "description": "Liveness and readiness probes (no token needed)."},
 ]
 
@@ -129,7 +131,8 @@ async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API over `settings` (default: from `HMKD_*` variables)."""
     from api.metrics import install_metrics
-    from api.routes import artifacts, health, jobs, queue
+    from api.routes import artifacts, downloads, health, jobs, me, queue
+    from api.routes.dashboard import install_dashboard
 
     settings = settings or get_settings()
 
@@ -159,8 +162,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(InvalidJob, _invalid_job)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
-    for module in (jobs, artifacts, queue, health):
+    for module in (jobs, artifacts, downloads, queue, me, health):
         app.include_router(module.router, prefix="/v1")
+    install_dashboard(app)
     return app
 
 

@@ -74,6 +74,7 @@ def list_jobs(
     *,
     states: Sequence[str] = (),
     kind: str | None = None,
+    method: str | None = None,
     queue: str | None = None,
     name: str | None = None,
     cursor: str | None = None,
@@ -85,6 +86,8 @@ def list_jobs(
         stmt = stmt.where(Job.state.in_(list(states)))
     if kind:
         stmt = stmt.where(Job.kind == kind)
+    if method:
+        stmt = stmt.where(Job.method == method)
     if queue:
         stmt = stmt.where(Job.queue == queue)
     if name:

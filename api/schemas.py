@@ -144,6 +144,23 @@ class ArtifactPublic(BaseModel):
         )
 
 
+class ArtifactLinkRequest(BaseModel):
+    name: str = Field(
+        min_length=1, max_length=300, description="The artifact, e.g. run/student.pt."
+    )
+
+
+class ArtifactLink(BaseModel):
+    url: str = Field(description="Path under the API's address; GET it without a token.")
+    expires_at: datetime = Field(description="The download must start before this time.")
+
+
+class UserPublic(BaseModel):
+    name: str
+    team: str
+    is_admin: bool
+
+
 class QueuedJob(BaseModel):
     id: str
     position: int

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +48,14 @@ class Settings(BaseSettings):
         "redelivery harmless, this only bounds how soon a lost message comes back.",
     )
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
+    download_secret: SecretStr | None = Field(
+        None,
+        description="Key that signs short-lived download links. Default: a random key kept in "
+        "<data_dir>/download.key; set it to one value on every API replica behind one address.",
+    )
+    download_link_seconds: float = Field(
+        300.0, gt=0, le=86400, description="How long a signed download link may be started."
+    )
 
     @model_validator(mode="after")
     def _defaults_from_data_dir(self) -> Settings:

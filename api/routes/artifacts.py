@@ -13,10 +13,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, VisibleJob
 from api.schemas import ArtifactPublic, Problem
 from jobs.models import Artifact
+from jobs.settings import Settings
 
 router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
 
@@ -60,15 +62,29 @@ def download_artifact(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Stream one artifact; `ETag` is its quoted sha256."""
+    return artifact_file(session, settings, job.id, name, if_none_match=if_none_match)
+
+
+def artifact_file(
+    session: Session,
+    settings: Settings,
+    job_id: str,
+    name: str,
+    *,
+    if_none_match: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The artifact's streamed answer (ETag, 304, Range), for the token route and for signed
+    links alike; 404 for a name that is not a recorded file of the job."""
     from jobs.artifacts import ArtifactNameError, ArtifactStore
 
-    missing = HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no artifact {name!r}")
+    missing = HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
     assert settings.artifacts_dir is not None
     try:
-        path = ArtifactStore(Path(settings.artifacts_dir)).resolve(job.id, name)
+        path = ArtifactStore(Path(settings.artifacts_dir)).resolve(job_id, name)
     except ArtifactNameError:
         raise missing from None
-    row = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    row = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if row is None or not path.is_file():
         raise missing
     etag = f'"{row.sha256}"'
@@ -78,5 +94,5 @@ def download_artifact(
         path,
         filename=Path(name).name,
         media_type="application/octet-stream",
-        headers={"ETag": etag, "Cache-Control": "private, no-cache"},
+        headers={"ETag": etag, "Cache-Control": "private, no-cache", **(headers or {})},
     )

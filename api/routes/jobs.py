@@ -118,6 +118,10 @@ def get_jobs(
     user: CurrentUser,
     state: Annotated[list[JobState] | None, Query(description="Repeat to match several.")] = None,
     kind: Literal["train", "distill", "evaluate"] | None = None,
+    method: Annotated[
+        Literal["none", "mimic", "fgd", "mgd", "hmkd"] | None,
+        Query(description="Distillation method (`none` for plain training)."),
+    ] = None,
     queue: Annotated[str | None, Query(max_length=100)] = None,
     name: Annotated[str | None, Query(max_length=200, description="Name contains.")] = None,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
@@ -130,6 +134,7 @@ def get_jobs(
             user,
             states=[s.value for s in state or []],
             kind=kind,
+            method=method,
             queue=queue,
             name=name,
             cursor=cursor,

@@ -26,7 +26,12 @@ def test_401_without_a_valid_token(
     client: TestClient, dataset: dict[str, Path], headers: dict[str, str]
 ) -> None:
     anonymous = TestClient(client.app, headers=headers)
-    for method, url in [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/queue")]:
+    for method, url in [
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/queue"),
+        ("GET", "/v1/me"),
+    ]:
         r = anonymous.request(method, url, json=job_spec(dataset) if method == "POST" else None)
         assert r.status_code == 401, (url, r.text)
         assert r.headers["www-authenticate"] == "Bearer"
@@ -80,6 +85,12 @@ def test_another_teams_job_is_404_everywhere(
             r = client.request(method, f"/v1/jobs/{job_id}{path}", headers=bob)
             assert r.status_code == 404, (method, path, r.status_code)
             assert "alpha" not in r.text  # nothing of the job leaks, not even its name
+
+    for job_id in (job["id"], done["id"]):
+        r = client.post(
+            f"/v1/jobs/{job_id}/artifact-links", json={"name": "run/student.pt"}, headers=bob
+        )
+        assert r.status_code == 404 and "alpha" not in r.text
 
     listing = client.get("/v1/jobs", headers=bob).json()
     assert listing["items"] == []

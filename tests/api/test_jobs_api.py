@@ -135,6 +135,9 @@ def test_list_filters_and_three_pages(client: TestClient, dataset: dict[str, Pat
     assert ids(queue="gpu-a100") == set(made[1::2])
     assert ids(name="sweep-3") == {made[3]}  # case-insensitive "contains"
     assert ids(kind="distill") == set()
+    assert ids(method="none") == set(made)
+    assert ids(method="hmkd") == set()
+    assert client.get("/v1/jobs", params={"method": "distill"}).status_code == 422
     assert client.get("/v1/jobs", params={"limit": 201}).status_code == 422
     bad = client.get("/v1/jobs", params={"cursor": "garbage!"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "cursor"
@@ -299,7 +302,10 @@ def test_openapi_lists_the_v1_paths(client: TestClient) -> None:
         "/v1/jobs/{job_id}/retry",
         "/v1/jobs/{job_id}/artifacts",
         "/v1/jobs/{job_id}/artifacts/{name}",
+        "/v1/jobs/{job_id}/artifact-links",
+        "/v1/downloads/{link}",
         "/v1/queue",
+        "/v1/me",
         "/v1/health",
         "/v1/ready",
     ):

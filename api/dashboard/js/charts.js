@@ -1,0 +1,90 @@
+// Line charts on uPlot (vendored, see vendor/README.md): one x column of iterations and one
+// column per series. A chart is rebuilt when its set of series changes (a loss component that
+// appears mid-run), otherwise its data are swapped in place.
+
+/* global uPlot */
+
+const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
+
+export function colour(i) {
+  return PALETTE[i % PALETTE.length];
+}
+
+export class LineChart {
+  /** `el`: the container; `options`: {yLabel, xLabel, points, height, logY}. */
+  constructor(el, { yLabel = "", xLabel = "iteration", points = false, height = 240, logY = false } = {}) {
+    this.el = el;
+    this.options = { yLabel, xLabel, points, height, logY };
+    this.plot = null;
+    this.labels = [];
+    this.resize = new ResizeObserver(() => {
+      if (this.plot) this.plot.setSize({ width: this.width(), height: this.options.height });
+    });
+    this.resize.observe(el);
+  }
+
+  width() {
+    return Math.max(280, this.el.clientWidth || 600);
+  }
+
+  /** x: iterations; columns: [[label, values]] of x's length (null where missing). */
+  set(x, columns) {
+    const labels = columns.map(([label]) => label);
+    const data = [x, ...columns.map(([, values]) => values)];
+    this.el.dataset.series = String(labels.length);
+    this.el.dataset.points = String(x.length);
+    if (this.plot && labels.join("\u0000") === this.labels.join("\u0000")) {
+      this.plot.setData(data);
+      return;
+    }
+    this.destroyPlot();
+    this.labels = labels;
+    const { yLabel, xLabel, points, height, logY } = this.options;
+    this.plot = new uPlot(
+      {
+        width: this.width(),
+        height,
+        scales: { x: { time: false }, y: logY ? { distr: 3 } : {} },
+        axes: [{ label: xLabel }, { label: yLabel, size: 60 }],
+        series: [
+          { label: xLabel },
+          ...labels.map((label, i) => ({
+            label,
+            stroke: colour(i),
+            width: 1.5,
+            spanGaps: true,
+            points: { show: points || x.length < 3, size: 6 },
+          })),
+        ],
+        legend: { live: true },
+        cursor: { drag: { x: true, y: false } },
+      },
+      data,
+      this.el,
+    );
+  }
+
+  destroyPlot() {
+    if (this.plot) this.plot.destroy();
+    this.plot = null;
+  }
+
+  destroy() {
+    this.resize.disconnect();
+    this.destroyPlot();
+  }
+}
+
+/** Put several (x, y) series on one x axis (iterations may differ per series). */
+export function alignSeries(series) {
+  const xs = [...new Set(series.flatMap((s) => s.x))].sort((a, b) => a - b);
+  const index = new Map(xs.map((x, i) => [x, i]));
+  const columns = series.map((s) => {
+    const column = new Array(xs.length).fill(null);
+    s.x.forEach((x, i) => {
+      column[index.get(x)] = s.y[i];
+    });
+    return [s.label, column];
+  });
+  return { x: xs, columns };
+}
