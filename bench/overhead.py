@@ -6,7 +6,8 @@ All methods run in one process on the same batch, interleaved round by round, an
 of each is used, so machine noise hits every method alike. Prints a table of milliseconds and
 ratios; `--json` writes them too.
 
-    python -m bench.overhead --spec configs/smalldigits/hmkd.yaml --rounds 10
+    python -m bench.overhead --preset cpu --rounds 8 --threads 1   # the table's sizes
+    python -m bench.overhead --spec configs/smalldigits/hmkd.yaml   # any distill spec
 """
 
 from __future__ import annotations
@@ -21,19 +22,16 @@ from typing import Any
 
 import torch
 
+from bench.presets import PRESETS, ROWS, student_spec
 from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
 from hmkd_core.distill import build_distiller
 from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher, TrainModule
 from hmkd_core.models import build_detector
-from hmkd_core.spec import DistillSpec, FocalOptions, HMKDOptions, HMOptions, TrainSpec, load_spec
+from hmkd_core.spec import DistillSpec, TrainSpec, load_spec
 
+# Every distilling row of the table, with the same options.
 METHODS: dict[str, DistillSpec] = {
-    "mimic": DistillSpec(method="mimic"),
-    "fgd": DistillSpec(method="fgd"),
-    "mgd": DistillSpec(method="mgd"),
-    "hmkd": DistillSpec(method="hmkd"),
-    "hmkd:hm_only": DistillSpec(method="hmkd", hmkd=HMKDOptions(sdm=FocalOptions(enabled=False))),
-    "hmkd:sdm_only": DistillSpec(method="hmkd", hmkd=HMKDOptions(hm=HMOptions(enabled=False))),
+    name: DistillSpec.model_validate(row) for name, row in ROWS.items() if row["method"] != "none"
 }
 
 
@@ -121,9 +119,18 @@ def measure(spec: TrainSpec, *, rounds: int, batch_size: int) -> dict[str, Any]:
     }
 
 
+def preset_spec(name: str | None, data: Path | None = None) -> TrainSpec:
+    """A preset's student and teacher at its sizes; without `data` a batch is made up."""
+    preset = PRESETS[name or "cpu"]
+    root = data or Path(tempfile.mkdtemp()) / "absent"
+    return student_spec(preset, root, Path("teacher-weights-unused.pt"), {"method": "hmkd"}, seed=0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--spec", type=Path, default=Path("configs/smalldigits/hmkd.yaml"))
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="the benchmark preset's sizes")
+    src.add_argument("--spec", type=Path, help="a distill spec (its student and teacher)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -133,7 +140,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = load_spec(args.spec)
+    spec = preset_spec(args.preset) if args.preset or not args.spec else load_spec(args.spec)
     result = measure(
         spec, rounds=args.rounds, batch_size=args.batch_size or spec.schedule.batch_size
     )
@@ -141,12 +148,12 @@ def main() -> None:
         f"batch {result['batch_size']} x {result['image_size']}px, {result['threads']} threads, "
         f"median of {result['rounds']} interleaved rounds"
     )
-    print(f"{'step':<16}{'ms':>10}{'ratio':>8}")
+    print(f"{'step':<22}{'ms':>10}{'ratio':>8}")
     for name in ("student", "teacher_forward"):
-        print(f"{name:<16}{result['median_ms'][name]:>10.1f}{'':>8}")
-    print(f"{'floor':<16}{result['floor_ms']:>10.1f}{1.0:>8.3f}")
+        print(f"{name:<22}{result['median_ms'][name]:>10.1f}{'':>8}")
+    print(f"{'floor':<22}{result['floor_ms']:>10.1f}{1.0:>8.3f}")
     for name, ratio in result["ratio"].items():
-        print(f"{name:<16}{result['median_ms'][name]:>10.1f}{ratio:>8.3f}")
+        print(f"{name:<22}{result['median_ms'][name]:>10.1f}{ratio:>8.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

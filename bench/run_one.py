@@ -1,0 +1,45 @@
+"""One benchmark run in its own process: `python -m bench.run_one SPEC.json OUT_DIR`.
+
+A process per run gives each run its own thread count and a peak-memory figure that is its
+own (the process's maximum resident set, and on CUDA the allocator's peak), which a shared
+process could not report. Writes `OUT_DIR/bench.json` next to the run's usual files.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hmkd_core.engine.run import train
+from hmkd_core.spec import TrainSpec
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        raise SystemExit("usage: python -m bench.run_one SPEC.json OUT_DIR")
+    spec = TrainSpec.model_validate_json(Path(args[0]).read_text())
+    out = Path(args[1])
+    t0 = time.perf_counter()
+    result = train(spec, out)
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record = {
+        "status": result.status,
+        "wall_s": wall,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
+        "cuda_peak_mib": (
+            torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+        ),
+    }
+    (out / "bench.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
