@@ -15,7 +15,8 @@
 #    proves the pins resolve and that what the build would install is complete: the block
 #    imports the API and worker from outside the source tree, and this script then migrates a
 #    scratch SQLite database with the installed `hmkd db upgrade` (migration scripts packaged)
-#    and starts the API with the compose file's uvicorn command until /v1/health answers.
+#    and starts the API with the compose file's uvicorn command until /v1/health answers, then
+#    fetches the dashboard (`/` and each file it loads) to prove its files were packaged.
 # What it cannot check: the apt steps of the Dockerfile (base image, Python 3.11 from a PPA) and
 # CUDA itself; deploy/README.md says how to check those on a machine with Docker and a GPU.
 set -euo pipefail
@@ -80,13 +81,13 @@ unset HMKD_DATABASE_URL HMKD_BROKER_URL HMKD_ARTIFACTS_DIR HMKD_DATASET_ROOTS
 (cd / && "$venv/bin/hmkd" db upgrade)
 (cd / && "$venv/bin/hmkd" worker --help >/dev/null)
 
-step "the compose file's API command answers /v1/health"
+step "the compose file's API command answers /v1/health and serves the dashboard"
 port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 (cd / && exec "$venv/bin/uvicorn" api.app:create_app --factory --host 127.0.0.1 --port "$port") \
   >"$scratch/api.log" 2>&1 &
 api_pid=$!
 if ! "$venv/bin/python" - "$port" <<'PY'; then
-import sys, time, urllib.request
+import re, sys, time, urllib.request
 
 url = f"http://127.0.0.1:{sys.argv[1]}/v1/health"
 deadline = time.monotonic() + 60
@@ -99,6 +100,18 @@ while True:
         if time.monotonic() > deadline:
             sys.exit(f"error: the API did not answer {url} within 60 s: {err}")
         time.sleep(0.5)
+base = f"http://127.0.0.1:{sys.argv[1]}"
+with urllib.request.urlopen(base + "/", timeout=5) as answer:
+    page = answer.read().decode()
+    assert "default-src 'self'" in answer.headers["Content-Security-Policy"], answer.headers
+files = re.findall(r'(?:src|href)="(/dashboard/[^"]+)"', page)
+files += ["/dashboard/js/views/job.js", "/dashboard/vendor/uPlot.LICENSE"]
+if len(files) < 7:
+    sys.exit(f"error: the dashboard page at {base}/ references too few files: {files}")
+for path in files:
+    with urllib.request.urlopen(base + path, timeout=5) as answer:
+        assert answer.status == 200 and answer.read(), path
+print(base + "/", "dashboard and", len(files), "files served")
 PY
   cat "$scratch/api.log" >&2
   exit 1

@@ -138,6 +138,7 @@ export function compareView(root, { params }) {
     h("div", { class: "title-row" }, h("h1", {}, "Compare"), h("label", {}, "Metric ", metricSelect)),
     h("div", { class: "compare" }, h("aside", { class: "card" }, h("h2", {}, "Jobs"), picker), h("section", { class: "card" }, chartBox, status, summary)),
   );
+  syncUrl();
   loadPicker();
   draw();
   return () => {
