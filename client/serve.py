@@ -108,6 +108,13 @@ def run_service(
     url = f"http://{host}:{port}"
     if url != settings.api_url:
         console.print(f"clients: export HMKD_API_URL={url}")
+    sign_in = (
+        f"the token in {settings.data_dir / 'token'}"
+        if settings.embedded
+        else "an API token (`hmkd tokens create --user NAME`)"
+    )
+    # soft_wrap: a URL broken over two lines cannot be clicked or pasted
+    console.print(escape(f"dashboard {url}/ (sign in with {sign_in})"), soft_wrap=True)
     proc = log = None
     if with_worker:
         log_path = settings.data_dir / "worker.log"

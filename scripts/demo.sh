@@ -26,6 +26,7 @@ for _ in $(seq 120); do
   sleep 1
 done
 echo "service up at $HMKD_API_URL (log: $HMKD_DATA_DIR/serve.log)"
+echo "watch the jobs in the dashboard: $HMKD_API_URL/ (sign in with the token in $HMKD_DATA_DIR/token)"
 
 teacher=$("$hmkd" submit configs/service/teacher.yaml --follow --quiet)
 student=$("$hmkd" submit configs/service/hmkd.yaml --set "teacher.weights=job:$teacher" \
@@ -47,3 +48,10 @@ print(f"HMKD student job {sys.argv[2]} (resnet18-FPN): AP {100 * header.metrics[
       f"AP_S {100 * header.metrics['AP_S']:.1f}")
 print(f"downloaded runs/demo/student.pt: a torchvision {type(model).__name__}")
 PY
+cat <<EOF
+
+Dashboard: $HMKD_API_URL/ (sign in with the token in $HMKD_DATA_DIR/token).
+The service stops with this script; to open the demo's jobs in the dashboard again, run
+  HMKD_DATA_DIR=$HMKD_DATA_DIR .venv/bin/hmkd serve --port $port
+and open $HMKD_API_URL/ (same token).
+EOF

@@ -61,6 +61,8 @@ def test_serve_embedded_starts_api_and_worker_and_stops_both(tmp_path: Path) -> 
                 pass
             assert time.monotonic() < deadline, "hmkd serve did not answer in 60 s"
             time.sleep(0.2)
+        page = httpx.get(f"{url}/")  # the dashboard, no token needed for the page itself
+        assert page.status_code == 200 and "HMKD dashboard" in page.text
         token = (tmp_path / "token").read_text().strip()
         with Client(url, token) as client:  # the token `serve` wrote is the CLI's
             assert client.jobs()["items"] == []
@@ -74,5 +76,6 @@ def test_serve_embedded_starts_api_and_worker_and_stops_both(tmp_path: Path) -> 
         out, _ = serve.communicate(timeout=60)
     assert serve.returncode == 0, out.decode()
     assert b"stopping the worker" in out
+    assert f"dashboard {url}/ (sign in with the token in {tmp_path / 'token'})" in out.decode()
     marker = f"HMKD_DATA_DIR={tmp_path}".encode()
     assert _processes_with(marker) == []  # no worker (or pool child) left behind
