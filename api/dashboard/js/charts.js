@@ -33,11 +33,20 @@ export class LineChart {
     const data = [x, ...columns.map(([, values]) => values)];
     this.el.dataset.series = String(labels.length);
     this.el.dataset.points = String(x.length);
+    if (!x.length) {
+      this.destroyPlot();
+      const note = document.createElement("p");
+      note.className = "muted chart-empty";
+      note.textContent = "No points yet: they appear as the job reports progress.";
+      this.el.replaceChildren(note);
+      return;
+    }
     if (this.plot && labels.join("\u0000") === this.labels.join("\u0000")) {
       this.plot.setData(data);
       return;
     }
     this.destroyPlot();
+    this.el.replaceChildren();
     this.labels = labels;
     const { yLabel, xLabel, points, height, logY } = this.options;
     this.plot = new uPlot(

@@ -52,6 +52,7 @@ export function jobView(root, { match }) {
   root.replaceChildren(h("p", { class: "muted" }, "Loading the job…"));
 
   function renderJob() {
+    document.title = `${job.name} (${job.state}) · HMKD`;
     el.header.replaceChildren(jobHeader(job));
     el.progress.replaceChildren(progressLine(job));
     sizeBars(el.progress);
@@ -229,6 +230,7 @@ export function jobView(root, { match }) {
   start();
   return () => {
     controller.abort();
+    document.title = "HMKD dashboard";
     for (const chart of charts) chart.destroy();
   };
 }
