@@ -45,6 +45,8 @@ def test_sign_in_refuses_a_bad_token_then_signs_in_and_out(
     page: Any, live_service: LiveService
 ) -> None:
     page.goto(f"{live_service.url}/")
+    page.wait_for_selector("#signin-form")
+    assert not page.is_visible("#nav") and not page.is_visible("#signout")
     page.fill("#token", "hmkd_not-a-real-token")
     page.click("#signin-form button[type=submit]")
     error = page.wait_for_selector("#signin-status .error")
@@ -57,8 +59,10 @@ def test_sign_in_refuses_a_bad_token_then_signs_in_and_out(
     assert "admin" in page.inner_text("#who") and "team local" in page.inner_text("#who")
     assert page.locator("#workers tbody tr").count() == 1
     assert page.evaluate("sessionStorage.getItem('hmkd.token')") == live_service.token
+    assert page.is_visible("#nav")
     page.click("#signout")
     page.wait_for_selector("#signin-form")
+    assert not page.is_visible("#nav")
     assert page.evaluate("sessionStorage.length + localStorage.length") == 0
     assert not any(live_service.token in url for url in page.urls)  # never in a URL
     no_csp_or_script_errors(page)
