@@ -51,7 +51,7 @@ def teacher_weights(preset: Preset, work: Path, data: Path, given: Path | None) 
             raise SystemExit(f"--teacher: {given} is not a file")
         return given.resolve()
     run = Run("teacher", teacher_spec(preset, data), work / "teacher")
-    failed = run_grid([run], jobs=1, threads=preset.threads * preset.jobs)
+    failed = run_grid([run], jobs=1, threads=preset.threads)
     if failed:
         raise SystemExit(f"the teacher failed; see {run.out / 'bench.log'}")
     return run.out / "student.pt"

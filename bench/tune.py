@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "none (baseline)": {"method": "none"},
     "hmkd defaults": {"method": "hmkd"},
     "hmkd, weights x3": {"method": "hmkd", "weight": 3.0},
+    "hmkd, weights x10": {"method": "hmkd", "weight": 10.0},
     "hmkd, weights x0.3": {"method": "hmkd", "weight": 0.3},
     "hmkd, window 5": {"method": "hmkd", "hmkd": {"hm": {"window": 5}}},
     "hmkd, SDM alpha 2 beta 0.25": {

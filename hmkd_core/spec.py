@@ -95,7 +95,14 @@ class HMOptions(_Strict):
 
     enabled: bool = True
     query_source: Literal["teacher", "student"] = "teacher"
-    dim: int = Field(128, ge=8, le=1024)
+    dim: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        description="Width of queries, keys and values. The window attention's cost is linear "
+        "in it; 64 keeps HMKD's step within 1.10x of the floor on the CPU benchmark "
+        "(docs/results.md); 128 doubles the distiller's time.",
+    )
     heads: int = Field(4, ge=1, le=64)
     window: int = Field(3, ge=1, le=15)
     level_weights: dict[str, float] = Field(
