@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
             student_spec(preset, data, teacher, ROWS[name], seed=seed),
             work / row_dir(name) / f"seed{seed}",
         )
+        for name in rows  # a row's seeds run side by side, under the same load
         for seed in seeds
-        for name in rows
     ]
     failed = run_grid(runs, jobs=preset.jobs, threads=preset.threads)
 

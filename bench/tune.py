@@ -22,13 +22,14 @@ from bench.report import _pct
 from bench.runs import Run, read_run, run_grid
 from bench.table import make_data, make_tune_data, teacher_weights
 
-# Each variant changes one thing from the defaults in hmkd_core/spec.py. The first four are
+# Each variant changes one thing from the defaults in hmkd_core/spec.py. The first six are
 # the default run; the others are tried when there is time (`--variants`).
 VARIANTS: dict[str, dict[str, Any]] = {
     "none (baseline)": {"method": "none"},
     "hmkd defaults": {"method": "hmkd"},
     "hmkd, weights x3": {"method": "hmkd", "weight": 3.0},
     "hmkd, weights x10": {"method": "hmkd", "weight": 10.0},
+    "hmkd, HM dim 32": {"method": "hmkd", "hmkd": {"hm": {"dim": 32}}},
     "hmkd, weights x0.3": {"method": "hmkd", "weight": 0.3},
     "hmkd, window 5": {"method": "hmkd", "hmkd": {"hm": {"window": 5}}},
     "hmkd, SDM alpha 2 beta 0.25": {
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/tuning.md"))
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    names = args.variants or list(VARIANTS)[:4]
+    names = args.variants or list(VARIANTS)[:6]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
