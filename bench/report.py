@@ -108,11 +108,16 @@ def write_results(
     s = preset.student_schedule
     t = preset.teacher_schedule
     teacher_note = "" if teacher_path is None else f" (reused: `{teacher_path}`)"
+    student_wall = sum(r["wall_s"] for by_seed in rows.values() for r in by_seed.values())
+    wall = f"students {student_wall / 60:.0f} min of run time ({preset.jobs} at a time)"
+    if teacher is not None:
+        wall = f"teacher {teacher['wall_s'] / 60:.0f} min, " + wall
     text = f"""# SmallDigits results: preset `{preset.name}`
 
 - **Command**: `{command}`
 - **Machine**: {host} (preset for: {preset.machine}); started {started:%Y-%m-%d %H:%M}, \
-finished {finished:%Y-%m-%d %H:%M} UTC. Every figure here was measured in that one run.
+finished {finished:%Y-%m-%d %H:%M} UTC; {wall}. Every figure here was measured by \
+this command (finished runs it found in its work folder are read, not re-run).
 - **Seeds**: {", ".join(map(str, seeds))} (students); the teacher is trained once, seed 0.
 - **Data**: SmallDigits, {preset.data["train"]} training and {preset.data["val"]} validation \
 images of {preset.data["size"]} px (data seed {preset.data["seed"]}; the validation \
