@@ -10,6 +10,15 @@ export function colour(i) {
   return PALETTE[i % PALETTE.length];
 }
 
+/** Axis ticks with three significant digits: uPlot's default shows a learning rate of 3e-4
+ * as 0. */
+export function tickLabel(value) {
+  if (value === 0) return "0";
+  const abs = Math.abs(value);
+  if (abs < 1e-3 || abs >= 1e5) return value.toExponential(1);
+  return String(Number(value.toPrecision(3)));
+}
+
 export class LineChart {
   /** `el`: the container; `options`: {yLabel, xLabel, points, height, logY}. */
   constructor(el, { yLabel = "", xLabel = "iteration", points = false, height = 240, logY = false } = {}) {
@@ -54,7 +63,10 @@ export class LineChart {
         width: this.width(),
         height,
         scales: { x: { time: false }, y: logY ? { distr: 3 } : {} },
-        axes: [{ label: xLabel }, { label: yLabel, size: 60 }],
+        axes: [
+          { label: xLabel },
+          { label: yLabel, size: 64, values: (u, ticks) => ticks.map(tickLabel) },
+        ],
         series: [
           { label: xLabel },
           ...labels.map((label, i) => ({
@@ -62,6 +74,7 @@ export class LineChart {
             stroke: colour(i),
             width: 1.5,
             spanGaps: true,
+            value: (u, v) => (v === null || v === undefined ? "--" : tickLabel(v)),
             points: { show: points || x.length < 3, size: 6 },
           })),
         ],
