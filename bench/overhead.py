@@ -123,7 +123,8 @@ def preset_spec(name: str | None, data: Path | None = None) -> TrainSpec:
     """A preset's student and teacher at its sizes; without `data` a batch is made up."""
     preset = PRESETS[name or "cpu"]
     root = data or Path(tempfile.mkdtemp()) / "absent"
-    return student_spec(preset, root, Path("teacher-weights-unused.pt"), {"method": "hmkd"}, seed=0)
+    spec = student_spec(preset, root, Path("teacher-weights-unused.pt"), {"method": "hmkd"}, seed=0)
+    return TrainSpec.model_validate(spec)
 
 
 def main() -> None:

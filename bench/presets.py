@@ -133,11 +133,18 @@ def base_spec(preset: Preset, data_root: Path, *, val_root: Path | None, seed: i
     }
 
 
-def teacher_spec(preset: Preset, data_root: Path) -> TrainSpec:
+def _checked(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate now (a bad preset fails before any run starts) but hand on the dict: the run
+    applies the library's defaults when it starts, as a user's YAML would get them."""
+    TrainSpec.model_validate(spec)
+    return spec
+
+
+def teacher_spec(preset: Preset, data_root: Path) -> dict[str, Any]:
     spec = base_spec(preset, data_root, val_root=None, seed=0)
     spec["student"] = _model(preset, preset.teacher)
     spec["schedule"].update(preset.teacher_schedule)
-    return TrainSpec.model_validate(spec)
+    return _checked(spec)
 
 
 def student_spec(
@@ -148,7 +155,7 @@ def student_spec(
     *,
     seed: int,
     val_root: Path | None = None,
-) -> TrainSpec:
+) -> dict[str, Any]:
     """A student run; `distill` is a `DistillSpec` dict (a row of ROWS, or a tuning variant)."""
     spec = base_spec(preset, data_root, val_root=val_root, seed=seed)
     spec["student"] = _model(preset, preset.student)
@@ -156,4 +163,4 @@ def student_spec(
     if distill.get("method", "none") != "none":
         spec["teacher"] = _model(preset, preset.teacher, weights=str(teacher_weights))
     spec["schedule"].update(preset.student_schedule)
-    return TrainSpec.model_validate(spec)
+    return _checked(spec)

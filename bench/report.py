@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from bench.presets import Preset, student_spec
+from hmkd_core.spec import TrainSpec
 
 METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_tiny", "AP_xsmall", "AP_small16_32")
 
@@ -31,7 +32,11 @@ def measure_overhead(preset: Preset, data: Path, *, rounds: int) -> dict[str, An
     torch.set_num_threads(1)
     try:
         spec = student_spec(preset, data, Path("unused.pt"), {"method": "hmkd"}, seed=0)
-        return measure(spec, rounds=rounds, batch_size=preset.student_schedule["batch_size"])
+        return measure(
+            TrainSpec.model_validate(spec),
+            rounds=rounds,
+            batch_size=preset.student_schedule["batch_size"],
+        )
     finally:
         torch.set_num_threads(threads)
 
