@@ -166,7 +166,7 @@ def test_compare_overlays_two_jobs(
     assert "metric=AP_S" in page.url and finished_jobs["hmkd"] in page.url
     page.select_option("#compare-metric", "AP")
     page.wait_for_function("() => document.querySelector('#compare-table th:nth-child(6)')"
-                           ".textContent === 'final AP'")  # fmt: skip
+                           ".textContent === 'final AP (%)'")  # fmt: skip
     no_csp_or_script_errors(page)
 
 

@@ -64,8 +64,8 @@ export function compareView(root, { params }) {
     summary.replaceChildren(
       h(
         "table",
-        { class: "table num-table", id: "compare-table" },
-        h("thead", {}, h("tr", {}, ["", "job", "method", "state", "evaluations", `final ${metric}`, `best ${metric}`].map((t) => h("th", {}, t)))),
+        { class: "table", id: "compare-table" },
+        h("thead", {}, h("tr", {}, ["", "job", "method", "state", "evaluations", `final ${metric} (%)`, `best ${metric} (%)`].map((t) => h("th", {}, t)))),
         h(
           "tbody",
           {},
@@ -79,8 +79,8 @@ export function compareView(root, { params }) {
               h("td", {}, job.method),
               h("td", {}, stateBadge(job.state)),
               h("td", { class: "num" }, String(m.evaluations.length)),
-              h("td", { class: "num" }, percent(values[values.length - 1])),
-              h("td", { class: "num" }, values.length ? percent(Math.max(...values)) : "–"),
+              h("td", { class: "num" }, percent(values[values.length - 1], 2)),
+              h("td", { class: "num" }, values.length ? percent(Math.max(...values), 2) : "–"),
             );
           }),
         ),
