@@ -1,7 +1,7 @@
 """End to end with real worker processes on the real backends: a job goes through the broker
 to a `celery worker`, which claims it, spawns training and records the outcome.
 
-Timings printed with `-s` (`pytest -s -k latency`) are the figures the issue asks for.
+Run with `-s` (`pytest -s -k latency`) to see the measured submit-to-run latencies.
 """
 
 from __future__ import annotations
