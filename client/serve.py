@@ -120,11 +120,20 @@ def run_service(
         log_path = settings.data_dir / "worker.log"
         proc, log = start_worker(settings, log_path)
         console.print(escape(f"worker on queue {settings.default_queue!r}, log in {log_path}"))
+    # uvicorn shuts down on SIGTERM, then raises the signal again; with the default action that
+    # would end this process at once, skipping `finally` and orphaning the worker. As an
+    # exception it unwinds: `kill`, `docker stop` and systemd stop the worker too.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if proc is not None:
             console.print("stopping the worker")
             stop_worker(proc)
         if log is not None:
             log.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -38,7 +38,14 @@ def _processes_with(env_entry: bytes) -> list[int]:
 
 
 @pytest.mark.slow
-def test_serve_embedded_starts_api_and_worker_and_stops_both(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "returncode"),
+    [(signal.SIGINT, 0), (signal.SIGTERM, 128 + signal.SIGTERM)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_serve_embedded_starts_api_and_worker_and_stops_both(
+    tmp_path: Path, stop: signal.Signals, returncode: int
+) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HMKD_")} | {
         "HMKD_DATA_DIR": str(tmp_path),
@@ -72,9 +79,9 @@ def test_serve_embedded_starts_api_and_worker_and_stops_both(tmp_path: Path) -> 
                 time.sleep(0.3)
         assert (tmp_path / "datasets").is_dir()
     finally:
-        serve.send_signal(signal.SIGINT)
+        serve.send_signal(stop)
         out, _ = serve.communicate(timeout=60)
-    assert serve.returncode == 0, out.decode()
+    assert serve.returncode == returncode, out.decode()
     assert b"stopping the worker" in out
     assert f"dashboard {url}/ (sign in with the token in {tmp_path / 'token'})" in out.decode()
     marker = f"HMKD_DATA_DIR={tmp_path}".encode()
