@@ -18,25 +18,20 @@ matplotlib.use("Agg")  # files only; no display on build machines
 import matplotlib.pyplot as plt
 import torch
 
-from bench.presets import Preset, student_spec
-from hmkd_core.spec import TrainSpec
+from bench.presets import Preset
 
 METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_tiny", "AP_xsmall", "AP_small16_32")
 
 
 def measure_overhead(preset: Preset, data: Path, *, rounds: int) -> dict[str, Any]:
     """Each distiller's step over the floor, at the preset's sizes, on one thread."""
-    from bench.overhead import measure
+    from bench.overhead import measure, preset_spec
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        spec = student_spec(preset, data, Path("unused.pt"), {"method": "hmkd"}, seed=0)
-        return measure(
-            TrainSpec.model_validate(spec),
-            rounds=rounds,
-            batch_size=preset.student_schedule["batch_size"],
-        )
+        spec = preset_spec(preset.name, data)
+        return measure(spec, rounds=rounds, batch_size=preset.student_schedule["batch_size"])
     finally:
         torch.set_num_threads(threads)
 

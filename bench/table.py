@@ -25,24 +25,25 @@ from bench.runs import Run, read_run, run_grid
 from hmkd_core.data import make_small_digits
 
 
-def make_data(preset: Preset, root: Path) -> Path:
-    """The preset's SmallDigits, written once (it is deterministic for its settings)."""
-    marker = root / "settings.json"
-    if marker.is_file() and json.loads(marker.read_text()) == preset.data:
-        return root
-    make_small_digits(root, **preset.data)
-    marker.write_text(json.dumps(preset.data))
-    return root
-
-
-def make_tune_data(preset: Preset, root: Path) -> Path:
-    """The tuning split: validation images drawn with another seed, never the reported ones."""
-    settings = {**preset.data, "train": 0, "val": preset.tune_val, "seed": preset.data["seed"] + 1}
+def _digits_once(root: Path, settings: dict) -> Path:
+    """SmallDigits written under `root` unless it already holds these very settings (the data
+    is deterministic for them), so a resumed benchmark does not repaint its images."""
     marker = root / "settings.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == settings):
         make_small_digits(root, **settings)
         marker.write_text(json.dumps(settings))
     return root
+
+
+def make_data(preset: Preset, root: Path) -> Path:
+    """The preset's SmallDigits."""
+    return _digits_once(root, preset.data)
+
+
+def make_tune_data(preset: Preset, root: Path) -> Path:
+    """The tuning split: validation images drawn with another seed, never the reported ones."""
+    seed = preset.data["seed"] + 1
+    return _digits_once(root, {**preset.data, "train": 0, "val": preset.tune_val, "seed": seed})
 
 
 def teacher_weights(preset: Preset, work: Path, data: Path, given: Path | None) -> Path:
