@@ -36,6 +36,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "method": "hmkd",
         "hmkd": {"sdm": {"alpha": 2.0, "beta": 0.25}},
     },
+    "hmkd, SDM gamma 0": {"method": "hmkd", "hmkd": {"sdm": {"gamma": 0.0}}},
+    "hmkd, level weights p2 2, p3 1, p4 0.5": {
+        "method": "hmkd",
+        "hmkd": {"hm": {"level_weights": {"p2": 2.0, "p3": 1.0, "p4": 0.5}}},
+    },
 }
 
 
