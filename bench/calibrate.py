@@ -1,11 +1,13 @@
-"""Initial loss magnitudes of each distiller next to the detection loss.
+"""Each method's distillation weight for a preset, from the gradient ratio.
 
-The distillation losses are sums of squared FPN differences, so their scale follows the
-teacher's feature magnitude; this prints, for a trained teacher and a fresh student on the
-first 16 training images, the mean of each loss group per batch. The default method weights in
-`hmkd_core/spec.py` were chosen so each method's total starts near the detection loss.
+    python -m bench.calibrate --preset cpu [--target 0.5]
 
-    python -m bench.calibrate --teacher runs/demo/teacher/student.pt
+For every method at weight 1 (its library defaults), on the preset's trained teacher and
+starting student, `probe` measures ‖∂L_kd/∂S‖ / ‖∂L_det/∂S‖ over the distilled levels; the
+weight that brings that ratio to `--target` is printed, ready for the preset's `weights`. A
+loss value says little about how hard a term pulls on the student (a sum over many cells can
+be large and nearly flat); the gradient on the student's features is what training feels, so
+equal ratios put every method on an equal footing.
 """
 
 from __future__ import annotations
@@ -13,62 +15,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from hmkd_core.data import CocoDetectionDataset, collate_detection
-from hmkd_core.distill import build_distiller
-from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher, TrainModule
-from hmkd_core.models import build_detector
-from hmkd_core.spec import DistillSpec, load_spec
+from bench.diagnose import preset_specs
+from bench.presets import ROWS
+from bench.probe import format_probe, probe
 
 
-def loss_groups(
-    spec_path: Path, teacher_path: Path, batches: int = 8
-) -> dict[str, dict[str, float]]:
-    spec = load_spec(spec_path)
-    assert spec.teacher is not None, "the spec needs a teacher"
-    ds = CocoDetectionDataset(spec.data.train.images, spec.data.train.annotations)
-    weights = spec.teacher.model_copy(update={"weights": str(teacher_path)})
-    teacher = FrozenTeacher(build_detector(weights, ds.num_classes))
-    levels = tuple(spec.distill.levels or DEFAULT_LEVELS[spec.student.arch])
-    out: dict[str, dict[str, float]] = {}
-    for method in ("mimic", "fgd", "mgd", "hmkd"):
-        torch.manual_seed(0)
-        student = build_detector(spec.student, ds.num_classes).train()
-        distiller = build_distiller(
-            DistillSpec(method=method),
-            levels=levels,
-            student_channels=spec.student.fpn_channels,
-            teacher_channels=teacher.out_channels,
-        )
-        module = TrainModule(student, distiller, teacher)
-        sums: dict[str, float] = {}
-        with torch.no_grad():
-            for b in range(batches):
-                images, targets = collate_detection([ds[j] for j in (2 * b, 2 * b + 1)])
-                images = [i.as_subclass(torch.Tensor) for i in images]
-                targets = [
-                    {"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]}
-                    for t in targets
-                ]
-                for name, value in module(images, targets).items():
-                    group = (
-                        name.removeprefix("distill.loss_").rsplit("_", 1)[0]
-                        if name.startswith("distill.")
-                        else "detection"
-                    )
-                    sums[group] = sums.get(group, 0.0) + float(value) / batches
-        out[method] = sums
-    return out
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--spec", type=Path, default=Path("configs/smalldigits/hmkd.yaml"))
-    p.add_argument("--teacher", type=Path, required=True)
-    args = p.parse_args()
-    for method, groups in loss_groups(args.spec, args.teacher).items():
-        print(method, "  ".join(f"{k} {v:.3g}" for k, v in groups.items()))
+    p.add_argument("--preset", required=True)
+    p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--work", type=Path, default=Path("runs/bench"))
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--out", type=Path, default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    methods = [r for r in ("mimic", "fgd", "mgd", "hmkd") if r in ROWS]
+    specs = preset_specs(args.preset, args.work.resolve(), methods)
+    weights, blocks = {}, []
+    for method, spec in specs.items():
+        spec.distill.weight = 1.0  # measure at the library's defaults
+        result = probe(spec, batches=args.batches)
+        weights[method] = float(f"{args.target / result['grad_ratio']:.3g}")
+        blocks.append(format_probe(f"{method} at weight 1", result))
+        print(blocks[-1], flush=True)
+    line = f"weights (target ratio {args.target}): {weights}"
+    print(line)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n\n".join([*blocks, line]) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bench.presets import PRESETS, ROWS, student_spec
+from bench.presets import PRESETS, ROWS, Splits, student_spec
 from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
 from hmkd_core.distill import build_distiller
 from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher, TrainModule
@@ -88,13 +88,17 @@ def _step(module: TrainModule, opt: torch.optim.Optimizer, images: list, targets
     return elapsed
 
 
-def measure(spec: TrainSpec, *, rounds: int, batch_size: int) -> dict[str, Any]:
+def measure(
+    spec: TrainSpec, *, rounds: int, batch_size: int, rows: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Step times of `rows` (default every distilling row) and the floor, interleaved."""
+    methods = {k: v for k, v in METHODS.items() if rows is None or k in rows}
     images, targets, n = _batch(spec, batch_size)
     assert spec.teacher is not None, "the spec needs a teacher"
     teacher_spec = spec.teacher.model_copy(update={"weights": "none"})
     teacher = FrozenTeacher(build_detector(teacher_spec, n))
     runs = {"student": _module(spec, None, n, teacher)}
-    runs.update({name: _module(spec, m, n, teacher) for name, m in METHODS.items()})
+    runs.update({name: _module(spec, m, n, teacher) for name, m in methods.items()})
     times: dict[str, list[float]] = {name: [] for name in [*runs, "teacher_forward"]}
     batch = runs["student"][0].student.transform(images)[0].tensors
     for r in range(rounds + 2):  # two warm-up rounds
@@ -111,7 +115,7 @@ def measure(spec: TrainSpec, *, rounds: int, batch_size: int) -> dict[str, Any]:
     return {
         "median_ms": {k: 1000 * v for k, v in med.items()},
         "floor_ms": 1000 * floor,
-        "ratio": {k: med[k] / floor for k in METHODS},
+        "ratio": {k: med[k] / floor for k in methods},
         "rounds": rounds,
         "batch_size": batch_size,
         "image_size": spec.student.min_size,
@@ -119,11 +123,15 @@ def measure(spec: TrainSpec, *, rounds: int, batch_size: int) -> dict[str, Any]:
     }
 
 
-def preset_spec(name: str | None, data: Path | None = None) -> TrainSpec:
-    """A preset's student and teacher at its sizes; without `data` a batch is made up."""
+def preset_spec(name: str | None, splits: Splits | None = None) -> TrainSpec:
+    """A preset's student and teacher at its sizes; without `splits` a batch is made up."""
     preset = PRESETS[name or "cpu"]
-    root = data or Path(tempfile.mkdtemp()) / "absent"
-    spec = student_spec(preset, root, Path("teacher-weights-unused.pt"), {"method": "hmkd"}, seed=0)
+    if splits is None:
+        absent = Path(tempfile.mkdtemp()) / "absent"
+        pair = (absent / "images", absent / "annotations.json")
+        splits = Splits(train=pair, val=pair, tune=pair)
+    unused = Path("teacher-weights-unused.pt")
+    spec = student_spec(preset, splits, unused, {"method": "hmkd"}, seed=0)
     return TrainSpec.model_validate(spec)
 
 

@@ -1,8 +1,19 @@
-"""The benchmark's presets: the data, the two detectors, the schedules and the rows.
+"""The benchmark's presets: the data, the two detectors, the schedules, the rows and weights.
 
-A preset is plain data so `docs/results.md` can print it, and a reviewer can see in one place
-what the table was trained with. Specs are built as dicts and validated by `TrainSpec`, exactly
+A preset is plain data so the results pages can print it, and a reviewer can see in one place
+what a table was trained with. Specs are built as dicts and validated by `TrainSpec`, exactly
 as a user's YAML would be; nothing here bypasses the library's own checks.
+
+Two protocols:
+- `warm` (the default): the teacher trains to its plateau; a student trains alone to its
+  plateau (the *base*); then every row, `none` included, continues from the base for the same
+  further schedule. Distillation is judged where it is used in practice: on a student that has
+  already learnt what it can alone.
+- `scratch`: every row trains the student from random weights for the same schedule.
+
+Each preset carries its own distillation weights (`weights`), calibrated on that preset's
+teacher and base student by gradient ratio (`python -m bench.calibrate`): a weight found on
+one teacher's feature scale does not carry over to another's.
 """
 
 from __future__ import annotations
@@ -10,17 +21,22 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hmkd_core.spec import TrainSpec
 
-# Rows of the table after the teacher: the method, then the options that make the row.
+# Rows of the table: the method, then the options that make the row. Every row of a preset
+# gets that preset's calibrated `weight` for its method on top.
 ROWS: dict[str, dict[str, Any]] = {
     "none": {"method": "none"},
     "mimic": {"method": "mimic"},
-    "fgd": {"method": "fgd"},
+    # FGD's official Faster R-CNN configuration distils P2..P5 (HMKD's levels are P2..P4).
+    "fgd": {"method": "fgd", "levels": ["p2", "p3", "p4", "p5"]},
     "mgd": {"method": "mgd"},
     "hmkd": {"method": "hmkd"},
+    "hmkd: norm attention": {"method": "hmkd", "hmkd": {"sdm": {"normalize": True}}},
+    "hmkd: deep query": {"method": "hmkd", "hmkd": {"hm": {"query_levels": "deep"}}},
+    "hmkd: warm-up": {"method": "hmkd", "warmup_iters": 100},
     "hmkd: HM only": {"method": "hmkd", "hmkd": {"sdm": {"enabled": False}}},
     "hmkd: SDM only": {"method": "hmkd", "hmkd": {"hm": {"enabled": False}}},
     "hmkd: student query": {"method": "hmkd", "hmkd": {"hm": {"query_source": "student"}}},
@@ -33,78 +49,196 @@ class Preset:
 
     name: str
     machine: str
-    data: dict[str, Any]  # make_small_digits arguments (train/val/size/...)
-    tune_val: int  # images of the tuning split, drawn with another seed
+    data: dict[str, Any]  # kind "digits" (make_small_digits arguments) or "coco" (a root)
     teacher: dict[str, Any]
     student: dict[str, Any]
+    input_size: tuple[int, int]  # (min_size, max_size) of both detectors
     teacher_schedule: dict[str, Any]
-    student_schedule: dict[str, Any]
-    eval_every: int
-    seeds: tuple[int, ...] = (0, 1)
+    student_schedule: dict[str, Any]  # every row's schedule (the continuation, when warm)
+    eval_every: int  # the rows' evaluations (0: at the end only)
+    stage_eval_every: int  # the teacher's and the base's, for their curves and plateau check
+    protocol: Literal["warm", "scratch"] = "warm"
+    base_schedule: dict[str, Any] | None = None  # the student alone, to its plateau (warm)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     jobs: int = 1  # runs at once
     threads: int = 1  # torch threads per run
     device: str = "auto"
     rows: tuple[str, ...] = field(default=tuple(ROWS))
+    # DistillSpec.weight per method, from `python -m bench.calibrate --preset NAME`.
+    weights: dict[str, float] = field(default_factory=dict)
+    anchors: tuple[int, ...] = (8, 16, 32, 64, 128)
+
+    @property
+    def source(self) -> str:
+        return "SmallDigits" if self.data["kind"] == "digits" else self.data["title"]
 
 
-_ANCHORS = [8, 16, 32, 64, 128]
+_DIGITS_128 = {
+    "kind": "digits",
+    "train": 1000,
+    "val": 500,
+    "tune": 200,  # the tuning split: drawn with another data seed, never reported
+    "size": 128,
+    "seed": 0,
+    "max_digits": 6,
+    "max_side": 24,
+}
+_CPU_TEACHER = {"backbone": "resnet34", "fpn_channels": 64}
+_CPU_STUDENT = {"backbone": "resnet18", "fpn_channels": 32}
+_CPU_TEACHER_SCHEDULE = {"iterations": 1500, "batch_size": 4, "lr": 4e-4, "warmup_iters": 50}
+_CPU_BASE_SCHEDULE = {"iterations": 2400, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50}
+
+# Calibrated by `python -m bench.calibrate --preset cpu` (docs/calibration.md): each method's
+# distillation gradient on the student's P2..P4 features is half the detection gradient's.
+_CPU_WEIGHTS: dict[str, float] = {}
 
 CPU = Preset(
     name="cpu",
     machine="2-core CPU",
-    data={"train": 400, "val": 120, "size": 128, "seed": 0, "max_digits": 6, "max_side": 24},
-    tune_val=80,
-    teacher={"backbone": "resnet34", "fpn_channels": 64},
-    student={"backbone": "resnet18", "fpn_channels": 32},
-    teacher_schedule={"iterations": 1000, "batch_size": 4, "lr": 4e-4, "warmup_iters": 50},
-    student_schedule={"iterations": 600, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
-    eval_every=200,
+    data=_DIGITS_128,
+    teacher=_CPU_TEACHER,
+    student=_CPU_STUDENT,
+    input_size=(128, 128),
+    teacher_schedule=_CPU_TEACHER_SCHEDULE,
+    base_schedule=_CPU_BASE_SCHEDULE,
+    student_schedule={"iterations": 300, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
+    eval_every=0,
+    stage_eval_every=300,
+    rows=("none", "mimic", "fgd", "mgd", "hmkd", "hmkd: norm attention", "hmkd: deep query"),
     jobs=2,
     threads=1,
     device="cpu",
+    weights=_CPU_WEIGHTS,
+)
+
+# The earlier protocol, kept as a second table: every row from random weights.
+CPU_SCRATCH = Preset(
+    name="cpu-scratch",
+    machine="2-core CPU",
+    data=_DIGITS_128,
+    teacher=_CPU_TEACHER,
+    student=_CPU_STUDENT,
+    input_size=(128, 128),
+    teacher_schedule=_CPU_TEACHER_SCHEDULE,
+    student_schedule={"iterations": 600, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
+    eval_every=200,
+    stage_eval_every=300,
+    protocol="scratch",
+    rows=("none", "mimic", "fgd", "mgd", "hmkd"),
+    jobs=2,
+    threads=1,
+    device="cpu",
+    weights=_CPU_WEIGHTS,
 )
 
 GPU = Preset(
     name="gpu",
     machine="1 GPU",
-    data={"train": 4000, "val": 500, "size": 512, "seed": 0, "max_digits": 16},
-    tune_val=300,
+    data={
+        "kind": "digits",
+        "train": 4000,
+        "val": 500,
+        "tune": 300,
+        "size": 512,
+        "seed": 0,
+        "max_digits": 16,
+    },
     teacher={"backbone": "resnet50", "fpn_channels": 256},
     student={"backbone": "resnet18", "fpn_channels": 128},
+    input_size=(512, 512),
     teacher_schedule={"iterations": 6000, "batch_size": 8, "lr": 2e-4, "warmup_iters": 300},
-    student_schedule={"iterations": 4000, "batch_size": 8, "lr": 2e-4, "warmup_iters": 300},
-    eval_every=1000,
+    base_schedule={"iterations": 4000, "batch_size": 8, "lr": 2e-4, "warmup_iters": 300},
+    student_schedule={"iterations": 1500, "batch_size": 8, "lr": 5e-5, "warmup_iters": 100},
+    eval_every=0,
+    stage_eval_every=1000,
     jobs=1,
     threads=8,
     device="cuda",
+)
+
+# HIT-UAV: real thermal drone frames (640x512). Read from the shared data folder, never
+# copied into the project. The tuning split is held out of the official train split.
+_HITUAV = {
+    "kind": "coco",
+    "title": "HIT-UAV",
+    "root": "../shared/datasets/hituav",
+    "tune": 200,  # train images held out (every 10th by id) for choosing defaults
+}
+
+HITUAV_CPU = Preset(
+    name="hituav-cpu",
+    machine="2-core CPU",
+    data=_HITUAV,
+    teacher=_CPU_TEACHER,
+    student=_CPU_STUDENT,
+    input_size=(256, 320),  # half of native: every object half as wide
+    teacher_schedule={"iterations": 1200, "batch_size": 4, "lr": 4e-4, "warmup_iters": 50},
+    base_schedule={"iterations": 1600, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
+    student_schedule={"iterations": 300, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
+    eval_every=0,
+    stage_eval_every=400,
+    rows=("none", "mimic", "fgd", "mgd", "hmkd"),
+    jobs=2,
+    threads=1,
+    device="cpu",
+)
+
+HITUAV_GPU = Preset(
+    name="hituav-gpu",
+    machine="1 GPU",
+    data=_HITUAV,
+    teacher={"backbone": "resnet50", "fpn_channels": 256},
+    student={"backbone": "resnet18", "fpn_channels": 128},
+    input_size=(512, 640),  # native resolution
+    teacher_schedule={"iterations": 8000, "batch_size": 8, "lr": 2e-4, "warmup_iters": 300},
+    base_schedule={"iterations": 6000, "batch_size": 8, "lr": 2e-4, "warmup_iters": 300},
+    student_schedule={"iterations": 2000, "batch_size": 8, "lr": 5e-5, "warmup_iters": 100},
+    eval_every=0,
+    stage_eval_every=1000,
+    jobs=1,
+    threads=8,
+    device="cuda",
+    anchors=(8, 16, 32, 64, 128),
 )
 
 # The whole pipeline in about a minute, for the tests; its figures mean nothing.
 SMOKE = Preset(
     name="smoke",
     machine="any",
-    data={"train": 4, "val": 2, "size": 64, "seed": 0, "max_side": 20},
-    tune_val=2,
+    data={"kind": "digits", "train": 4, "val": 2, "tune": 2, "size": 64, "seed": 0, "max_side": 20},
     teacher={"backbone": "resnet18", "fpn_channels": 16},
     student={"backbone": "resnet18", "fpn_channels": 8},
+    input_size=(64, 64),
     teacher_schedule={"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0},
+    base_schedule={"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0},
     student_schedule={"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0},
     eval_every=0,
+    stage_eval_every=0,
+    seeds=(0, 1),
+    rows=("none", "mimic", "fgd", "mgd", "hmkd"),
     jobs=2,
     threads=1,
     device="cpu",
 )
 
-PRESETS = {p.name: p for p in (CPU, GPU, SMOKE)}
+PRESETS = {p.name: p for p in (CPU, CPU_SCRATCH, GPU, HITUAV_CPU, HITUAV_GPU, SMOKE)}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Where a preset's data lies: COCO (images, annotations) pairs for each split."""
+
+    train: tuple[Path, Path]
+    val: tuple[Path, Path]
+    tune: tuple[Path, Path]
 
 
 def _model(preset: Preset, part: dict[str, Any], weights: str = "none") -> dict[str, Any]:
-    size = preset.data["size"]
     return {
         "arch": "faster_rcnn",
-        "anchor_sizes": _ANCHORS,
-        "min_size": size,
-        "max_size": size,
+        "anchor_sizes": list(preset.anchors),
+        "min_size": preset.input_size[0],
+        "max_size": preset.input_size[1],
         "rpn_post_nms_top_n_train": 500,
         "box_batch_size_per_image": 128,
         "weights": weights,
@@ -112,22 +246,16 @@ def _model(preset: Preset, part: dict[str, Any], weights: str = "none") -> dict[
     }
 
 
-def _split(root: Path, name: str) -> dict[str, str]:
-    return {
-        "images": str(root / name / "images"),
-        "annotations": str(root / name / "annotations.json"),
-    }
+def _split(pair: tuple[Path, Path]) -> dict[str, str]:
+    return {"images": str(pair[0]), "annotations": str(pair[1])}
 
 
-def base_spec(preset: Preset, data_root: Path, *, val_root: Path | None, seed: int) -> dict:
+def base_spec(preset: Preset, splits: Splits, *, seed: int, stage: bool = False) -> dict:
     """The parts every run of a preset shares: data, schedule shape, evaluation, runtime."""
     return {
-        "data": {
-            "train": _split(data_root, "train"),
-            "val": _split(val_root or data_root, "val"),
-        },
+        "data": {"train": _split(splits.train), "val": _split(splits.val)},
         "schedule": {"optimizer": "adamw", "weight_decay": 1e-4, "scheduler": "cosine"},
-        "eval": {"every": preset.eval_every},
+        "eval": {"every": preset.stage_eval_every if stage else preset.eval_every},
         "checkpoint": {"every": 10_000_000},  # the bench re-runs a run rather than resume it
         "runtime": {"seed": seed, "device": preset.device, "log_every": 10},
     }
@@ -140,25 +268,44 @@ def _checked(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def teacher_spec(preset: Preset, data_root: Path) -> dict[str, Any]:
-    spec = base_spec(preset, data_root, val_root=None, seed=0)
+def teacher_spec(preset: Preset, splits: Splits) -> dict[str, Any]:
+    spec = base_spec(preset, splits, seed=0, stage=True)
     spec["student"] = _model(preset, preset.teacher)
     spec["schedule"].update(preset.teacher_schedule)
     return _checked(spec)
 
 
+def base_student_spec(preset: Preset, splits: Splits) -> dict[str, Any]:
+    """The warm protocol's starting point: the student alone, to its plateau, seed 0."""
+    if preset.base_schedule is None:
+        raise ValueError(f"preset {preset.name} has no base schedule (protocol scratch)")
+    spec = base_spec(preset, splits, seed=0, stage=True)
+    spec["student"] = _model(preset, preset.student)
+    spec["schedule"].update(preset.base_schedule)
+    return _checked(spec)
+
+
+def row_distill(preset: Preset, row: str) -> dict[str, Any]:
+    """A row's `DistillSpec` dict with the preset's calibrated weight for its method."""
+    distill = copy.deepcopy(ROWS[row])
+    weight = preset.weights.get(distill["method"])
+    if weight is not None and distill["method"] != "none":
+        distill["weight"] = weight * distill.get("weight", 1.0)
+    return distill
+
+
 def student_spec(
     preset: Preset,
-    data_root: Path,
+    splits: Splits,
     teacher_weights: Path,
     distill: dict[str, Any],
     *,
     seed: int,
-    val_root: Path | None = None,
+    init: Path | None = None,
 ) -> dict[str, Any]:
-    """A student run; `distill` is a `DistillSpec` dict (a row of ROWS, or a tuning variant)."""
-    spec = base_spec(preset, data_root, val_root=val_root, seed=seed)
-    spec["student"] = _model(preset, preset.student)
+    """A student run; `distill` is a `DistillSpec` dict; `init` the warm start's weights."""
+    spec = base_spec(preset, splits, seed=seed)
+    spec["student"] = _model(preset, preset.student, weights=str(init) if init else "none")
     spec["distill"] = copy.deepcopy(distill)
     if distill.get("method", "none") != "none":
         spec["teacher"] = _model(preset, preset.teacher, weights=str(teacher_weights))

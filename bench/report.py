@@ -1,13 +1,16 @@
-"""The results page: a markdown table of every row plus its plots, from finished run folders.
+"""A preset's results page, its `summary.json` and its plot, from the committed run records.
 
-Each student cell is the mean over seeds followed by every seed's value, so a reader sees the
-spread before trusting a difference. Metrics are COCO AP in percent from pycocotools, at the
-end of training (not the best evaluation), on the preset's validation split.
+Every row is read against `none` seed by seed (the seeds fix data order, augmentation and
+initialisation for all rows alike), and each mean difference carries its 95 % t-interval; a
+row whose interval holds 0 is marked "within noise". Metrics are COCO AP in percent from
+pycocotools at the end of training, on the preset's validation split; the tuning split's
+figures are shown apart, since defaults were chosen on them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -18,20 +21,33 @@ matplotlib.use("Agg")  # files only; no display on build machines
 import matplotlib.pyplot as plt
 import torch
 
-from bench.presets import Preset
+from bench.presets import Preset, Splits, row_distill
+from bench.records import read_record, record_path, slug
+from bench.stats import Paired, paired
 
-METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_tiny", "AP_xsmall", "AP_small16_32")
+METRICS = ("AP", "AP50", "AP_S", "AP_tiny", "AP_xsmall", "AP_small16_32")
+GOAL_GAIN = 3.0  # AP_S points over `none`
+GOAL_STEP = 1.10  # step over the floor
+
+PAGES = {"cpu": "results.md", "hituav-cpu": "results-hituav.md"}
 
 
-def measure_overhead(preset: Preset, data: Path, *, rounds: int) -> dict[str, Any]:
-    """Each distiller's step over the floor, at the preset's sizes, on one thread."""
+def page_path(preset: Preset) -> Path:
+    return Path("docs") / PAGES.get(preset.name, f"results-{preset.name}.md")
+
+
+def measure_overhead(
+    preset: Preset, splits: Splits, *, rows: tuple[str, ...], rounds: int
+) -> dict[str, Any]:
+    """Each row's step over the floor, at the preset's sizes, on one thread."""
     from bench.overhead import measure, preset_spec
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        spec = preset_spec(preset.name, data)
-        return measure(spec, rounds=rounds, batch_size=preset.student_schedule["batch_size"])
+        spec = preset_spec(preset.name, splits)
+        batch = preset.student_schedule["batch_size"]
+        return measure(spec, rounds=rounds, batch_size=batch, rows=rows)
     finally:
         torch.set_num_threads(threads)
 
@@ -40,185 +56,406 @@ def _pct(value: float | None) -> float | None:
     return None if value is None or value < 0 else 100.0 * value
 
 
-def _cell(values: list[float | None], digits: int = 1) -> str:
-    if any(v is None for v in values):
+def _metric(record: dict[str, Any], key: str, split: str = "metrics") -> float | None:
+    metrics = record.get(split) or {}
+    if key.startswith("class:"):
+        return _pct((metrics.get("per_category") or {}).get(key[6:]))
+    return _pct(metrics.get(key))
+
+
+def collect(
+    preset: Preset, rows: tuple[str, ...], seeds: tuple[int, ...], results: Path
+) -> dict[str, Any]:
+    """The records a page is built from: teacher, base and every (row, seed) found."""
+    found = {
+        row: {s: r for s in seeds if (r := read_record(record_path(preset.name, row, s, results)))}
+        for row in rows
+    }
+    return {
+        "teacher": read_record(record_path(preset.name, "teacher", None, results)),
+        "base": read_record(record_path(preset.name, "base", None, results)),
+        "rows": {row: by_seed for row, by_seed in found.items() if by_seed},
+    }
+
+
+def compare(
+    rows: dict[str, dict[int, dict]], row: str, key: str, split: str = "metrics"
+) -> Paired | None:
+    """`row` minus `none` on `key`, over the seeds both have."""
+    base, mine = rows.get("none", {}), rows.get(row, {})
+    deltas = []
+    for seed in sorted(set(base) & set(mine)):
+        a, b = _metric(mine[seed], key, split), _metric(base[seed], key, split)
+        if a is not None and b is not None:
+            deltas.append(a - b)
+    return paired(deltas) if deltas else None
+
+
+def _mean(records: dict[int, dict], key: str, split: str = "metrics") -> float | None:
+    values = [v for r in records.values() if (v := _metric(r, key, split)) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def plateau_gain(record: dict[str, Any] | None) -> float | None:
+    """AP_S gained over the last third of a run (final minus the evaluation nearest 2/3)."""
+    if record is None:
+        return None
+    curves = record["curves"]
+    its, aps = curves["eval_iter"], curves["eval_ap_s"]
+    final = _metric(record, "AP_S")
+    if not its or final is None:
+        return None
+    mark = 2 * max(its[-1], record["spec"]["schedule"]["iterations"]) / 3
+    i = min(range(len(its)), key=lambda k: abs(its[k] - mark))
+    earlier = _pct(aps[i])
+    return None if earlier is None else final - earlier
+
+
+def summarize(
+    preset: Preset, found: dict[str, Any], overhead: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The machine-readable summary: per row AP_S, paired Δ AP_S vs none and its interval."""
+    rows = found["rows"]
+    ratios = (overhead or {}).get("ratio", {})
+    out: dict[str, Any] = {}
+    for row, records in rows.items():
+        d = compare(rows, row, "AP_S") if row != "none" else None
+        t = compare(rows, row, "AP_S", "tune_metrics") if row != "none" else None
+        out[row] = {
+            "ap_s": _mean(records, "AP_S"),
+            "delta_ap_s": d.mean if d else (0.0 if row == "none" else None),
+            "ci95": [d.lo, d.hi] if d and d.lo is not None else None,
+            "within_noise": d.within_noise if d else None,
+            "seeds": len(records),
+            "step_over_floor": ratios.get(row, 1.0 if row == "none" else None),
+            "tune_delta_ap_s": t.mean if t else None,
+            "tune_ci95": [t.lo, t.hi] if t and t.lo is not None else None,
+        }
+    teacher_shas = sorted(
+        {
+            r["inputs"].get("teacher")
+            for recs in rows.values()
+            for r in recs.values()
+            if r["inputs"].get("teacher")
+        }
+    )
+    return {
+        "preset": preset.name,
+        "protocol": preset.protocol,
+        "data": preset.source,
+        "teacher_ap_s": _metric(found["teacher"], "AP_S") if found["teacher"] else None,
+        "base_ap_s": _metric(found["base"], "AP_S") if found["base"] else None,
+        "base_plateau_gain_ap_s": plateau_gain(found["base"]),
+        "teachers": len(teacher_shas),
+        "rows": out,
+    }
+
+
+def _fmt(v: float | None, digits: int = 1, sign: bool = False) -> str:
+    if v is None:
         return "–"
-    mean = statistics.fmean(values)  # type: ignore[arg-type]
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    each = " / ".join(f"{v:.{digits}f}" for v in values)  # type: ignore[str-format]
-    return f"{mean:.{digits}f} ({each})"
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
-def _mem(run: dict[str, Any]) -> float:
-    return run["cuda_peak_mib"] if run["cuda_peak_mib"] is not None else run["peak_rss_mib"]
+def _delta_cell(p: Paired | None) -> str:
+    if p is None:
+        return "–"
+    if p.lo is None:
+        return f"{p.mean:+.2f} (n=1)"
+    return f"{p.mean:+.2f} [{p.lo:+.2f}, {p.hi:+.2f}]"
 
 
-def write_results(
+def _verdict(p: Paired | None) -> str:
+    if p is None or p.lo is None:
+        return "–"
+    if p.within_noise:
+        return "within noise"
+    return "better" if p.lo > 0 else "worse"
+
+
+def _main_table(preset: Preset, found: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    rows = found["rows"]
+    head = ["row", "seeds", "AP_S", "Δ AP_S vs none [95 % CI]", "verdict"]
+    head += [f"Δ {k}" for k in METRICS if k != "AP_S"] + ["step / floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, records in rows.items():
+        d = compare(rows, row, "AP_S") if row != "none" else None
+        cells = [
+            row,
+            str(len(records)),
+            _fmt(_mean(records, "AP_S")),
+            _delta_cell(d) if row != "none" else "",
+            _verdict(d) if row != "none" else "",
+        ]
+        for k in METRICS:
+            if k == "AP_S":
+                continue
+            if row == "none":
+                cells.append(_fmt(_mean(records, k)))
+            else:
+                p = compare(rows, row, k)
+                cells.append(_fmt(p.mean if p else None, 2, sign=True))
+        ratio = summary["rows"][row]["step_over_floor"]
+        cells.append(_fmt(ratio, 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seed_table(found: dict[str, Any], seeds: tuple[int, ...], split: str) -> list[str]:
+    head = ["row", *[f"seed {s}" for s in seeds], "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, records in found["rows"].items():
+        cells = [_fmt(_metric(records[s], "AP_S", split)) if s in records else "–" for s in seeds]
+        lines.append(
+            f"| {row} | " + " | ".join(cells) + f" | {_fmt(_mean(records, 'AP_S', split))} |"
+        )
+    return lines
+
+
+def _class_table(found: dict[str, Any]) -> list[str]:
+    rows = found["rows"]
+    any_rec = next(iter(next(iter(rows.values())).values()))
+    classes = list(any_rec["metrics"].get("per_category") or {})
+    if not classes or "none" not in rows:
+        return []
+    head = ["row", *[f"{c} AP" for c in classes]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, records in rows.items():
+        cells = []
+        for c in classes:
+            mean = _mean(records, f"class:{c}")
+            if row == "none":
+                cells.append(_fmt(mean))
+            else:
+                cells.append(f"{_fmt(mean)} ({_delta_cell(compare(rows, row, f'class:{c}'))})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _tune_table(found: dict[str, Any]) -> list[str]:
+    rows = found["rows"]
+    lines = ["| row | Δ AP_S vs none on the tuning split [95 % CI] | verdict |", "|---|---|---|"]
+    for row in rows:
+        if row == "none":
+            continue
+        p = compare(rows, row, "AP_S", "tune_metrics")
+        lines.append(f"| {row} | {_delta_cell(p)} | {_verdict(p)} |")
+    return lines
+
+
+def _goal(summary: dict[str, Any]) -> str:
+    rows = summary["rows"]
+    h = rows.get("hmkd")
+    if h is None or h["ci95"] is None:
+        return "HMKD has fewer than two paired seeds here: no verdict on the goal."
+    gain_ok = h["delta_ap_s"] >= GOAL_GAIN and h["ci95"][0] > 0
+    others = {r: v["ap_s"] for r, v in rows.items() if r in ("mimic", "fgd", "mgd")}
+    beats = all(h["ap_s"] > v for v in others.values() if v is not None)
+    step_ok = h["step_over_floor"] is not None and h["step_over_floor"] <= GOAL_STEP
+    parts = [
+        f"mean Δ AP_S {h['delta_ap_s']:+.2f} [{h['ci95'][0]:+.2f}, {h['ci95'][1]:+.2f}] "
+        f"({'meets' if gain_ok else 'misses'} ≥ +{GOAL_GAIN:.1f} with the interval above 0)",
+        f"AP_S {h['ap_s']:.2f} against "
+        + ", ".join(f"{r} {v:.2f}" for r, v in others.items() if v is not None)
+        + f" ({'above all' if beats else 'not above all'})",
+        f"step / floor {_fmt(h['step_over_floor'], 3)} "
+        f"({'within' if step_ok else 'over or unmeasured'} {GOAL_STEP})",
+    ]
+    met = gain_ok and beats and step_ok
+    return f"**Goal {'met' if met else 'not met'}** for `hmkd`: " + "; ".join(parts) + "."
+
+
+def plot_deltas(found: dict[str, Any], path: Path, title: str) -> Path:
+    rows = [r for r in found["rows"] if r != "none"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    for i, row in enumerate(rows):
+        p = compare(found["rows"], row, "AP_S")
+        if p is None:
+            continue
+        colour = "#d48a6a" if row.startswith("hmkd") else "#4c72b0"
+        if p.lo is not None:
+            ax.plot([p.lo, p.hi], [i, i], color=colour, lw=2)
+        ax.plot([p.mean], [i], "o", color=colour)
+    ax.axvline(0.0, color="grey", ls="--")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ AP_S vs none (points), mean and 95 % t-interval over paired seeds")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _schedule(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "–"
+    return f"{s['iterations']} iterations × {s['batch_size']} images, AdamW lr {s['lr']}, cosine"
+
+
+def _data_line(preset: Preset) -> str:
+    d = preset.data
+    if d["kind"] == "digits":
+        return (
+            f"SmallDigits, {d['train']} training and {d['val']} validation images of "
+            f"{d['size']} px (data seed {d['seed']}); tuning split: {d['tune']} images drawn "
+            f"with data seed {d['seed'] + 1}. Every object is COCO-small."
+        )
+    return (
+        f"{d['title']} (`{d['root']}`): the official val split (290 images) is reported; "
+        f"{d['tune']} train images spread over the id order are held out of training as the "
+        f"tuning split. Input resized to {preset.input_size[0]}–{preset.input_size[1]} px; "
+        "AP_S and the tiny ranges use annotation areas at native size (COCO's rule)."
+    )
+
+
+def _model_line(part: dict[str, Any]) -> str:
+    return f"Faster R-CNN {part['backbone']}-FPN{part['fpn_channels']}"
+
+
+def write_all(
     out: Path,
     *,
     preset: Preset,
+    rows: tuple[str, ...],
     seeds: tuple[int, ...],
-    teacher: dict[str, Any] | None,
-    teacher_path: Path | None,
-    rows: dict[str, dict[int, dict[str, Any]]],
-    overhead: dict[str, Any],
+    results: Path,
+    overhead: dict[str, Any] | None,
     command: str,
     started: dt.datetime,
     finished: dt.datetime,
     host: str,
-) -> None:
+) -> dict[str, Any]:
+    """Write `summary.json`, the plot and the page; returns the summary."""
+    folder = results / preset.name
+    folder.mkdir(parents=True, exist_ok=True)
+    overhead_file = folder / "overhead.json"
+    if overhead is not None:
+        overhead_file.write_text(json.dumps(overhead, indent=1) + "\n")
+    elif overhead_file.is_file():
+        overhead = json.loads(overhead_file.read_text())
+    found = collect(preset, rows, seeds, results)
+    if "none" not in found["rows"]:
+        raise SystemExit(
+            f"{preset.name}: no finished 'none' run under {folder}: nothing to compare"
+        )
+    summary = summarize(preset, found, overhead)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_dir = out.parent / "results"
     plot_dir.mkdir(exist_ok=True)
-    plots = {
-        "ap_s": plot_ap_s(rows, seeds, teacher, plot_dir / f"{preset.name}_ap_s.png"),
-        "curves": plot_curves(rows, seeds, plot_dir / f"{preset.name}_curves.png"),
-    }
-    mem_kind = "GPU peak (MiB)" if preset.device == "cuda" else "peak RSS (MiB)"
-    head = ["row", *METRICS, "train img/s", mem_kind, "step / floor"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if teacher is not None:
-        m = teacher["metrics"]
-        cells = [_cell([_pct(m.get(k))]) for k in METRICS]
-        extra = [f"{teacher['images_per_s']:.2f}", f"{_mem(teacher):.0f}", ""]
-        lines.append("| teacher | " + " | ".join(cells + extra) + " |")
-    for name, by_seed in rows.items():
-        runs = [by_seed[s] for s in seeds]
-        cells = [_cell([_pct(r["metrics"].get(k)) for r in runs]) for k in METRICS]
-        ratio = overhead["ratio"].get(name)
-        extra = [
-            _cell([r["images_per_s"] for r in runs], 2),
-            _cell([_mem(r) for r in runs], 0),
-            "–" if ratio is None else f"{ratio:.3f}",
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells + extra) + " |")
-    base = rows.get("none")
-    deltas = []
-    if base is not None:
-        for name, by_seed in rows.items():
-            if name == "none":
-                continue
-            d = [
-                (_pct(by_seed[s]["metrics"].get("AP_S")) or 0.0)
-                - (_pct(base[s]["metrics"].get("AP_S")) or 0.0)
-                for s in seeds
-            ]
-            deltas.append(f"| {name} | {_cell(d)} |")
-    s = preset.student_schedule
-    t = preset.teacher_schedule
-    teacher_note = "" if teacher_path is None else f" (reused: `{teacher_path}`)"
-    student_wall = sum(r["wall_s"] for by_seed in rows.values() for r in by_seed.values())
-    wall = f"students {student_wall / 60:.0f} min of run time ({preset.jobs} at a time)"
-    if teacher is not None:
-        wall = f"teacher {teacher['wall_s'] / 60:.0f} min, " + wall
-    text = f"""# SmallDigits results: preset `{preset.name}`
-
-- **Command**: `{command}`
-- **Machine**: {host} (preset for: {preset.machine}); started {started:%Y-%m-%d %H:%M}, \
-finished {finished:%Y-%m-%d %H:%M} UTC; {wall}. Every figure here was measured by \
-this command (finished runs it found in its work folder are read, not re-run).
-- **Seeds**: {", ".join(map(str, seeds))} (students); the teacher is trained once, seed 0.
-- **Data**: SmallDigits, {preset.data["train"]} training and {preset.data["val"]} validation \
-images of {preset.data["size"]} px (data seed {preset.data["seed"]}; the validation \
-handwriting is unseen in training). Every object is COCO-small.
-- **Teacher**: Faster R-CNN {preset.teacher["backbone"]}-FPN{preset.teacher["fpn_channels"]} \
-from scratch, {t["iterations"]} iterations × {t["batch_size"]} images{teacher_note}.
-- **Student**: Faster R-CNN {preset.student["backbone"]}-FPN{preset.student["fpn_channels"]} \
-from scratch, {s["iterations"]} iterations × {s["batch_size"]} images, AdamW lr {s["lr"]}, \
-cosine decay; {preset.jobs} run(s) at a time, {preset.threads} thread(s) each.
-- **Cells**: COCO AP (%) from pycocotools at the end of training on the validation split; a \
-student cell is the mean over seeds, then each seed's value in order. `–`: no object of that \
-size in the split. Train img/s is the median over logged iterations (runs shared the \
-machine). Step / floor: one training step of the method over one student step plus one \
-teacher forward, on one batch in one process ({overhead["rounds"]} interleaved rounds, \
-1 thread, floor {overhead["floor_ms"]:.0f} ms).
-
-{chr(10).join(lines)}
-
-AP_S of each method minus the student baseline (`none`), seed by seed:
-
-| row | Δ AP_S |
-|---|---|
-{chr(10).join(deltas)}
-
-![AP_S per method]({plots["ap_s"].relative_to(out.parent)})
-
-![Loss and AP_S over training]({plots["curves"].relative_to(out.parent)})
-"""
-    out.write_text(text)
+    plot = plot_deltas(
+        found,
+        plot_dir / f"{slug(preset.name)}_delta_ap_s.png",
+        f"{preset.source}, preset {preset.name} ({preset.protocol} start)",
+    )
+    body = _page(preset, found, summary, seeds, overhead, folder, plot.relative_to(out.parent))
+    head = (
+        f"- **Command**: `{command}` (rendered {finished:%Y-%m-%d %H:%M} UTC on {host}; this "
+        f"rendering started {started:%Y-%m-%d %H:%M})."
+    )
+    out.write_text(body.replace("<<command>>", head))
+    return summary
 
 
-def plot_ap_s(
-    rows: dict[str, dict[int, dict[str, Any]]],
+def _protocol_line(preset: Preset, base: dict[str, Any] | None, gain: float | None) -> str:
+    student = _model_line(preset.student)
+    rows_schedule = _schedule(preset.student_schedule)
+    if preset.protocol == "scratch":
+        return f"every row trains a {student} from random weights for {rows_schedule}"
+    plateau = (
+        "–"
+        if gain is None
+        else f"{gain:+.2f} AP_S over its last third "
+        + ("(plateau: under 0.5)" if abs(gain) < 0.5 else "(still moving: 0.5 or more)")
+    )
+    base_ap = _fmt(_metric(base, "AP_S") if base else None)
+    return (
+        f"every row continues from the same base student, a {student} trained alone "
+        f"({_schedule(preset.base_schedule)}; AP_S {base_ap}, {plateau}), for {rows_schedule}"
+    )
+
+
+def _section(title: str, lines: list[str], intro: str = "") -> str:
+    if not lines:
+        return ""
+    return f"\n## {title}\n\n{intro}{chr(10).join(lines)}\n"
+
+
+def _page(
+    preset: Preset,
+    found: dict[str, Any],
+    summary: dict[str, Any],
     seeds: tuple[int, ...],
-    teacher: dict[str, Any] | None,
-    path: Path,
-) -> Path:
-    names = list(rows)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for i, name in enumerate(names):
-        values = [_pct(rows[name][s]["metrics"].get("AP_S")) or 0.0 for s in seeds]
-        ax.bar(i, statistics.fmean(values), color="#9bb7d4" if name != "hmkd" else "#d48a6a")
-        ax.scatter([i] * len(values), values, color="black", zorder=3, s=14)
-    if teacher is not None:
-        ax.axhline(_pct(teacher["metrics"].get("AP_S")) or 0.0, ls="--", color="grey")
-        ax.text(
-            len(names) - 0.5,
-            _pct(teacher["metrics"].get("AP_S")) or 0.0,
-            "teacher",
-            ha="right",
-            va="bottom",
-            color="grey",
-        )
-    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
-    ax.set_ylabel("AP_S (%)")
-    ax.set_title(f"AP_S per method (bar: mean; dots: seeds {', '.join(map(str, seeds))})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    overhead: dict[str, Any] | None,
+    folder: Path,
+    plot: Path,
+) -> str:
+    teacher = found["teacher"]
+    weights = ", ".join(f"{m} {w:g}" for m, w in sorted(preset.weights.items()))
+    rows_spec = [f"- `{r}`: `{json.dumps(row_distill(preset, r))}`" for r in found["rows"]]
+    wall = sum(r["cost"]["wall_s"] for recs in found["rows"].values() for r in recs.values())
+    ovh = (
+        f"{overhead['rounds']} interleaved rounds, 1 thread, batch {overhead['batch_size']}, "
+        f"floor {overhead['floor_ms']:.0f} ms"
+        if overhead
+        else "not measured"
+    )
+    diagnose = folder / "diagnose.txt"
+    reading = folder / "reading.md"
+    t_ap = _fmt(_metric(teacher, "AP") if teacher else None)
+    t_aps = _fmt(_metric(teacher, "AP_S") if teacher else None)
+    protocol = _protocol_line(preset, found["base"], summary["base_plateau_gain_ap_s"])
+    # SmallDigits' ten digits are all alike and small; a real data set's classes are not
+    classes = _class_table(found) if preset.data["kind"] == "coco" else []
+    sections = "".join(
+        [
+            _section("Per class", classes, "AP (%), mean (paired Δ vs none [95 % CI]):\n\n"),
+            _section("The tuning split (where defaults are chosen)", _tune_table(found)),
+            _section("The rows", rows_spec),
+            _section(
+                "Diagnostics",
+                _fenced(diagnose),
+                f"`python -m bench.diagnose --preset {preset.name}`:\n\n",
+            ),
+        ]
+    )
+    return f"""# {preset.source} results: preset `{preset.name}` ({preset.protocol} start)
+
+<<command>>
+  Every figure is read from the run records in `bench/results/{preset.name}/`, each written
+  by the run that measured it; the student runs took {wall / 60:.0f} min of run time in all,
+  {preset.jobs} at a time, {preset.threads} thread(s) each.
+- **Data**: {_data_line(preset)}
+- **Teacher**: {_model_line(preset.teacher)} from scratch, {_schedule(preset.teacher_schedule)};
+  AP {t_ap}, AP_S {t_aps}.
+- **Protocol**: {protocol}.
+- **Seeds**: {", ".join(map(str, seeds))}; a seed fixes data order, augmentation and the
+  distiller's initialisation, the same in every row, so each row minus `none` is paired.
+- **Distillation weights** (this preset's, by gradient ratio, `python -m bench.calibrate`):
+  {weights or "the library's defaults"}.
+- **Step / floor**: one training step of the method over one student step plus one teacher
+  forward ({ovh}).
+
+{_goal(summary)}
+
+## Every row against the student trained alone
+
+Δ columns are paired means over the seeds (row minus `none`, AP points); "within noise": the
+95 % t-interval holds 0. The `none` row shows its own values instead.
+
+{chr(10).join(_main_table(preset, found, summary))}
+
+![Δ AP_S per row]({plot})
+
+AP_S (%) of every run, seed by seed:
+
+{chr(10).join(_seed_table(found, seeds, "metrics"))}
+{sections}
+{reading.read_text() if reading.is_file() else ""}"""
 
 
-def _smooth(values: list[float], k: int = 5) -> list[float]:
-    return [statistics.fmean(values[max(0, i - k + 1) : i + 1]) for i in range(len(values))]
-
-
-def plot_curves(
-    rows: dict[str, dict[int, dict[str, Any]]], seeds: tuple[int, ...], path: Path
-) -> Path:
-    fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    colours = {"none": "#4c72b0", "hmkd": "#dd8452"}
-    for name in ("none", "hmkd"):
-        for s in seeds:
-            run = rows.get(name, {}).get(s)
-            if run is None:
-                continue
-            style = "-" if s == seeds[0] else ":"
-            loss_ax.plot(
-                run["curve_iter"],
-                _smooth(run["curve_det_loss"]),
-                style,
-                color=colours[name],
-                label=f"{name} seed {s}",
-            )
-            ap = [_pct(v) or 0.0 for v in run["eval_ap_s"]]
-            ap_ax.plot(
-                run["eval_iter"],
-                ap,
-                style,
-                marker="o",
-                color=colours[name],
-                label=f"{name} seed {s}",
-            )
-    loss_ax.set_title("detection loss (distillation terms excluded)")
-    loss_ax.set_xlabel("iteration")
-    ap_ax.set_title("AP_S on the validation split (%)")
-    ap_ax.set_xlabel("iteration")
-    for ax in (loss_ax, ap_ax):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _fenced(path: Path) -> list[str]:
+    return ["```", path.read_text().rstrip(), "```"] if path.is_file() else []

@@ -26,6 +26,7 @@ class Run:
     key: str  # a label for logs
     spec: dict[str, Any]  # a TrainSpec as a user writes it; defaults apply when the run starts
     out: Path
+    tune: tuple[Path, Path] | None = None  # (images, annotations) to evaluate the result on too
 
     @property
     def done(self) -> bool:
@@ -50,9 +51,10 @@ def run_grid(runs: list[Run], *, jobs: int, threads: int) -> list[str]:
             (run.out / "bench_spec.json").write_text(json.dumps(run.spec, indent=2))
             log = open(run.out / "bench.log", "w")  # noqa: SIM115 (closed with the process)
             cmd = [sys.executable, "-m", "bench.run_one", str(run.out / "bench_spec.json")]
-            proc = subprocess.Popen(
-                [*cmd, str(run.out)], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
+            cmd.append(str(run.out))
+            if run.tune is not None:
+                cmd += [str(run.tune[0]), str(run.tune[1])]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             log.close()
             active.append((run, proc, time.monotonic()))
             print(f"[bench] start {run.key}", flush=True)
@@ -80,6 +82,7 @@ def read_run(out: Path) -> dict[str, Any]:
     evals = [r for r in records if "eval" in r]
     return {
         "metrics": result.get("metrics") or {},
+        "tune_metrics": bench.get("tune_metrics"),
         "images_per_s": statistics.median(r["images_per_s"] for r in train) if train else None,
         "peak_rss_mib": bench["peak_rss_mib"],
         "cuda_peak_mib": bench["cuda_peak_mib"],

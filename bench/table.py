@@ -1,74 +1,162 @@
-"""The SmallDigits table: one command per preset runs the whole comparison.
+"""One command per preset runs the whole comparison and writes its page and summary.
 
-    python -m bench.table --preset cpu            # ~2 h on 2 CPU cores; writes docs/results.md
-    python -m bench.table --preset gpu            # a lent GPU; writes docs/results-gpu.md
+    python -m bench.table --preset cpu          # warm-start SmallDigits table, 2 CPU cores
+    python -m bench.table --preset hituav-cpu   # HIT-UAV, real thermal drone images
+    python -m bench.table --preset cpu --render # re-render from the committed records only
 
-It makes the data, trains the teacher (or takes `--teacher student.pt`), trains the student
-with every method and ablation for each seed under the same schedule, measures each
-distiller's step cost over the floor, and writes the results page with its plots. Every run
-lives in `--work/<preset>/...`; re-running the command skips the runs that finished.
+It makes the data, trains the teacher (and, for the warm protocol, the student alone to its
+plateau), then trains every row for every seed, each row from the same starting point with
+the same seeds, so each row minus `none` is a paired difference. Each finished run leaves a
+record under `bench/results/<preset>/` (committed); a run whose record matches its spec is
+not run again, so a table can be built over several sittings. Run folders (weights, logs)
+live in `--work` and are not committed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import platform
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench import report
-from bench.presets import PRESETS, ROWS, Preset, student_spec, teacher_spec
+from bench.data import prepare
+from bench.presets import (
+    PRESETS,
+    ROWS,
+    Preset,
+    Splits,
+    base_student_spec,
+    row_distill,
+    student_spec,
+    teacher_spec,
+)
+from bench.records import (
+    RESULTS,
+    file_sha256,
+    read_record,
+    record_path,
+    slug,
+    spec_hash,
+    write_record,
+)
 from bench.runs import Run, read_run, run_grid
-from hmkd_core.data import make_small_digits
 
 
-def _digits_once(root: Path, settings: dict) -> Path:
-    """SmallDigits written under `root` unless it already holds these very settings (the data
-    is deterministic for them), so a resumed benchmark does not repaint its images."""
-    marker = root / "settings.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == settings):
-        make_small_digits(root, **settings)
-        marker.write_text(json.dumps(settings))
-    return root
+def data_root(preset: Preset, work: Path) -> Path:
+    """One data folder per data settings, shared by the presets that use the same data."""
+    key = hashlib.sha256(json.dumps(preset.data, sort_keys=True).encode()).hexdigest()[:10]
+    return work / "data" / f"{slug(preset.source)}-{key}"
 
 
-def make_data(preset: Preset, root: Path) -> Path:
-    """The preset's SmallDigits."""
-    return _digits_once(root, preset.data)
+def roots_of(work: Path, preset: Preset) -> dict[str, Path]:
+    roots = {"work": work.resolve()}
+    if preset.data["kind"] == "coco":
+        roots["data"] = Path(preset.data["root"]).resolve()
+    return roots
 
 
-def make_tune_data(preset: Preset, root: Path) -> Path:
-    """The tuning split: validation images drawn with another seed, never the reported ones."""
-    seed = preset.data["seed"] + 1
-    return _digits_once(root, {**preset.data, "train": 0, "val": preset.tune_val, "seed": seed})
+def run_stages(
+    preset: Preset, work: Path, splits: Splits, *, teacher: Path | None, results: Path
+) -> tuple[Path, Path | None]:
+    """Train the teacher and (warm protocol) the base student, side by side; record both.
 
-
-def teacher_weights(preset: Preset, work: Path, data: Path, given: Path | None) -> Path:
-    if given is not None:
-        if not given.is_file():
-            raise SystemExit(f"--teacher: {given} is not a file")
-        return given.resolve()
-    run = Run("teacher", teacher_spec(preset, data), work / "teacher")
-    failed = run_grid([run], jobs=1, threads=preset.threads)
+    Returns the teacher's and the base's `student.pt` (None for the scratch protocol).
+    """
+    roots = roots_of(work, preset)
+    stages: list[tuple[str, dict[str, Any]]] = []
+    if teacher is None:
+        stages.append(("teacher", teacher_spec(preset, splits)))
+    if preset.protocol == "warm":
+        stages.append(("base", base_student_spec(preset, splits)))
+    runs = {
+        name: Run(name, spec, work / "stages" / f"{name}-{spec_hash(spec, roots)[:10]}")
+        for name, spec in stages
+    }
+    failed = run_grid(list(runs.values()), jobs=preset.jobs, threads=preset.threads)
     if failed:
-        raise SystemExit(f"the teacher failed; see {run.out / 'bench.log'}")
-    return run.out / "student.pt"
+        raise SystemExit(f"{failed} failed; see bench.log in {work / 'stages'}")
+    for name, run in runs.items():
+        write_record(
+            record_path(preset.name, name, None, results),
+            preset=preset.name,
+            row=name,
+            seed=None,
+            hash_=spec_hash(run.spec, roots),
+            run=read_run(run.out),
+            spec=run.spec,
+            roots=roots,
+            inputs={"student.pt": file_sha256(run.out / "student.pt")},
+        )
+    teacher_path = teacher.resolve() if teacher is not None else runs["teacher"].out / "student.pt"
+    base = runs["base"].out / "student.pt" if "base" in runs else None
+    return teacher_path, base
 
 
-def row_dir(name: str) -> str:
-    return name.replace("hmkd: ", "hmkd_").replace(" ", "_")
+def run_rows(
+    preset: Preset,
+    work: Path,
+    splits: Splits,
+    *,
+    teacher: Path,
+    base: Path | None,
+    rows: tuple[str, ...],
+    seeds: tuple[int, ...],
+    results: Path,
+) -> list[str]:
+    """Every (row, seed) without a matching record; records written as runs finish."""
+    roots = roots_of(work, preset)
+    inputs = {"teacher": file_sha256(teacher)}
+    if base is not None:
+        inputs["init"] = file_sha256(base)
+    pending: list[tuple[str, int, str, Run]] = []
+    for row in rows:  # a row's seeds run side by side, under the same load
+        for seed in seeds:
+            spec = student_spec(
+                preset, splits, teacher, row_distill(preset, row), seed=seed, init=base
+            )
+            h = spec_hash(spec, roots)
+            if read_record(record_path(preset.name, row, seed, results), h) is not None:
+                continue
+            out = work / preset.name / slug(row) / f"seed{seed}-{h[:10]}"
+            pending.append((row, seed, h, Run(f"{row} seed {seed}", spec, out, splits.tune)))
+    failed = run_grid([p[3] for p in pending], jobs=preset.jobs, threads=preset.threads)
+    for row, seed, h, run in pending:
+        if run.done:
+            used = (
+                inputs
+                if ROWS[row]["method"] != "none"
+                else {k: v for k, v in inputs.items() if k != "teacher"}
+            )
+            write_record(
+                record_path(preset.name, row, seed, results),
+                preset=preset.name,
+                row=row,
+                seed=seed,
+                hash_=h,
+                run=read_run(run.out),
+                spec=run.spec,
+                roots=roots,
+                inputs=used,
+            )
+    return failed
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Run the SmallDigits comparison for one preset.")
+    p = argparse.ArgumentParser(description="Run the comparison table for one preset.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--work", type=Path, default=Path("runs/bench"), help="where runs are kept")
     p.add_argument("--teacher", type=Path, default=None, help="reuse this teacher student.pt")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join(ROWS)}")
+    p.add_argument("--stages-only", action="store_true", help="train teacher and base, then stop")
+    p.add_argument("--render", action="store_true", help="only re-render from the records")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where records are kept")
     p.add_argument("--out", type=Path, default=None, help="results page (default docs/...)")
     p.add_argument("--overhead-rounds", type=int, default=8)
     args = p.parse_args(argv)
@@ -78,37 +166,43 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {unknown}; choose from {list(ROWS)}")
-    work = (args.work / preset.name).resolve()
-    started = dt.datetime.now(dt.UTC)
-
-    data = make_data(preset, work / "data")
-    teacher = teacher_weights(preset, work, data, args.teacher)
-    runs = [
-        Run(
-            f"{name} seed {seed}",
-            student_spec(preset, data, teacher, ROWS[name], seed=seed),
-            work / row_dir(name) / f"seed{seed}",
+    if "none" not in rows:
+        raise SystemExit(
+            "--rows: the table needs the 'none' row, every other row is paired with it"
         )
-        for name in rows  # a row's seeds run side by side, under the same load
-        for seed in seeds
-    ]
-    failed = run_grid(runs, jobs=preset.jobs, threads=preset.threads)
-
-    teacher_run = read_run(work / "teacher") if args.teacher is None else None
-    results = {
-        name: {seed: read_run(work / row_dir(name) / f"seed{seed}") for seed in seeds}
-        for name in rows
-        if all((work / row_dir(name) / f"seed{seed}" / "bench.json").is_file() for seed in seeds)
-    }
-    overhead = report.measure_overhead(preset, data, rounds=args.overhead_rounds)
-    out = args.out or Path("docs/results.md" if preset.name == "cpu" else "docs/results-gpu.md")
-    report.write_results(
+    if args.teacher is not None and not args.teacher.is_file():
+        raise SystemExit(f"--teacher: {args.teacher} is not a file")
+    work = args.work.resolve()
+    started = dt.datetime.now(dt.UTC)
+    failed: list[str] = []
+    splits = prepare(preset, data_root(preset, work))
+    if not args.render:
+        teacher, base = run_stages(preset, work, splits, teacher=args.teacher, results=args.results)
+        if args.stages_only:
+            print(f"[bench] teacher {teacher}\n[bench] base {base}")
+            return
+        failed = run_rows(
+            preset,
+            work,
+            splits,
+            teacher=teacher,
+            base=base,
+            rows=rows,
+            seeds=seeds,
+            results=args.results,
+        )
+    overhead = (
+        None
+        if args.render
+        else report.measure_overhead(preset, splits, rows=rows, rounds=args.overhead_rounds)
+    )
+    out = args.out or report.page_path(preset)
+    report.write_all(
         out,
         preset=preset,
+        rows=rows,
         seeds=seeds,
-        teacher=teacher_run,
-        teacher_path=teacher if args.teacher is not None else None,
-        rows=results,
+        results=args.results,
         overhead=overhead,
         command=shlex.join(["python", "-m", "bench.table", *(argv or sys.argv[1:])]),
         started=started,

@@ -95,6 +95,12 @@ class HMOptions(_Strict):
 
     enabled: bool = True
     query_source: Literal["teacher", "student"] = "teacher"
+    query_levels: Literal["distilled", "deep"] = Field(
+        "distilled",
+        description="What the encoder reads: the distilled levels (P2..P4), or only the two "
+        "pyramid levels coarser than them (P5, P6), so a level's own teacher feature never "
+        "feeds the query matched against it.",
+    )
     dim: int = Field(
         64,
         ge=8,
@@ -123,6 +129,11 @@ class HMOptions(_Strict):
     def _heads_divide_dim(self) -> HMOptions:
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.query_source == "student" and self.query_levels == "deep":
+            raise ValueError(
+                "query_levels 'deep' reads the teacher's deep levels; it needs query_source "
+                "teacher (the student's deep levels have no adapter to the teacher's width)"
+            )
         return self
 
 
@@ -134,6 +145,11 @@ class FocalOptions(_Strict):
     beta: float = Field(0.5, ge=0.0, description="Background term weight (< alpha).")
     gamma: float = Field(0.5, ge=0.0, description="Attention-transfer term weight.")
     temperature: float = Field(0.5, gt=0.0)
+    normalize: bool = Field(
+        False,
+        description="Divide the attention maps' activity by its per-image mean before the "
+        "softmax, so the temperature does not depend on the teacher's feature scale.",
+    )
 
 
 class HMKDOptions(_Strict):
@@ -161,15 +177,20 @@ class MimicOptions(_Strict):
 
 
 class FGDOptions(_Strict):
+    """FGD's official Faster R-CNN ratios: beta = alpha / 2, the attention weight gamma equal
+    to alpha, the global (GcBlock) weight alpha / 100; temperature 0.5."""
+
     focal: FocalOptions = Field(
-        default_factory=lambda: FocalOptions(alpha=1.0, beta=0.5, gamma=0.5, temperature=0.5)
+        default_factory=lambda: FocalOptions(alpha=1.0, beta=0.5, gamma=1.0, temperature=0.5)
     )
-    global_weight: float = Field(0.002, ge=0.0, description="GcBlock relation loss weight.")
+    global_weight: float = Field(0.01, ge=0.0, description="GcBlock relation loss weight.")
     weight: float = Field(3e-5, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
 class MGDOptions(_Strict):
-    mask_ratio: float = Field(0.65, ge=0.0, lt=1.0)
+    mask_ratio: float = Field(
+        0.45, ge=0.0, lt=1.0, description="MGD's ratio for detection (0.65 is its ImageNet one)."
+    )
     weight: float = Field(2e-7, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
@@ -179,6 +200,12 @@ class DistillSpec(_Strict):
         None, description="Distilled levels; default p2,p3,p4 (the three finest the detector has)."
     )
     weight: float = Field(1.0, ge=0.0, description="Multiplies the whole distillation loss.")
+    warmup_iters: int = Field(
+        0,
+        ge=0,
+        description="Ramp the distillation losses linearly from 0 to full weight over this many "
+        "iterations (0: full weight from the start).",
+    )
     hmkd: HMKDOptions = Field(default_factory=HMKDOptions)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     fgd: FGDOptions = Field(default_factory=FGDOptions)

@@ -28,10 +28,11 @@ def focal_feature_loss(
     """
     teacher = teacher.detach()
     b = teacher.shape[0]
-    tau = opts.temperature
-    s_att_t, c_att_t = spatial_attention(teacher, tau), channel_attention(teacher, tau)
-    s_att_s = spatial_attention(student_aligned, tau)
-    c_att_s = channel_attention(student_aligned, tau)
+    tau, norm = opts.temperature, opts.normalize
+    s_att_t = spatial_attention(teacher, tau, normalize=norm)
+    c_att_t = channel_attention(teacher, tau, normalize=norm)
+    s_att_s = spatial_attention(student_aligned, tau, normalize=norm)
+    c_att_s = channel_attention(student_aligned, tau, normalize=norm)
 
     # (B, 1, H, W) x (B, C, 1, 1) weighting of the squared error; fg/bg split by the mask.
     sq_err = (teacher - student_aligned).pow(2) * c_att_t  # (B, C, H, W)

@@ -113,6 +113,41 @@ class HierarchicalEncoder(nn.Module):
         return self.head(e)
 
 
+def deep_levels(levels: Sequence[str], count: int = 2) -> tuple[str, ...]:
+    """The `count` pyramid levels just coarser than the coarsest distilled one: p2..p4 -> p5, p6."""
+    coarsest = int(consecutive_levels(levels)[-1][1:])
+    return tuple(f"p{coarsest + k}" for k in range(1, count + 1))
+
+
+class DeepEncoder(nn.Module):
+    """Coarse-to-fine encoder over the teacher's deep levels only: `e = lat(X_coarsest)`, then
+    `e = lat(X_l) + up(e)` down to the finest of them, and `ConvNormAct(e)`.
+
+    This is the paper's "deep, low-resolution semantic" query read literally: the distilled
+    levels' own teacher features never feed the query matched against them. The output lies on
+    the finest deep level's grid; the decoder brings it up to the coarsest distilled level.
+    """
+
+    def __init__(self, levels: Sequence[str], in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.levels = consecutive_levels(levels)
+        self.lateral = nn.ModuleDict({lv: nn.Conv2d(in_channels, dim, 1) for lv in self.levels})
+        self.head = ConvNormAct(dim)
+
+    def forward(self, feats: Mapping[str, Tensor]) -> Tensor:
+        missing = [lv for lv in self.levels if lv not in feats]
+        if missing:
+            raise KeyError(
+                f"hm.query_levels 'deep' reads teacher level(s) {missing}, which the teacher does "
+                f"not produce (it has {sorted(feats)}); use query_levels: distilled"
+            )
+        e = self.lateral[self.levels[-1]](feats[self.levels[-1]])
+        for lv in reversed(self.levels[:-1]):
+            lat = self.lateral[lv](feats[lv])
+            e = lat + F.interpolate(e, size=lat.shape[-2:], mode="nearest")
+        return self.head(e)
+
+
 class DecoderLevel(nn.Module):
     """One decoding step: query (B, dim, H, W) and aligned student (B, C_t, H, W) ->
     (D (B, C_t, H, W), h (B, dim, H, W) or None).
@@ -157,7 +192,12 @@ class HierarchicalMatching(nn.Module):
         self.query_source = opts.query_source
         self.background_weight = opts.background_weight
         self.level_weights = resolve_level_weights(self.levels, opts.level_weights)
-        self.encoder = HierarchicalEncoder(self.levels, channels, opts.dim)
+        self.query_levels = deep_levels(self.levels) if opts.query_levels == "deep" else self.levels
+        self.encoder: nn.Module = (
+            DeepEncoder(self.query_levels, channels, opts.dim)
+            if opts.query_levels == "deep"
+            else HierarchicalEncoder(self.levels, channels, opts.dim)
+        )
         self.decoder = nn.ModuleDict(
             {lv: DecoderLevel(channels, opts, hands_on=lv != self.levels[0]) for lv in self.levels}
         )
@@ -191,7 +231,10 @@ class HierarchicalMatching(nn.Module):
         masks: Mapping[str, tuple[Tensor, Tensor]],
         raw: Mapping[str, tuple[Tensor, nn.Conv2d]] | None = None,
     ) -> dict[str, Tensor]:
-        """Per-level `lambda_l * WeightedMSE(D_l, T_l)`; masks: level -> (fg, W) (B, 1, H, W)."""
+        """Per-level `lambda_l * WeightedMSE(D_l, T_l)`; masks: level -> (fg, W) (B, 1, H, W).
+
+        teacher: at least the distilled levels, and the deep ones for `query_levels: deep`.
+        """
         query_feats = teacher if self.query_source == "teacher" else aligned
         preds = self.decode(aligned, query_feats, raw)
         losses = {}

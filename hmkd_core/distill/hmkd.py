@@ -62,7 +62,8 @@ class HMKDDistiller(Distiller):
                 if self.compose_align
                 else None
             )
-            for lv, loss in self.hm(aligned, teacher, masks, raw).items():
+            query_teacher = {**inputs.teacher, **teacher}  # deep levels for query_levels: deep
+            for lv, loss in self.hm(aligned, query_teacher, masks, raw).items():
                 losses[f"loss_hm_{lv}"] = w * loss
         if self.opts.sdm.enabled:
             w = self.opts.w_sdm * self.scale

@@ -40,6 +40,18 @@ class NonFiniteLossError(FloatingPointError):
     """A loss became NaN/inf; the message names the component and the iteration."""
 
 
+def distill_ramp(iteration: int, warmup_iters: int) -> float:
+    """The distillation losses' factor at `iteration` (0-based): linear from 1/warmup to 1.
+
+    A student whose adapters and HM modules start random gets large, uninformative feature
+    gradients in its first steps; ramping the distillation in lets the detection loss keep
+    the lead until the adapters have learnt something.
+    """
+    if warmup_iters <= 0:
+        return 1.0
+    return min(1.0, (iteration + 1) / warmup_iters)
+
+
 class Trainer:
     def __init__(
         self, spec: TrainSpec, out_dir: Path, ctx: DistContext, reporter: Reporter
@@ -184,6 +196,9 @@ class Trainer:
         with autocast:
             losses = self.model(images, targets)
         self._check_finite(losses)
+        ramp = distill_ramp(self.iteration, self.spec.distill.warmup_iters)
+        if ramp < 1.0:
+            losses = {k: v * ramp if k.startswith("distill.") else v for k, v in losses.items()}
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -1,7 +1,9 @@
 """The benchmark pipeline end to end on the smoke preset: real runs, real evaluation, the page.
 
 The figures of a 2-iteration run mean nothing; what is checked is that every stage ran and fed
-the next: the teacher, two rows over two seeds, the overhead ratios, the page and its plots.
+the next: the teacher and the base student, two rows over two seeds started from the base,
+the records, the summary with its paired intervals, the page and its plot, and that finished
+runs are not run again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import table
-from bench.runs import read_run
+from bench.records import read_record, record_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,53 +31,83 @@ def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def test_smoke_table_writes_every_row_seed_and_plot(tmp_path: Path, in_repo: None) -> None:
+def _argv(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--preset", "smoke",
+        "--work", str(tmp_path / "work"),
+        "--results", str(tmp_path / "results"),
+        "--overhead-rounds", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_smoke_table_records_every_run_and_writes_summary_and_page(
+    tmp_path: Path, in_repo: None
+) -> None:
     out = tmp_path / "docs" / "results.md"
-    work = tmp_path / "work"
-    argv = ["--preset", "smoke", "--work", str(work), "--rows", "none", "hmkd"]
-    table.main([*argv, "--out", str(out), "--overhead-rounds", "1"])
+    table.main(_argv(tmp_path, "--rows", "none", "hmkd", "--out", str(out)))
+    results = tmp_path / "results"
+
+    teacher = read_record(record_path("smoke", "teacher", None, results))
+    base = read_record(record_path("smoke", "base", None, results))
+    assert teacher is not None and base is not None
+    for row in ("none", "hmkd"):
+        for seed in (0, 1):
+            rec = read_record(record_path("smoke", row, seed, results))
+            assert rec is not None, (row, seed)
+            assert rec["seed"] == seed and rec["metrics"]["iteration"] == 2
+            assert rec["tune_metrics"] is not None and "AP_S" in rec["tune_metrics"]
+            assert rec["cost"]["peak_rss_mib"] > 100  # a process that imported torch
+            # warm start: every row starts from the base student, paths kept portable
+            assert rec["spec"]["student"]["weights"].startswith("<work>/stages/base-")
+            assert rec["inputs"]["init"] == base["inputs"]["student.pt"]
+    hmkd = read_record(record_path("smoke", "hmkd", 1, results))
+    assert hmkd["spec"]["teacher"]["weights"].startswith("<work>/stages/teacher-")
+    assert hmkd["inputs"]["teacher"] == teacher["inputs"]["student.pt"]
+    assert hmkd["spec"]["runtime"]["seed"] == 1
+
+    summary = json.loads((results / "smoke" / "summary.json").read_text())
+    assert summary["preset"] == "smoke" and summary["protocol"] == "warm"
+    row = summary["rows"]["hmkd"]
+    assert row["seeds"] == 2 and len(row["ci95"]) == 2
+    assert row["ci95"][0] <= row["delta_ap_s"] <= row["ci95"][1]
+    assert row["step_over_floor"] > 0.5
+    assert summary["rows"]["none"]["delta_ap_s"] == 0.0
 
     text = out.read_text()
     assert "python -m bench.table --preset smoke" in text
     assert "**Seeds**: 0, 1" in text
-    rows: dict[str, str] = {}
-    for line in text.splitlines():  # the first table; the Δ table repeats the row names
-        if line.startswith("| "):
-            rows.setdefault(line.split("|")[1].strip(), line)
-    assert {"teacher", "none", "hmkd"} <= set(rows)
-    # a student cell is "mean (seed0 / seed1)"; the teacher's is a single value
-    assert rows["hmkd"].count(" / ") >= 8
-    assert " / " not in rows["teacher"].split("|")[2]
-    # hmkd has a step/floor ratio, the baseline none
-    assert rows["hmkd"].rstrip(" |").split("|")[-1].strip()[0].isdigit()
-    assert rows["none"].rstrip(" |").split("|")[-1].strip() == "–"
-    for plot in ("smoke_ap_s.png", "smoke_curves.png"):
-        png = out.parent / "results" / plot
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"results/{plot}" in text
-
-    run = read_run(work / "smoke" / "hmkd" / "seed1")
-    assert run["metrics"]["iteration"] == 2
-    assert run["peak_rss_mib"] > 100  # a process that imported torch and trained
-    spec = json.loads((work / "smoke" / "hmkd" / "seed1" / "bench_spec.json").read_text())
-    assert spec["runtime"]["seed"] == 1
-    assert spec["distill"]["method"] == "hmkd"
-    assert spec["teacher"]["weights"] == str(work / "smoke" / "teacher" / "student.pt")
+    assert "Goal " in text and "| hmkd | 2 |" in text
+    png = out.parent / "results" / "smoke_delta_ap_s.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "results/smoke_delta_ap_s.png" in text
 
 
-def test_finished_runs_are_reused_and_a_missing_teacher_is_named(
+def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     tmp_path: Path, in_repo: None
 ) -> None:
-    work = tmp_path / "work"
-    argv = ["--preset", "smoke", "--work", str(work), "--rows", "none", "--seeds", "0"]
-    table.main([*argv, "--out", str(tmp_path / "a.md"), "--overhead-rounds", "1"])
-    stamp = (work / "smoke" / "none" / "seed0" / "bench.json").stat().st_mtime_ns
-    teacher = (work / "smoke" / "teacher" / "bench.json").stat().st_mtime_ns
-    table.main([*argv, "--out", str(tmp_path / "b.md"), "--overhead-rounds", "1"])
-    assert (work / "smoke" / "none" / "seed0" / "bench.json").stat().st_mtime_ns == stamp
-    assert (work / "smoke" / "teacher" / "bench.json").stat().st_mtime_ns == teacher
+    argv = _argv(tmp_path, "--rows", "none", "mgd", "--seeds", "0")
+    table.main([*argv, "--out", str(tmp_path / "a.md")])
+    rec = record_path("smoke", "mgd", 0, tmp_path / "results")
+    stamp = rec.stat().st_mtime_ns
+    runs = sorted((tmp_path / "work" / "smoke").rglob("bench.json"))
+    times = [p.stat().st_mtime_ns for p in runs]
+    table.main([*argv, "--out", str(tmp_path / "b.md")])
+    assert rec.stat().st_mtime_ns == stamp
+    assert [p.stat().st_mtime_ns for p in runs] == times
 
+    # the run folders gone (another machine): --render still builds the page from records
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / "smoke")
+    table.main([*argv, "--render", "--out", str(tmp_path / "c.md")])
+    assert "| mgd | 1 |" in (tmp_path / "c.md").read_text()
+
+
+def test_bad_arguments_are_named(tmp_path: Path, in_repo: None) -> None:
     with pytest.raises(SystemExit, match=r"--teacher: .*missing\.pt is not a file"):
-        table.main([*argv, "--teacher", str(tmp_path / "missing.pt")])
+        table.main(_argv(tmp_path, "--teacher", str(tmp_path / "missing.pt")))
     with pytest.raises(SystemExit, match="unknown row"):
-        table.main([*argv, "--rows", "nonsense"])
+        table.main(_argv(tmp_path, "--rows", "nonsense"))
+    with pytest.raises(SystemExit, match="needs the 'none' row"):
+        table.main(_argv(tmp_path, "--rows", "hmkd"))

@@ -164,3 +164,46 @@ def test_composed_adapter_gives_the_same_predictions_and_gradients(make_features
         assert torch.allclose(plain[lv], composed[lv], atol=1e-5), lv
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, composed_grads[name], rtol=1e-4, atol=1e-4), name
+
+
+DEEP_SIZES = {"p2": (32, 32), "p3": (16, 16), "p4": (8, 8), "p5": (4, 4), "p6": (2, 2)}
+
+
+@torch.no_grad()
+def test_deep_query_reads_only_levels_coarser_than_the_distilled_ones(make_features) -> None:
+    hm = hm_module(query_levels="deep")
+    assert hm.query_levels == ("p5", "p6")
+    student = make_features(2, 16)
+    teacher = make_features(2, 16, DEEP_SIZES)
+    base = hm.decode(student, teacher)
+    # the distilled levels' own teacher features do not reach the prediction at all
+    other = {**teacher, **{lv: torch.randn_like(teacher[lv]) for lv in LEVELS}}
+    for lv, pred in hm.decode(student, other).items():
+        assert torch.equal(pred, base[lv]), lv
+    # the deep ones steer the attention
+    deeper = {**teacher, "p5": torch.randn_like(teacher["p5"])}
+    assert not torch.allclose(hm.decode(student, deeper)["p2"], base["p2"])
+
+
+def test_deep_query_names_the_missing_teacher_levels(make_features) -> None:
+    hm = hm_module(query_levels="deep")
+    with pytest.raises(KeyError, match=r"'p5', 'p6'.*query_levels: distilled"):
+        hm.decode(make_features(2, 16), make_features(2, 16))
+
+
+def test_deep_query_with_a_student_query_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs query_source teacher"):
+        HMOptions(query_source="student", query_levels="deep")
+
+
+def test_hmkd_distiller_with_deep_query_trains_through_the_adapters(make_features) -> None:
+    opts = hm_only(query_levels="deep")
+    distiller = HMKDDistiller(LEVELS, student_channels=8, teacher_channels=16, opts=opts)
+    student = {lv: s.requires_grad_() for lv, s in make_features(2, 8).items()}
+    boxes = [torch.tensor([[8.0, 8.0, 40.0, 40.0]]), torch.zeros(0, 4)]
+    inputs = DistillInputs(student, make_features(2, 16, DEEP_SIZES), boxes, (128, 128))
+    losses = distiller(inputs)
+    sum(losses.values()).backward()
+    assert set(losses) == {f"loss_hm_{lv}" for lv in LEVELS}
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student.values())
+    assert distiller.hm.encoder.lateral["p5"].weight.grad is not None

@@ -38,7 +38,7 @@ def test_tiny_box_still_covers_the_cell_of_its_centre() -> None:
     # Cells x, y in [2.25, 2.375]: no cell centre inside; the centre lies in cell (2, 2).
     fg, weight = scale_aware_mask(torch.tensor([[9.0, 9.0, 9.5, 9.5]]), (8, 8), stride=4)
     assert fg.sum() == 1 and fg[2, 2] == 1
-    assert weight[2, 2] == pytest.approx(1.0)  # sides clamped to one cell: weight at most 1
+    assert weight[2, 2] == pytest.approx(1.0)  # one cell covered: it carries the whole weight
 
 
 def test_thin_box_covers_its_column() -> None:
@@ -100,3 +100,42 @@ def test_spatial_attention_peaks_where_the_feature_is_strong() -> None:
     feat[0, :, 1, 2] = -3.0  # |F| counts, not the sign
     s = spatial_attention(feat, 0.5)
     assert s[0, 0].argmax() == 1 * 4 + 2
+
+
+def _reference_cover(lo: float, hi: float, size: int) -> list[int]:
+    """Cells whose centre lies in [lo, hi), else the cell holding the box's centre: a loop."""
+    cells = [i for i in range(size) if lo <= i + 0.5 < hi]
+    return cells or [min(max(int((lo + hi) // 2), 0), size - 1)]
+
+
+@pytest.mark.parametrize("side", [0.5, 1.0, 1.5, 2.0, 2.5, 3.75])
+def test_box_weight_never_exceeds_one_at_any_sub_cell_offset(side: float) -> None:
+    # The same box slid over a cell in eighths, edges landing on centres and borders included:
+    # its cells sum to exactly one wherever it falls, and the cells are the reference's.
+    stride, grid = 4, 12
+    for ox in range(8):
+        for oy in range(8):
+            x0, y0 = 3.0 + ox / 8, 2.0 + oy / 8
+            box = torch.tensor([[x0, y0, x0 + side, y0 + side * 2]]) * stride
+            fg, weight = scale_aware_mask(box, (grid, grid), stride=stride)
+            xs = _reference_cover(x0, x0 + side, grid)
+            ys = _reference_cover(y0, y0 + side * 2, grid)
+            expected = torch.zeros(grid, grid)
+            expected[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1] = 1.0
+            assert torch.equal(fg, expected), (side, ox, oy)
+            assert float((weight * fg).sum()) == pytest.approx(1.0), (side, ox, oy)
+
+
+def test_box_edge_on_a_cell_centre_adds_no_row() -> None:
+    # x from 0.5 to 2.5 cells: centres 0.5 and 1.5 are inside, 2.5 (the right edge) is not.
+    fg, _ = scale_aware_mask(torch.tensor([[2.0, 0.0, 10.0, 4.0]]), (4, 4), stride=4)
+    assert fg[0].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_normalized_attention_ignores_the_feature_scale() -> None:
+    feat = torch.randn(2, 8, 6, 6)
+    for fn in (spatial_attention, channel_attention):
+        small = fn(feat, 0.5, normalize=True)
+        assert torch.allclose(small, fn(feat * 40.0, 0.5, normalize=True), atol=1e-5)
+        # without normalisation a strong feature gives a sharper map
+        assert not torch.allclose(fn(feat, 0.5), fn(feat * 40.0, 0.5), atol=1e-3)

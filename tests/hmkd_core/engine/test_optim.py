@@ -120,3 +120,10 @@ def test_scheduler_state_round_trip_resumes_the_same_lrs() -> None:
             g["lr"] for g in optimizer.param_groups
         ]
     assert resumed_opt.param_groups[0]["lr"] == pytest.approx(0.2 * lr_factor(22, schedule))
+
+
+def test_distillation_ramp_is_linear_then_full() -> None:
+    from hmkd_core.engine.trainer import distill_ramp
+
+    assert distill_ramp(0, 0) == 1.0
+    assert [distill_ramp(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

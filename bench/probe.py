@@ -1,0 +1,169 @@
+"""Look inside one distillation setup on a few training batches, without training.
+
+What decides whether feature distillation helps or hurts is mostly a matter of scale: how
+large the distillation gradient on the student's features is next to the detection gradient,
+how peaked the focal attention is, how much of it lands on objects. `probe` measures these on
+real batches of a spec's training data, with its real teacher and student weights; `diagnose`
+prints them and `calibrate` sets each method's weight from the gradient ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hmkd_core.data import CocoDetectionDataset, collate_detection
+from hmkd_core.distill import build_distiller
+from hmkd_core.distill.base import DistillInputs
+from hmkd_core.distill.hooks import FeatureRecorder
+from hmkd_core.distill.masks import level_masks, spatial_attention
+from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher
+from hmkd_core.models import build_detector
+from hmkd_core.spec import FocalOptions, TrainSpec
+
+
+def focal_options(spec: TrainSpec) -> FocalOptions:
+    """The focal options the method uses (its own for hmkd and fgd, the defaults otherwise)."""
+    d = spec.distill
+    return {"hmkd": d.hmkd.sdm, "fgd": d.fgd.focal}.get(d.method, FocalOptions())
+
+
+def method_weight(spec: TrainSpec, term: str) -> float:
+    """The factor a distiller applied to a loss term, so its raw value can be shown."""
+    d = spec.distill
+    base = {
+        "hmkd": d.hmkd.w_hm if term.startswith("hm_") else d.hmkd.w_sdm,
+        "fgd": d.fgd.weight * (d.fgd.global_weight if term.startswith("global_") else 1.0),
+        "mgd": d.mgd.weight,
+        "mimic": d.mimic.weight,
+    }.get(d.method, 1.0)
+    return base * d.weight
+
+
+def _batches(spec: TrainSpec, count: int, batch_size: int) -> list[tuple[list, list]]:
+    ds = CocoDetectionDataset(spec.data.train.images, spec.data.train.annotations, train=False)
+    g = torch.Generator().manual_seed(spec.runtime.seed)
+    order = torch.randperm(len(ds), generator=g).tolist()
+    out = []
+    for b in range(count):
+        idx = order[(b * batch_size) % len(ds) :][:batch_size]
+        if len(idx) < batch_size:
+            break
+        images, targets = collate_detection([ds[i] for i in idx])
+        out.append(
+            (
+                [i.as_subclass(Tensor) for i in images],
+                [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"]} for t in targets],
+            )
+        )
+    return out
+
+
+def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -> dict[str, Any]:
+    """Per level and per loss term, averaged over `batches` training batches.
+
+    Returns `levels` (level -> teacher rms, attention effective cells and foreground mass,
+    foreground share of cells, gradient norms and their ratio), `terms` (name -> weighted and
+    raw value) and `clip` (fraction of batches whose total gradient norm exceeds the spec's
+    clip threshold).
+    """
+    if spec.teacher is None or spec.distill.method == "none":
+        raise ValueError("probe needs a distill spec with a teacher and a method")
+    torch.manual_seed(spec.runtime.seed)
+    train = CocoDetectionDataset(spec.data.train.images, spec.data.train.annotations)
+    n = train.num_classes
+    student = build_detector(spec.student, n).train()
+    teacher = FrozenTeacher(build_detector(spec.teacher, n))
+    levels = tuple(spec.distill.levels or DEFAULT_LEVELS[spec.student.arch])
+    distiller = build_distiller(
+        spec.distill,
+        levels=levels,
+        student_channels=spec.student.fpn_channels,
+        teacher_channels=teacher.out_channels,
+    ).train()
+    focal = focal_options(spec)
+    params = [p for m in (student, distiller) for p in m.parameters() if p.requires_grad]
+    per_level: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    terms: dict[str, list[float]] = defaultdict(list)
+    clipped = 0
+    rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
+    with FeatureRecorder(student) as rec:
+        for images, targets in rounds:
+            det = sum(student(images, targets).values())
+            feats = rec.levels()
+            batch = rec.images.tensors
+            t_feats = teacher.features(batch)
+            boxes = [t["boxes"] for t in rec.targets]
+            losses = distiller(DistillInputs(feats, t_feats, boxes, tuple(batch.shape[-2:])))
+            kd = sum(losses.values())
+            s_list = [feats[lv] for lv in levels]
+            g_det = torch.autograd.grad(det, s_list, retain_graph=True, allow_unused=True)
+            g_kd = torch.autograd.grad(kd, s_list, retain_graph=True, allow_unused=True)
+            masks = level_masks(boxes, t_feats, levels)
+            for lv, gd, gk in zip(levels, g_det, g_kd, strict=True):
+                t = t_feats[lv]
+                att = spatial_attention(t, focal.temperature, normalize=focal.normalize)
+                p = att.flatten(1) / att.flatten(1).sum(dim=1, keepdim=True)  # (B, HW)
+                fg = masks[lv][0].flatten(1)
+                stats = per_level[lv]
+                stats["teacher_rms"].append(float(t.pow(2).mean().sqrt()))
+                stats["att_effective_cells"].append(float((1.0 / p.pow(2).sum(1)).mean()))
+                stats["att_fg_mass"].append(float((p * fg).sum(1).mean()))
+                stats["fg_cells"].append(float(fg.mean()))
+                stats["grad_det"].append(0.0 if gd is None else float(gd.norm()))
+                stats["grad_kd"].append(0.0 if gk is None else float(gk.norm()))
+            for name, value in losses.items():
+                terms[name.removeprefix("loss_")].append(float(value.detach()))
+            for prm in params:
+                prm.grad = None
+            (det + kd).backward()
+            total = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
+            clip = spec.schedule.clip_grad_norm
+            clipped += int(clip is not None and float(total) > clip)
+            rec.reset()
+    levels_out = {}
+    for lv, stats in per_level.items():
+        mean = {k: statistics.fmean(v) for k, v in stats.items()}
+        mean["grad_ratio"] = mean["grad_kd"] / mean["grad_det"] if mean["grad_det"] else math.inf
+        levels_out[lv] = mean
+    total_det = math.sqrt(sum(v["grad_det"] ** 2 for v in levels_out.values()))
+    total_kd = math.sqrt(sum(v["grad_kd"] ** 2 for v in levels_out.values()))
+    terms_out = {}
+    for name, values in terms.items():
+        weighted = statistics.fmean(values)
+        w = method_weight(spec, name)
+        terms_out[name] = {"weighted": weighted, "raw": weighted / w if w else None}
+    return {
+        "method": spec.distill.method,
+        "levels": levels_out,
+        "grad_ratio": total_kd / total_det if total_det else math.inf,
+        "terms": terms_out,
+        "clip_fraction": clipped / max(1, len(rounds)),
+        "batches": len(rounds),
+    }
+
+
+def format_probe(name: str, result: dict[str, Any]) -> str:
+    """A plain-text block: one line per level, then the loss terms."""
+    lines = [
+        f"{name}: ‖∂L_kd/∂S‖ / ‖∂L_det/∂S‖ = {result['grad_ratio']:.3f} over all levels; "
+        f"gradient clipping fired on {100 * result['clip_fraction']:.0f} % of "
+        f"{result['batches']} batches",
+        f"  {'level':<6}{'T rms':>8}{'att cells':>11}{'att on fg':>11}{'fg cells':>10}"
+        f"{'‖∂det‖':>10}{'‖∂kd‖':>10}{'ratio':>8}",
+    ]
+    for lv, s in result["levels"].items():
+        lines.append(
+            f"  {lv:<6}{s['teacher_rms']:>8.2f}{s['att_effective_cells']:>11.1f}"
+            f"{s['att_fg_mass']:>11.3f}{s['fg_cells']:>10.3f}{s['grad_det']:>10.2e}"
+            f"{s['grad_kd']:>10.2e}{s['grad_ratio']:>8.3f}"
+        )
+    for term, v in sorted(result["terms"].items()):
+        raw = "–" if v["raw"] is None else f"{v['raw']:.3e}"
+        lines.append(f"  term {term:<22} weighted {v['weighted']:.3e}   raw {raw}")
+    return "\n".join(lines)

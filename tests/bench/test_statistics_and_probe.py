@@ -1,0 +1,66 @@
+"""Paired intervals, the held-out tuning split, and the probe behind diagnose and calibrate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.data import hold_out
+from bench.probe import format_probe, probe
+from bench.stats import paired
+from tests.conftest import tiny_model, tiny_spec
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
+    p = paired([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sd sqrt(2.5), t(0.975, 4) = 2.7764: half width 2.7764 * 1.5811 / sqrt(5)
+    assert p.mean == pytest.approx(3.0)
+    assert p.hi - p.mean == pytest.approx(1.9632, abs=1e-3)
+    assert p.lo == pytest.approx(3.0 - 1.9632, abs=1e-3)
+    assert not p.within_noise
+    assert paired([-1.0, 2.0, 0.5]).within_noise
+    one = paired([0.7])
+    assert one.lo is None and one.within_noise
+    with pytest.raises(ValueError):
+        paired([])
+
+
+def test_hold_out_takes_images_spread_over_the_ids_with_their_boxes() -> None:
+    coco = {
+        "images": [{"id": i} for i in range(20, 0, -1)],
+        "annotations": [{"id": 100 + i, "image_id": i} for i in range(1, 21)],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    kept, held = hold_out(coco, 5)
+    held_ids = [im["id"] for im in held["images"]]
+    assert held_ids == [1, 5, 9, 13, 17]
+    assert {a["image_id"] for a in held["annotations"]} == set(held_ids)
+    assert len(kept["images"]) == 15 and not set(held_ids) & {im["id"] for im in kept["images"]}
+    assert kept["categories"] == held["categories"] == coco["categories"]
+    with pytest.raises(ValueError, match="out of range"):
+        hold_out(coco, 20)
+
+
+@pytest.mark.slow
+def test_probe_gradient_ratio_scales_with_the_weight_so_calibration_hits_its_target(
+    tiny_digits: dict[str, Path], tiny_teacher: Path
+) -> None:
+    teacher = tiny_model(backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher))
+    spec = tiny_spec(tiny_digits, teacher=teacher, distill={"method": "hmkd"})
+    first = probe(spec, batches=2)
+    assert set(first["levels"]) == {"p2", "p3", "p4"}
+    for stats in first["levels"].values():
+        assert stats["teacher_rms"] > 0 and stats["grad_det"] > 0 and stats["grad_kd"] > 0
+        assert stats["att_effective_cells"] >= 1.0
+        assert 0.0 <= stats["att_fg_mass"] <= 1.0
+    assert {"hm_p2", "sdm_fg_p2", "sdm_bg_p4", "sdm_att_p3"} <= set(first["terms"])
+    # calibrate's rule: the distillation gradient is linear in the weight
+    target = 0.5
+    spec.distill.weight = target / first["grad_ratio"]
+    second = probe(spec, batches=2)
+    assert second["grad_ratio"] == pytest.approx(target, rel=1e-3)
+    raw = first["terms"]["hm_p2"]["raw"]
+    assert second["terms"]["hm_p2"]["raw"] == pytest.approx(raw, rel=1e-4)
+    text = format_probe("hmkd", second)
+    assert "p2" in text and "ratio" in text and "clipping fired" in text
