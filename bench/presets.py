@@ -19,6 +19,7 @@ one teacher's feature scale does not carry over to another's.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -88,9 +89,15 @@ _CPU_STUDENT = {"backbone": "resnet18", "fpn_channels": 32}
 _CPU_TEACHER_SCHEDULE = {"iterations": 1500, "batch_size": 4, "lr": 4e-4, "warmup_iters": 50}
 _CPU_BASE_SCHEDULE = {"iterations": 2400, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50}
 
-# Calibrated by `python -m bench.calibrate --preset cpu` (docs/calibration.md): each method's
-# distillation gradient on the student's P2..P4 features is half the detection gradient's.
-_CPU_WEIGHTS: dict[str, float] = {}
+
+def calibrated(name: str) -> dict[str, float]:
+    """The weights `python -m bench.calibrate --preset NAME --write` stored for a preset
+    (`bench/results/NAME/weights.json`, committed), or none: the library's defaults."""
+    path = Path(__file__).resolve().parent / "results" / name / "weights.json"
+    return json.loads(path.read_text())["weights"] if path.is_file() else {}
+
+
+_CPU_WEIGHTS = calibrated("cpu")
 
 CPU = Preset(
     name="cpu",
@@ -154,6 +161,7 @@ GPU = Preset(
     jobs=1,
     threads=8,
     device="cuda",
+    weights=calibrated("gpu"),
 )
 
 # HIT-UAV: real thermal drone frames (640x512). Read from the shared data folder, never
@@ -172,15 +180,16 @@ HITUAV_CPU = Preset(
     teacher=_CPU_TEACHER,
     student=_CPU_STUDENT,
     input_size=(256, 320),  # half of native: every object half as wide
-    teacher_schedule={"iterations": 1200, "batch_size": 4, "lr": 4e-4, "warmup_iters": 50},
-    base_schedule={"iterations": 1600, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
-    student_schedule={"iterations": 300, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
+    teacher_schedule={"iterations": 1000, "batch_size": 4, "lr": 4e-4, "warmup_iters": 50},
+    base_schedule={"iterations": 1200, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
+    student_schedule={"iterations": 200, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
     eval_every=0,
     stage_eval_every=400,
-    rows=("none", "mimic", "fgd", "mgd", "hmkd"),
+    rows=("none", "hmkd", "fgd", "mgd", "mimic"),  # in the order they are worth running
     jobs=2,
     threads=1,
     device="cpu",
+    weights=calibrated("hituav-cpu"),
 )
 
 HITUAV_GPU = Preset(
@@ -198,7 +207,7 @@ HITUAV_GPU = Preset(
     jobs=1,
     threads=8,
     device="cuda",
-    anchors=(8, 16, 32, 64, 128),
+    weights=calibrated("hituav-gpu"),
 )
 
 # The whole pipeline in about a minute, for the tests; its figures mean nothing.

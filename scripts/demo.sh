@@ -48,6 +48,9 @@ print(f"HMKD student job {sys.argv[2]} (resnet18-FPN): AP {100 * header.metrics[
       f"AP_S {100 * header.metrics['AP_S']:.1f}")
 print(f"downloaded runs/demo/student.pt: a torchvision {type(model).__name__}")
 PY
+# What distillation buys, from the committed warm-start table (paired seeds; a demo of a few
+# hundred iterations is too short to show it on its own).
+.venv/bin/python -m bench.headline bench/results/cpu/summary.json
 cat <<EOF
 
 Dashboard: $HMKD_API_URL/ (sign in with the token in $HMKD_DATA_DIR/token).

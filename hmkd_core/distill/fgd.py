@@ -38,6 +38,9 @@ class GcBlock(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, kernel_size=1),
         )
+        # FGD's initialisation: Kaiming (fan-in) for the context mask, zeros for the last conv
+        nn.init.kaiming_normal_(self.context_mask.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.context_mask.bias)
         nn.init.zeros_(self.transform[-1].weight)
         nn.init.zeros_(self.transform[-1].bias)
 

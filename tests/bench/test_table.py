@@ -73,6 +73,9 @@ def test_smoke_table_records_every_run_and_writes_summary_and_page(
     assert row["ci95"][0] <= row["delta_ap_s"] <= row["ci95"][1]
     assert row["step_over_floor"] > 0.5
     assert summary["rows"]["none"]["delta_ap_s"] == 0.0
+    from bench.headline import headline
+
+    assert "hmkd" in headline(summary) and "over 2 seeds" in headline(summary)
 
     text = out.read_text()
     assert "python -m bench.table --preset smoke" in text
