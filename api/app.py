@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.lifecycle import Conflict, InvalidJob, NotFound
+from jobs.schemas import has_control_characters
 from jobs.settings import Settings, get_settings
 
 DESCRIPTION = """\
@@ -90,6 +91,46 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+def _problem_422(field: str, msg: str, loc: list[str]) -> JSONResponse:
+    detail = [{"field": field, "msg": msg, "type": "control_character", "loc": loc}]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+class RejectControlCharacters:
+    """Answer 422 naming the parameter when a path or query value holds a control character.
+
+    Checked once, before routing, for every route: the database never sees such a value, and
+    no route has to remember the check.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from urllib.parse import parse_qsl
+
+        msg = "must not contain control characters (NUL, newline, ...)"
+        if has_control_characters(scope.get("path", "")):
+            await _problem_422("path", f"the URL path {msg}", ["path"])(scope, receive, send)
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        for name, value in parse_qsl(query, keep_blank_values=True, encoding="latin-1"):
+            if has_control_characters(name) or has_control_characters(value):
+                safe = name.encode("unicode_escape").decode("ascii")
+                response = _problem_422(safe, f"query parameter {msg}", ["query", safe])
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# A request can fail validation in many places at once (a spec of 100 000 unknown keys);
+# the answer names the first of them and counts the rest instead of echoing them all.
+MAX_REPORTED_ERRORS = 50
+
+
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     """`("body", "data", "train", "images")` -> `data.train.images`."""
     parts = [str(p) for p in loc]
@@ -99,11 +140,22 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    everything = exc.errors()
     errors = []
-    for e in exc.errors():
+    for e in everything[:MAX_REPORTED_ERRORS]:
         errors.append(
             {"field": _field(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            | {"loc": list(e.get("loc", ()))}
+            | {"loc": [str(p)[:200] for p in e.get("loc", ())]}
+        )
+    if len(everything) > MAX_REPORTED_ERRORS:
+        more = len(everything) - MAX_REPORTED_ERRORS
+        errors.append(
+            {
+                "field": "<body>",
+                "msg": f"{more} more error(s) not listed; fix the ones above first",
+                "type": "too_many_errors",
+                "loc": [],
+            }
         )
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
@@ -157,6 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = None
     app.state.sse_poll_seconds = 0.5
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RejectControlCharacters)
     install_metrics(app, settings)  # outermost middleware: 413s are timed too
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidJob, _invalid_job)  # type: ignore[arg-type]

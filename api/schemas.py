@@ -146,7 +146,10 @@ class ArtifactPublic(BaseModel):
 
 class ArtifactLinkRequest(BaseModel):
     name: str = Field(
-        min_length=1, max_length=300, description="The artifact, e.g. run/student.pt."
+        min_length=1,
+        max_length=300,
+        pattern=r"^[^\x00-\x1f\x7f-\x9f]+$",
+        description="The artifact, e.g. run/student.pt (no control characters).",
     )
 
 

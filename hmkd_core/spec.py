@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6", "p7")
+# Counts stored by the service in 32-bit columns, and far past any real schedule.
+MAX_ITERATIONS = 100_000_000
+MAX_SEED = 2**31 - 1
 
 
 class SpecError(ValueError):
@@ -23,7 +26,9 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # Non-finite floats are refused: no loss weight or rate is meaningful as inf or NaN, and
+    # PostgreSQL's JSON cannot store them.
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class DatasetSplit(_Strict):
@@ -65,10 +70,13 @@ class ModelSpec(_Strict):
         "(BatchNorm statistics from 2-image batches are noise).",
     )
     rpn_post_nms_top_n_train: int = Field(
-        2000, ge=1, description="Faster R-CNN proposals kept per image in training."
+        2000, ge=1, le=100_000, description="Faster R-CNN proposals kept per image in training."
     )
     box_batch_size_per_image: int = Field(
-        512, ge=1, description="Faster R-CNN RoIs sampled per image for the box head loss."
+        512,
+        ge=1,
+        le=100_000,
+        description="Faster R-CNN RoIs sampled per image for the box head loss.",
     )
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -79,8 +87,8 @@ class ModelSpec(_Strict):
         if v is not None:
             if len(v) != 5:
                 raise ValueError("needs exactly 5 sizes, one per pyramid level")
-            if any(s <= 0 for s in v):
-                raise ValueError("sizes must be positive")
+            if any(s <= 0 or s > 8192 for s in v):
+                raise ValueError("sizes must be between 1 and 8192 pixels")
         return v
 
     @model_validator(mode="after")
@@ -203,6 +211,7 @@ class DistillSpec(_Strict):
     warmup_iters: int = Field(
         0,
         ge=0,
+        le=MAX_ITERATIONS,
         description="Ramp the distillation losses linearly from 0 to full weight over this many "
         "iterations (0: full weight from the start).",
     )
@@ -224,13 +233,13 @@ class DistillSpec(_Strict):
 
 
 class ScheduleSpec(_Strict):
-    iterations: int = Field(1000, ge=1)
-    batch_size: int = Field(2, ge=1, description="Images per process per iteration.")
+    iterations: int = Field(1000, ge=1, le=MAX_ITERATIONS)
+    batch_size: int = Field(2, ge=1, le=1024, description="Images per process per iteration.")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.02, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
-    warmup_iters: int = Field(100, ge=0)
+    warmup_iters: int = Field(100, ge=0, le=MAX_ITERATIONS)
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
     scheduler: Literal["step", "cosine", "constant"] = "step"
     steps: list[float] = Field(
@@ -249,9 +258,11 @@ class ScheduleSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only at the end).")
+    every: int = Field(
+        0, ge=0, le=MAX_ITERATIONS, description="Evaluate every N iterations (0: only at the end)."
+    )
     metric: str = Field("AP_S", description="Metric that picks the best checkpoint.")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, le=1024)
     extra_area_ranges: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {
             "tiny": (0.0, 8.0**2),
@@ -263,16 +274,18 @@ class EvalSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    every: int = Field(500, ge=1, description="Write a resumable checkpoint every N iterations.")
-    keep: int = Field(2, ge=1, description="How many periodic checkpoints to keep.")
+    every: int = Field(
+        500, ge=1, le=MAX_ITERATIONS, description="Write a resumable checkpoint every N iterations."
+    )
+    keep: int = Field(2, ge=1, le=1000, description="How many periodic checkpoints to keep.")
 
 
 class RuntimeSpec(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
     nproc: int = Field(1, ge=1, le=64, description="Processes (one per GPU; gloo on CPU).")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, le=MAX_ITERATIONS)
     deterministic: bool = False
 
 

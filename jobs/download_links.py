@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from jobs.schemas import has_control_characters
 from jobs.settings import Settings
 
 _CONTEXT = b"hmkd-download-v1."
@@ -90,7 +91,12 @@ def verify_link(key: bytes, link: str, *, now: datetime | None = None) -> Downlo
             user_id=int(user_id),
             expires_at=datetime.fromtimestamp(float(expires), UTC),
         )
-    except (binascii.Error, ValueError, TypeError) as err:  # signed by us, so never expected
+        ids_fit = all(0 <= v < 2**31 for v in (grant.team_id, grant.user_id))
+        text_clean = not has_control_characters(grant.job_id + grant.name)
+        if not (ids_fit and text_clean):
+            raise ValueError("ids out of range or control characters")
+    # signed with our key yet not of our making (a leaked key): refuse, never a 500
+    except (binascii.Error, ValueError, TypeError, OverflowError, OSError) as err:
         raise InvalidLink("this download link is malformed") from err
     if (now or datetime.now(UTC)) >= grant.expires_at:
         raise ExpiredLink("this download link has expired; open the job page and download again")

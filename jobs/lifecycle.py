@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import TERMINAL, Job, JobEvent, JobState, User, utcnow
-from jobs.schemas import JOB_REF, JobSpec
+from jobs.schemas import JOB_REF, JobSpec, control_text_field
 from jobs.settings import Settings
 
 
@@ -109,6 +109,9 @@ def submit_job(
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued, undispatched job; the same idempotency key returns the first job."""
+    bad = control_text_field(spec.model_dump(mode="json"))
+    if bad is not None:
+        raise InvalidJob(bad, "must not contain control characters (NUL, newline, ...)")
     if idempotency_key is not None:
         existing = session.scalar(
             select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key)

@@ -8,7 +8,7 @@ service resolves that to a file before the worker sees it.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,8 +17,35 @@ from hmkd_core.spec import TrainSpec
 JOB_REF = re.compile(r"^job:([0-9a-f]{32})$")
 
 
+def has_control_characters(text: str) -> bool:
+    """NUL and the other C0/C1 control characters: no id, name, cursor or path holds them,
+    and PostgreSQL refuses NUL in text outright."""
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+def control_text_field(data: Any, path: tuple[str, ...] = ()) -> str | None:
+    """The dotted path of the first string (value or key) in `data` holding a control
+    character, or None."""
+    if isinstance(data, str):
+        return ".".join(path) or "<body>" if has_control_characters(data) else None
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = str(key)
+            if has_control_characters(name):
+                return ".".join((*path, name.encode("unicode_escape").decode("ascii")))
+            found = control_text_field(value, (*path, name))
+            if found:
+                return found
+    if isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            found = control_text_field(value, (*path, str(i)))
+            if found:
+                return found
+    return None
+
+
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gpus: int = Field(0, ge=0, le=64, description="GPUs (processes); 0 runs on CPU with gloo.")
     queue: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")

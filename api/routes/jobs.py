@@ -20,6 +20,7 @@ from api.app import celery_of
 from api.deps import CurrentUser, SessionDep, SettingsDep, VisibleJob
 from api.queries import BadCursor, list_jobs, metric_series
 from api.schemas import EvaluationPublic, JobList, JobPublic, MetricSeries, Problem
+from hmkd_core.spec import MAX_ITERATIONS
 from jobs.db import session_scope
 from jobs.lifecycle import (
     Conflict,
@@ -159,7 +160,9 @@ def get_job(job: VisibleJob, session: SessionDep) -> JobPublic:
 def get_metrics(
     job: VisibleJob,
     session: SessionDep,
-    since: Annotated[int, Query(ge=0, description="Only iterations >= since.")] = 0,
+    since: Annotated[
+        int, Query(ge=0, le=MAX_ITERATIONS, description="Only iterations >= since.")
+    ] = 0,
 ) -> MetricSeries:
     """Loss components, lr and images/s per recorded iteration, and every evaluation."""
     return metric_series(session, job.id, since=since)
@@ -252,7 +255,7 @@ def get_logs(
     settings: SettingsDep,
     tail: Annotated[int | None, Query(ge=1, le=100_000, description="Last N lines.")] = None,
     offset: Annotated[
-        int | None, Query(ge=0, description="Bytes from here on (to follow a log).")
+        int | None, Query(ge=0, le=2**62, description="Bytes from here on (to follow a log).")
     ] = None,
 ) -> PlainTextResponse:
     """The whole log (up to 1 MiB per call), its last `tail` lines, or what follows `offset`."""
