@@ -180,6 +180,46 @@ async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=409)
 
 
+_PROBLEM = {"$ref": "#/components/schemas/Problem"}
+_COMMON = {
+    "422": "A path or query parameter holds a control character, or a value is out of range.",
+    "413": "Body too large.",
+}
+
+
+def document_common_errors(app: FastAPI) -> None:
+    """Add the answers every route can give to the OpenAPI description, in one place.
+
+    The control-character guard and the body limit run before routing, so no route declares
+    them; a route with a body can also answer 400 when the body is not UTF-8 JSON. Errors are
+    always JSON, also on routes whose success is text (logs) or an event stream.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        problem = {"application/json": {"schema": _PROBLEM}}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                for code, text in _COMMON.items():
+                    responses.setdefault(code, {"description": text, "content": problem})
+                if "requestBody" in op:
+                    responses.setdefault(
+                        "400", {"description": "The body is not UTF-8 JSON.", "content": problem}
+                    )
+                for code, answer in responses.items():
+                    if code[0] in "45":
+                        answer.setdefault("content", {}).setdefault(
+                            "application/json", {"schema": _PROBLEM}
+                        )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API over `settings` (default: from `HMKD_*` variables)."""
     from api.metrics import install_metrics
@@ -218,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (jobs, artifacts, downloads, queue, me, health):
         app.include_router(module.router, prefix="/v1")
     install_dashboard(app)
+    document_common_errors(app)
     return app
 
 

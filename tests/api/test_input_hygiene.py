@@ -134,3 +134,21 @@ def test_malformed_links_signed_with_the_real_key_are_refused_not_500(
     ):
         r = client.get(f"/v1/downloads/{_signed(key, body)}")
         assert r.status_code == 403, (body, r.status_code, r.text)
+
+
+def test_openapi_documents_the_answers_every_route_can_give(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            assert {"413", "422"} <= set(responses), (method, path)
+            if "requestBody" in op:
+                assert "400" in responses, (method, path)
+            for code, answer in responses.items():
+                if code[0] in "45":  # errors are JSON, also where success is text or a stream
+                    assert "application/json" in answer["content"], (method, path, code)
+    # and a non-UTF-8 body does answer the documented 400
+    r = client.post(
+        "/v1/jobs", content=b'{"name": "\xff"}', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
