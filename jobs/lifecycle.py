@@ -267,11 +267,25 @@ def _exhausted(session: Session, job: Job, now: datetime) -> None:
     session.refresh(job)
 
 
-def renew_lease(session: Session, job_id: str, *, worker: str, lease_seconds: float) -> bool:
+def held_by(job_id: str, worker: str, attempt: int) -> ColumnElement[bool]:
+    """The fence every write for a running job carries: this worker holds the lease of this
+    very attempt. A worker presumed dead whose job was claimed again (the attempt number moved
+    on) fails it, even if it comes back under the same name."""
+    return and_(
+        Job.id == job_id,
+        Job.lease_owner == worker,
+        Job.attempt == attempt,
+        Job.state == JobState.running.value,
+    )
+
+
+def renew_lease(
+    session: Session, job_id: str, *, worker: str, attempt: int, lease_seconds: float
+) -> bool:
     """Extend the lease; False means this worker no longer owns the job and must stop."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
+        .where(held_by(job_id, worker, attempt))
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
@@ -328,14 +342,20 @@ def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:
 
 
 def finish_job(
-    session: Session, job_id: str, *, worker: str, state: JobState, error: str | None = None
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    attempt: int,
+    state: JobState,
+    error: str | None = None,
 ) -> bool:
-    """End the job if `worker` still owns it; False when the lease was lost meanwhile."""
+    """End the job if `worker` still owns this attempt; False when the lease was lost."""
     if state not in TERMINAL:
         raise ValueError(f"{state} is not a final state")
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
+        .where(held_by(job_id, worker, attempt))
         .values(**_ended(state, utcnow(), error=error))
         .execution_options(synchronize_session=False)
     )

@@ -1,7 +1,11 @@
 """What a running job writes: progress, evaluations, artifacts, worker heartbeats.
 
 Writes come from the training process's rank 0 through the worker's reporter, throttled, each
-in its own short transaction: SQLite is shared with the API and the heartbeat.
+in its own short transaction: SQLite is shared with the API and the heartbeat. Every write for
+a job is fenced by the lease of its attempt (`lifecycle.held_by`): it first updates the job row
+under that condition, which takes the row's write lock, and writes nothing when another
+attempt holds the job, so a training process that was frozen, or whose worker was presumed
+dead, cannot add to (or overwrite) what the job's current attempt records.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from jobs.artifacts import file_sha256
-from jobs.models import Artifact, Evaluation, Job, JobState, MetricPoint, Worker, utcnow
+from jobs.lifecycle import held_by
+from jobs.models import Artifact, Evaluation, Job, MetricPoint, Worker, utcnow
 
 
 def _finite(x: float | None) -> float | None:
@@ -26,6 +31,7 @@ def record_progress(
     job_id: str,
     *,
     worker: str,
+    attempt: int,
     iteration: int,
     total: int,
     images_per_s: float | None,
@@ -37,7 +43,7 @@ def record_progress(
     clean = {k: _finite(v) for k, v in losses.items()}
     owned = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == worker, Job.state == JobState.running.value)
+        .where(held_by(job_id, worker, attempt))
         .values(
             iteration=iteration,
             total_iterations=total,
@@ -50,7 +56,6 @@ def record_progress(
     )
     if owned.rowcount != 1:  # a worker that lost its lease writes nothing
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
     session.add(
         MetricPoint(
             job_id=job_id,
@@ -64,23 +69,57 @@ def record_progress(
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
+def holds(session: Session, job_id: str, *, worker: str, attempt: int) -> bool:
+    """Take the job row's write lock if this attempt still holds the lease; else False."""
+    result = session.execute(
+        update(Job)
+        .where(held_by(job_id, worker, attempt))
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
 def record_evaluation(
-    session: Session, job_id: str, *, iteration: int, metrics: dict[str, Any], metric_name: str
-) -> None:
-    """Store an evaluation; keep the job's latest and best (by `metric_name`) at hand."""
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    attempt: int,
+    iteration: int,
+    metrics: dict[str, Any],
+    metric_name: str,
+) -> bool:
+    """Store an evaluation; keep the job's latest and best (by `metric_name`) at hand.
+    Returns False, writing nothing, when this attempt no longer holds the job."""
+    if not holds(session, job_id, worker=worker, attempt=attempt):
+        return False
     session.add(Evaluation(job_id=job_id, iteration=iteration, metrics=metrics))
     job = session.get(Job, job_id)
     if job is None:
-        return
+        return False
     job.latest_eval = metrics
     value = metrics.get(metric_name)
     best = (job.best_eval or {}).get(metric_name)
     if value is not None and (best is None or value > best):
         job.best_eval = metrics
+    return True
 
 
-def record_artifact(session: Session, job_id: str, *, name: str, kind: str, path: Path) -> Artifact:
-    """Register (or refresh) a file of the job, with its size and sha256."""
+def record_artifact(
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    attempt: int,
+    name: str,
+    kind: str,
+    path: Path,
+) -> Artifact | None:
+    """Register (or refresh) a file of the job, with its size and sha256; None, registering
+    nothing, when this attempt no longer holds the job."""
+    if not holds(session, job_id, worker=worker, attempt=attempt):
+        return None
     stat = path.stat()
     sha = file_sha256(path)
     artifact = session.scalar(

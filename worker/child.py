@@ -38,6 +38,7 @@ class TrainRequest:
     result_path: str
     database_url: str
     worker: str
+    attempt: int  # with `worker`, the fencing token of every write for the job
     job_dir: str
     throttle_seconds: float
     supervisor_pid: int
@@ -94,6 +95,7 @@ def run(request: TrainRequest) -> dict[str, Any]:
         database_url=request.database_url,
         job_id=request.job_id,
         worker=request.worker,
+        attempt=request.attempt,
         job_dir=request.job_dir,
         metric_name=train_spec.eval.metric,
         throttle_seconds=request.throttle_seconds,

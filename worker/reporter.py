@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from hmkd_core.engine.reporter import Progress, Reporter
 from jobs.db import session_scope
+from jobs.lifecycle import held_by
 from jobs.models import Job, JobState
 from jobs.progress import (
     forget_missing_artifacts,
@@ -64,6 +65,7 @@ class DbReporter(Reporter):
         database_url: str,
         job_id: str,
         worker: str,
+        attempt: int,
         job_dir: str | Path,
         metric_name: str = "AP",
         throttle_seconds: float = 2.0,
@@ -73,6 +75,7 @@ class DbReporter(Reporter):
         self.database_url = database_url
         self.job_id = job_id
         self.worker = worker
+        self.attempt = attempt  # with `worker`, the fencing token of every write
         self.job_dir = str(job_dir)
         self.metric_name = metric_name
         self.throttle_seconds = throttle_seconds
@@ -112,6 +115,7 @@ class DbReporter(Reporter):
                     session,
                     self.job_id,
                     worker=self.worker,
+                    attempt=self.attempt,
                     iteration=progress.iteration,
                     total=progress.total,
                     images_per_s=progress.images_per_s,
@@ -131,6 +135,8 @@ class DbReporter(Reporter):
                 record_evaluation(
                     session,
                     self.job_id,
+                    worker=self.worker,
+                    attempt=self.attempt,
                     iteration=iteration,
                     metrics=jsonable(metrics),
                     metric_name=self.metric_name,
@@ -148,15 +154,37 @@ class DbReporter(Reporter):
             return
         try:
             with session_scope(self.database_url) as session:
-                record_artifact(session, self.job_id, name=name, kind=kind, path=path)
-                if kind == "checkpoint":  # older checkpoints were pruned (checkpoint.keep)
+                row = record_artifact(
+                    session,
+                    self.job_id,
+                    worker=self.worker,
+                    attempt=self.attempt,
+                    name=name,
+                    kind=kind,
+                    path=path,
+                )
+                if row is None:
+                    log.warning("job %s: %s not registered: lease lost", self.job_id, name)
+                elif kind == "checkpoint":  # older checkpoints were pruned (checkpoint.keep)
                     forget_missing_artifacts(session, self.job_id, Path(self.job_dir))
         except Exception as err:
             log.warning("job %s: artifact %s not registered: %s", self.job_id, name, err)
 
-    def checkpoint_on_stop(self) -> bool:
-        # a worker that lost its lease must not write into the folder the new owner resumes from
-        return not (self.stop_reason or "").startswith("lease lost")
+    def may_write(self) -> bool:
+        """Read now, never throttled: does this attempt still hold the job? A process that
+        cannot tell (the database is down) does not write either: the lease has slack, and a
+        checkpoint missed is cheaper than one written into another attempt's run."""
+        try:
+            with session_scope(self.database_url) as session:
+                held = session.scalar(
+                    select(Job.id).where(held_by(self.job_id, self.worker, self.attempt))
+                )
+        except Exception as err:
+            log.warning("job %s: could not read the lease: %s", self.job_id, err)
+            return False
+        if held is None:
+            self._request_stop("lease lost (another attempt holds the job)")
+        return held is not None
 
     def should_stop(self) -> bool:
         if self._stop:
@@ -165,25 +193,31 @@ class DbReporter(Reporter):
         if now - self._last_check < self.check_seconds:
             return False
         self._last_check = now
-        if self.supervisor_pid is not None and not _alive(self.supervisor_pid):
-            self._request_stop(f"worker process {self.supervisor_pid} is gone")
-            return True
         try:
             with session_scope(self.database_url) as session:
                 row = session.execute(
-                    select(Job.cancel_requested, Job.lease_owner, Job.state).where(
+                    select(Job.cancel_requested, Job.lease_owner, Job.attempt, Job.state).where(
                         Job.id == self.job_id
                     )
                 ).one_or_none()
         except Exception as err:
             log.warning("job %s: could not read the job row: %s", self.job_id, err)
-            return False
+            row = False  # unknown: the supervisor check below still applies
+        # ownership first: a lost lease must be the stop's reason even if the worker is gone
         if row is None:
             self._request_stop("the job no longer exists")
-        elif row.cancel_requested:
+        elif row and (
+            row.lease_owner != self.worker
+            or row.attempt != self.attempt
+            or row.state != JobState.running.value
+        ):
+            self._request_stop(
+                f"lease lost (job is {row.state}, attempt {row.attempt} owned by {row.lease_owner})"
+            )
+        elif row and row.cancel_requested:
             self._request_stop("cancel requested")
-        elif row.lease_owner != self.worker or row.state != JobState.running.value:
-            self._request_stop(f"lease lost (job is {row.state}, owned by {row.lease_owner})")
+        elif self.supervisor_pid is not None and not _alive(self.supervisor_pid):
+            self._request_stop(f"worker process {self.supervisor_pid} is gone")
         return self._stop
 
     def on_end(self, status: str, message: str | None = None) -> None:

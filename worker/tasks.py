@@ -69,6 +69,7 @@ def execute_job(settings: Settings, job_id: str, worker: str) -> str:
                 session,
                 job_id,
                 worker=worker,
+                attempt=attempt,
                 state=JobState.failed,
                 error=f"the worker failed: {type(err).__name__}: {err}",
             )
@@ -83,7 +84,7 @@ def _run_claimed(
     log_path = store.log_path(job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_line(log_path, f"attempt {attempt} claimed by {worker}")
-    heartbeat = LeaseHeartbeat(settings, job_id, worker)
+    heartbeat = LeaseHeartbeat(settings, job_id, worker, attempt)
     heartbeat.start()
     try:
         request = TrainRequest(
@@ -93,6 +94,7 @@ def _run_claimed(
             result_path=str(job_dir / f".result-{attempt}.json"),
             database_url=settings.database_url,
             worker=worker,
+            attempt=attempt,
             job_dir=str(job_dir),
             throttle_seconds=settings.progress_interval_seconds,
             supervisor_pid=os.getpid(),
@@ -100,7 +102,7 @@ def _run_claimed(
         result = run_training(request, log_path, heartbeat)
     finally:
         heartbeat.stop()
-    return record_outcome(settings, job_id, worker, job_dir, log_path, result, heartbeat)
+    return record_outcome(settings, job_id, worker, attempt, job_dir, log_path, result, heartbeat)
 
 
 def run_training(
@@ -204,6 +206,7 @@ def record_outcome(
     settings: Settings,
     job_id: str,
     worker: str,
+    attempt: int,
     job_dir: Path,
     log_path: Path,
     result: dict[str, Any],
@@ -213,12 +216,14 @@ def record_outcome(
     status = result.get("status")
     with session_scope(settings.database_url) as session:
         row = session.execute(
-            select(Job.lease_owner, Job.cancel_requested, Job.state).where(Job.id == job_id)
+            select(Job.lease_owner, Job.attempt, Job.cancel_requested, Job.state).where(
+                Job.id == job_id
+            )
         ).one_or_none()
     if row is None:
         log.warning("job %s was deleted while it ran", job_id)
         return "gone"
-    if heartbeat.lost.is_set() or row.lease_owner != worker:
+    if heartbeat.lost.is_set() or row.lease_owner != worker or row.attempt != attempt:
         _log_line(log_path, f"lease lost by {worker}; the job is left to its new owner")
         log.warning("job %s: lease lost; not finishing it", job_id)
         return "lease_lost"
@@ -238,16 +243,20 @@ def record_outcome(
     _log_line(
         log_path, f"attempt ends {final.value}" + (f": {result.get('error')}" if error else "")
     )
-    register_artifacts(settings, job_id, job_dir)
+    register_artifacts(settings, job_id, job_dir, worker=worker, attempt=attempt)
     with session_scope(settings.database_url) as session:
-        if not finish_job(session, job_id, worker=worker, state=final, error=error):
+        if not finish_job(
+            session, job_id, worker=worker, attempt=attempt, state=final, error=error
+        ):
             log.warning("job %s: lease lost before it could be finished", job_id)
             return "lease_lost"
     log.info("job %s: %s", job_id, final.value)
     return final.value
 
 
-def register_artifacts(settings: Settings, job_id: str, job_dir: Path) -> None:
+def register_artifacts(
+    settings: Settings, job_id: str, job_dir: Path, *, worker: str, attempt: int
+) -> None:
     """Record every file of the job (checkpoints, student, eval, logs) with size and sha256.
 
     Checkpoints the reporter registered as they were written are immutable and not hashed
@@ -265,7 +274,15 @@ def register_artifacts(settings: Settings, job_id: str, job_dir: Path) -> None:
             if kind == "checkpoint" and known.get(name) == path.stat().st_size:
                 continue
             with session_scope(settings.database_url) as session:
-                record_artifact(session, job_id, name=name, kind=kind, path=path)
+                record_artifact(
+                    session,
+                    job_id,
+                    worker=worker,
+                    attempt=attempt,
+                    name=name,
+                    kind=kind,
+                    path=path,
+                )
         except Exception as err:  # bookkeeping must not fail a run whose files are written
             log.warning("job %s: artifact %s not registered: %s", job_id, name, err)
 
@@ -277,6 +294,7 @@ class LeaseHeartbeat:
     settings: Settings
     job_id: str
     worker: str
+    attempt: int
     lost: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -300,6 +318,7 @@ class LeaseHeartbeat:
                         session,
                         self.job_id,
                         worker=self.worker,
+                        attempt=self.attempt,
                         lease_seconds=self.settings.lease_seconds,
                     )
             except Exception as err:  # a missed beat is survivable; the lease has slack

@@ -48,6 +48,12 @@ class Reporter:
     def checkpoint_on_stop(self) -> bool:
         """Whether a stop asked by `should_stop` writes a checkpoint first. False when another
         process now owns the run directory (a service worker that lost its lease)."""
+        return self.may_write()
+
+    def may_write(self) -> bool:
+        """Asked right before the run writes a checkpoint or its final files: False when the
+        run directory is no longer this process's to write (the run then stops, writing
+        nothing). Unlike `should_stop`, the answer must be fresh, never throttled."""
         return True
 
     def on_end(self, status: str, message: str | None = None) -> None:
@@ -102,6 +108,9 @@ class MultiReporter(Reporter):
 
     def checkpoint_on_stop(self) -> bool:
         return all(r.checkpoint_on_stop() for r in self.reporters)
+
+    def may_write(self) -> bool:
+        return all(r.may_write() for r in self.reporters)
 
     def on_end(self, status: str, message: str | None = None) -> None:
         for r in self.reporters:

@@ -258,13 +258,22 @@ class Trainer:
             if every and self.iteration % every == 0 and self.iteration < total:
                 self.evaluate()
             if self.iteration % self.spec.checkpoint.every == 0 and self.iteration < total:
+                if not self._may_write():
+                    return "stopped"
                 self.save_checkpoint()
             if any_true(main and self.reporter.should_stop(), self.ctx):
                 if any_true(main and self.reporter.checkpoint_on_stop(), self.ctx):
                     self.save_checkpoint()
                 return "stopped"
+        if not self._may_write():
+            return "stopped"
         self.finish()
         return "succeeded"
+
+    def _may_write(self) -> bool:
+        """Whether the run directory is still this run's to write (asked of the reporter on
+        rank 0, the answer shared so every rank takes the same branch)."""
+        return not any_true(self.ctx.is_main and not self.reporter.may_write(), self.ctx)
 
     def _report(self, losses: dict[str, float], dt: float, imgs_per_it: int, total: int) -> None:
         lr = self.optimizer.param_groups[0]["lr"]

@@ -91,7 +91,11 @@ def run_to_end(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         with session_scope(settings.database_url) as session:
-            record_artifact(session, job_id, name=name, kind="other", path=path)
+            record_artifact(
+                session, job_id, worker="w#1", attempt=1, name=name, kind="other", path=path
+            )
     with session_scope(settings.database_url) as session:
         error = None if state == "succeeded" else "it broke"
-        assert finish_job(session, job_id, worker="w#1", state=JobState(state), error=error)
+        assert finish_job(
+            session, job_id, worker="w#1", attempt=1, state=JobState(state), error=error
+        )

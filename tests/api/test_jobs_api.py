@@ -199,6 +199,7 @@ def test_metrics_series(
                 session,
                 job["id"],
                 worker="w#1",
+                attempt=1,
                 iteration=it,
                 total=4,
                 images_per_s=10.0 * it,
@@ -207,8 +208,14 @@ def test_metrics_series(
                 losses={"loss_classifier": 1.0 / it, "distill.loss_hm_p2": 0.5},
             )
     with session_scope(service_settings.database_url) as session:
-        record_evaluation(
-            session, job["id"], iteration=2, metrics={"AP": 0.1, "AP_S": 0.05}, metric_name="AP_S"
+        assert record_evaluation(
+            session,
+            job["id"],
+            worker="w#1",
+            attempt=1,
+            iteration=2,
+            metrics={"AP": 0.1, "AP_S": 0.05},
+            metric_name="AP_S",
         )
     series = client.get(f"/v1/jobs/{job['id']}/metrics").json()
     assert series["iteration"] == [1, 2] and series["images_per_s"] == [10.0, 20.0]
@@ -252,13 +259,21 @@ def test_events_follow_a_running_job(
         time.sleep(0.3)
         with session_scope(url) as s:
             record_progress(
-                s, job["id"], worker="w#1", iteration=2, total=4, images_per_s=5.0,
+                s, job["id"], worker="w#1", attempt=1, iteration=2, total=4, images_per_s=5.0,
                 eta_s=1.0, lr=0.01, losses={"loss": 1.0},
             )  # fmt: skip
         time.sleep(0.3)
         with session_scope(url) as s:
-            record_evaluation(s, job["id"], iteration=4, metrics={"AP": 0.2}, metric_name="AP")
-            finish_job(s, job["id"], worker="w#1", state=JobState.succeeded)
+            record_evaluation(
+                s,
+                job["id"],
+                worker="w#1",
+                attempt=1,
+                iteration=4,
+                metrics={"AP": 0.2},
+                metric_name="AP",
+            )
+            finish_job(s, job["id"], worker="w#1", attempt=1, state=JobState.succeeded)
 
     thread = threading.Thread(target=worker)
     thread.start()

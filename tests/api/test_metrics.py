@@ -48,6 +48,7 @@ def test_metrics_count_jobs_speed_workers_and_requests(
             session,
             running,
             worker="w#2",
+            attempt=1,
             iteration=3,
             total=10,
             images_per_s=12.5,

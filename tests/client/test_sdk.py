@@ -99,11 +99,11 @@ def test_events_stream_live(
             time.sleep(0.2)
             with session_scope(url) as s:
                 record_progress(
-                    s, job["id"], worker="w#1", iteration=it, total=4, images_per_s=3.0,
+                    s, job["id"], worker="w#1", attempt=1, iteration=it, total=4, images_per_s=3.0,
                     eta_s=1.0, lr=0.01, losses={"loss": 1.0 / it},
                 )  # fmt: skip
         with session_scope(url) as s:
-            finish_job(s, job["id"], worker="w#1", state=JobState.succeeded)
+            finish_job(s, job["id"], worker="w#1", attempt=1, state=JobState.succeeded)
 
     thread = threading.Thread(target=worker)
     thread.start()

@@ -105,8 +105,10 @@ def test_submit_follow_prints_ap(
         time.sleep(0.2)
         with session_scope(url) as s:
             metrics = {"AP": 0.4321, "AP_S": 0.1234, "AP50": 0.6}
-            record_evaluation(s, job_id, iteration=4, metrics=metrics, metric_name="AP_S")
-            finish_job(s, job_id, worker="w#1", state=JobState.succeeded)
+            record_evaluation(
+                s, job_id, worker="w#1", attempt=1, iteration=4, metrics=metrics, metric_name="AP_S"
+            )
+            finish_job(s, job_id, worker="w#1", attempt=1, state=JobState.succeeded)
 
     thread = threading.Thread(target=worker)
     thread.start()

@@ -58,10 +58,10 @@ def test_claim_is_exclusive_and_counts_attempts(service_settings: Settings, admi
         assert job is not None and job.attempt == 1 and job.state == JobState.running
     with session_scope(url) as s:  # the same message delivered again: ignored
         assert claim_job(s, job_id, worker="w2", lease_seconds=30) is None
-        assert renew_lease(s, job_id, worker="w1", lease_seconds=30)
-        assert not renew_lease(s, job_id, worker="w2", lease_seconds=30)
-        assert not finish_job(s, job_id, worker="w2", state=JobState.succeeded)
-        assert finish_job(s, job_id, worker="w1", state=JobState.succeeded)
+        assert renew_lease(s, job_id, worker="w1", attempt=1, lease_seconds=30)
+        assert not renew_lease(s, job_id, worker="w2", attempt=1, lease_seconds=30)
+        assert not finish_job(s, job_id, worker="w2", attempt=1, state=JobState.succeeded)
+        assert finish_job(s, job_id, worker="w1", attempt=1, state=JobState.succeeded)
     with session_scope(url) as s:
         job = s.get(Job, job_id)
         assert job.state == JobState.succeeded and job.attempt == 1
@@ -104,7 +104,11 @@ def test_a_dead_workers_job_can_be_claimed_after_expiry(
         )
         assert job is not None and job.attempt == 2 and job.lease_owner == "w2"
     with session_scope(url) as s:  # the old owner finds out at its next renewal
-        assert not renew_lease(s, job_id, worker="w1", lease_seconds=10)
+        assert not renew_lease(s, job_id, worker="w1", attempt=1, lease_seconds=10)
+        # and a stale process under the new owner's name, still on attempt 1, is fenced too
+        assert not renew_lease(s, job_id, worker="w2", attempt=1, lease_seconds=10)
+        assert not finish_job(s, job_id, worker="w2", attempt=1, state=JobState.failed)
+        assert renew_lease(s, job_id, worker="w2", attempt=2, lease_seconds=10)
 
 
 def test_cancel_and_retry(service_settings: Settings, admin: tuple) -> None:
@@ -120,7 +124,7 @@ def test_cancel_and_retry(service_settings: Settings, admin: tuple) -> None:
             request_cancel(s, s.get(Job, queued))
         with pytest.raises(Conflict):
             retry_job(s, s.get(Job, running))
-        assert finish_job(s, running, worker="w", state=JobState.cancelled)
+        assert finish_job(s, running, worker="w", attempt=1, state=JobState.cancelled)
     with session_scope(url) as s:
         job = retry_job(s, s.get(Job, running))
         assert job.state == JobState.queued and not job.dispatched and not job.cancel_requested
@@ -196,4 +200,4 @@ def test_cancelling_a_job_whose_worker_is_gone_ends_it_at_once(
         assert job.state == JobState.cancelled and job.lease_owner is None
     with session_scope(service_settings.database_url) as s:  # the sweeper finds nothing to do
         assert requeue_expired(s) == []
-        assert not finish_job(s, job_id, worker="w", state=JobState.failed)
+        assert not finish_job(s, job_id, worker="w", attempt=1, state=JobState.failed)

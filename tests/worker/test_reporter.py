@@ -33,6 +33,7 @@ def _reporter(settings: Settings, job_id: str, **kw: float) -> DbReporter:
         database_url=settings.database_url,
         job_id=job_id,
         worker=WORKER,
+        attempt=1,
         job_dir=Path(settings.artifacts_dir) / job_id,
         **kw,
     )
@@ -100,3 +101,44 @@ def test_artifacts_are_registered_relative_to_the_job_folder(
             "run/checkpoints/ckpt_00000010.pt",
             "run/checkpoints/ckpt_00000015.pt",
         ]
+
+
+def test_a_stale_attempt_writes_nothing_once_the_job_is_claimed_again(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    """A training process frozen (SIGSTOP) while its worker died and another attempt claimed
+    the job, then let go: under the very same worker name, it may write nothing for the job."""
+    url = service_settings.database_url
+    job_id = _claimed(service_settings, submit)
+    dead = os.fork()
+    if dead == 0:  # a supervisor that is gone by the time the stale process looks
+        os._exit(0)
+    os.waitpid(dead, 0)
+    stale = _reporter(service_settings, job_id, check_seconds=0, supervisor_pid=dead)
+    assert stale.may_write()  # attempt 1 still holds the job
+    with session_scope(url) as session:  # presumed dead: re-queued and claimed again
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    with session_scope(url) as session:
+        assert requeue_expired(session) == [job_id]
+        assert claim_job(session, job_id, worker=WORKER, lease_seconds=60).attempt == 2
+    ckpt = Path(service_settings.artifacts_dir) / job_id / "run" / "checkpoints" / "ckpt_1.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"stale")
+
+    stale.on_progress(_progress(10))
+    stale.on_evaluation(10, {"AP": 0.9})
+    stale.on_artifact("checkpoint", ckpt)
+    assert not stale.may_write() and not stale.checkpoint_on_stop()
+    # the lost lease is the stop's reason, not the supervisor that is gone too
+    assert stale.should_stop() and "lease lost" in (stale.stop_reason or "")
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        assert job.iteration == 0 and job.latest_eval is None and job.attempt == 2
+        assert session.scalar(select(MetricPoint.id).where(MetricPoint.job_id == job_id)) is None
+        assert session.scalar(select(Artifact.id).where(Artifact.job_id == job_id)) is None
+    current = _reporter(service_settings, job_id)
+    current.attempt = 2
+    assert current.may_write()
+    current.on_artifact("checkpoint", ckpt)
+    with session_scope(url) as session:
+        assert session.scalar(select(Artifact.name).where(Artifact.job_id == job_id))

@@ -127,3 +127,25 @@ def test_evaluate_spec_scores_a_trained_file_without_training(
     assert metrics["AP"] == trained["AP"] and metrics["AP_S"] == trained["AP_S"]
     assert json.loads((tmp_path / "eval.json").read_text())["AP"] == trained["AP"]
     assert not (tmp_path / "checkpoints").exists()
+
+
+class _LosesTheRunAt(StopAfter):
+    """A reporter whose run directory stops being its own after `iteration` iterations."""
+
+    def should_stop(self) -> bool:
+        return False
+
+    def may_write(self) -> bool:
+        return self._last < self.iteration
+
+
+def test_a_run_that_may_no_longer_write_stops_without_writing(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    spec = tiny_spec(tiny_digits, checkpoint={"every": 2})
+    result = train(spec, tmp_path / "run", reporter=_LosesTheRunAt(3))
+    assert result.status == "stopped"
+    # the checkpoint at 2 was written while the run was its own; none at 4, no student.pt
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt_*.pt"))
+    assert names == ["ckpt_00000002.pt"]
+    assert not (tmp_path / "run" / "student.pt").exists()
