@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,15 @@ class Run:
         return (self.out / "bench.json").is_file()
 
 
-def run_grid(runs: list[Run], *, jobs: int, threads: int) -> list[str]:
-    """Run what is not done, `jobs` at a time with `threads` torch threads each.
+def run_grid(
+    runs: list[Run],
+    *,
+    jobs: int,
+    threads: int,
+    on_done: Callable[[Run], None] | None = None,
+) -> list[str]:
+    """Run what is not done, `jobs` at a time with `threads` torch threads each; `on_done` is
+    called as each run finishes well, so an interrupted grid keeps what it finished.
 
     Returns the keys of runs that failed (their `bench.log` says why).
     """
@@ -67,6 +75,8 @@ def run_grid(runs: list[Run], *, jobs: int, threads: int) -> list[str]:
             minutes = (time.monotonic() - started) / 60
             if proc.returncode == 0 and run.done:
                 print(f"[bench] done  {run.key} in {minutes:.1f} min", flush=True)
+                if on_done is not None:
+                    on_done(run)
             else:
                 failed.append(run.key)
                 print(f"[bench] FAILED {run.key} (see {run.out / 'bench.log'})", flush=True)

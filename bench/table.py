@@ -114,37 +114,37 @@ def run_rows(
     inputs = {"teacher": file_sha256(teacher)}
     if base is not None:
         inputs["init"] = file_sha256(base)
-    pending: list[tuple[str, int, str, Run]] = []
+    pending: dict[Path, tuple[str, int, str]] = {}
+    runs: list[Run] = []
     for row in rows:  # a row's seeds run side by side, under the same load
         for seed in seeds:
-            spec = student_spec(
-                preset, splits, teacher, row_distill(preset, row), seed=seed, init=base
-            )
+            distill = row_distill(preset, row)
+            spec = student_spec(preset, splits, teacher, distill, seed=seed, init=base)
             h = spec_hash(spec, roots)
             if read_record(record_path(preset.name, row, seed, results), h) is not None:
                 continue
             out = work / preset.name / slug(row) / f"seed{seed}-{h[:10]}"
-            pending.append((row, seed, h, Run(f"{row} seed {seed}", spec, out, splits.tune)))
-    failed = run_grid([p[3] for p in pending], jobs=preset.jobs, threads=preset.threads)
-    for row, seed, h, run in pending:
-        if run.done:
-            used = (
-                inputs
-                if ROWS[row]["method"] != "none"
-                else {k: v for k, v in inputs.items() if k != "teacher"}
-            )
-            write_record(
-                record_path(preset.name, row, seed, results),
-                preset=preset.name,
-                row=row,
-                seed=seed,
-                hash_=h,
-                run=read_run(run.out),
-                spec=run.spec,
-                roots=roots,
-                inputs=used,
-            )
-    return failed
+            pending[out] = (row, seed, h)
+            runs.append(Run(f"{row} seed {seed}", spec, out, splits.tune))
+
+    def record(run: Run) -> None:
+        row, seed, h = pending[run.out]
+        used = dict(inputs)
+        if ROWS[row]["method"] == "none":
+            used.pop("teacher")
+        write_record(
+            record_path(preset.name, row, seed, results),
+            preset=preset.name,
+            row=row,
+            seed=seed,
+            hash_=h,
+            run=read_run(run.out),
+            spec=run.spec,
+            roots=roots,
+            inputs=used,
+        )
+
+    return run_grid(runs, jobs=preset.jobs, threads=preset.threads, on_done=record)
 
 
 def main(argv: list[str] | None = None) -> None:
