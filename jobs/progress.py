@@ -26,6 +26,20 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def record_start(
+    session: Session, job_id: str, *, worker: str, attempt: int, iteration: int, total: int
+) -> bool:
+    """An attempt starts (or resumes) at `iteration`: the job's progress says so at once,
+    instead of showing the previous attempt's last figures until the first progress point."""
+    result = session.execute(
+        update(Job)
+        .where(held_by(job_id, worker, attempt))
+        .values(iteration=iteration, total_iterations=total, images_per_s=None, eta_s=None)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
 def record_progress(
     session: Session,
     job_id: str,

@@ -31,6 +31,7 @@ from jobs.progress import (
     record_artifact,
     record_evaluation,
     record_progress,
+    record_start,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,18 @@ class DbReporter(Reporter):
     # ---- reporter protocol ---------------------------------------------------------------
     def on_start(self, *, total: int, start_iteration: int, out_dir: Path) -> None:
         log.info("job %s: starting at iteration %d of %d", self.job_id, start_iteration, total)
+        try:
+            with session_scope(self.database_url) as session:
+                record_start(
+                    session,
+                    self.job_id,
+                    worker=self.worker,
+                    attempt=self.attempt,
+                    iteration=start_iteration,
+                    total=total,
+                )
+        except Exception as err:
+            log.warning("job %s: start not recorded: %s", self.job_id, err)
 
     def on_progress(self, progress: Progress) -> None:
         now = time.monotonic()

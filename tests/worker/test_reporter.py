@@ -142,3 +142,22 @@ def test_a_stale_attempt_writes_nothing_once_the_job_is_claimed_again(
     current.on_artifact("checkpoint", ckpt)
     with session_scope(url) as session:
         assert session.scalar(select(Artifact.name).where(Artifact.job_id == job_id))
+
+
+def test_a_new_attempt_shows_where_it_resumes_at_once(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    url = service_settings.database_url
+    job_id = _claimed(service_settings, submit)
+    _reporter(service_settings, job_id).on_progress(_progress(9))
+    with session_scope(url) as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    with session_scope(url) as session:
+        assert requeue_expired(session) == [job_id]
+        assert claim_job(session, job_id, worker=WORKER, lease_seconds=60).attempt == 2
+    second = _reporter(service_settings, job_id)
+    second.attempt = 2
+    second.on_start(total=10, start_iteration=5, out_dir=Path("unused"))
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        assert job.iteration == 5 and job.images_per_s is None and job.eta_s is None
