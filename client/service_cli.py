@@ -330,14 +330,26 @@ def run_worker_command(
     ],
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once (CPU only).")] = 1,
     loglevel: Annotated[str, typer.Option()] = "info",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="This worker's name in /v1/queue and /metrics (default: "
+            "$HMKD_WORKER_NAME, else hmkd-<pid>@<host>, unique per process).",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker serving QUEUEs, one job at a time on this machine's GPUs."""
     from jobs.migrate import DatabaseNotMigrated, check_current
     from jobs.settings import Settings
-    from worker.cli import run_worker
+    from worker.cli import run_worker, worker_name
 
     try:
         check_current(Settings().database_url)
     except DatabaseNotMigrated as err:
         _fail(str(err))
-    run_worker(queue, concurrency=concurrency, loglevel=loglevel)
+    try:
+        hostname = worker_name(name)
+    except ValueError as err:
+        _fail(str(err))
+    run_worker(queue, concurrency=concurrency, loglevel=loglevel, hostname=hostname)

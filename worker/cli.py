@@ -10,8 +10,28 @@ embedded SQLAlchemy broker does not carry anyway.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
 
 log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}(@[A-Za-z0-9][A-Za-z0-9_.\-]{0,199})?$")
+
+
+def worker_name(given: str | None = None) -> str:
+    """The worker's node name: `given`, else `$HMKD_WORKER_NAME`, else `hmkd-<pid>@<host>`.
+
+    Celery's default, `celery@<host>`, is the same for every worker of a machine: two workers
+    on one host would register as one, and the death of either would go unseen. A name without
+    `@host` gets this machine's host name appended.
+    """
+    name = given or os.environ.get("HMKD_WORKER_NAME") or f"hmkd-{os.getpid()}"
+    if not _NAME.match(name):
+        raise ValueError(
+            f"worker name {name!r}: use letters, digits, '.', '_' and '-', optionally @host"
+        )
+    return name if "@" in name else f"{name}@{socket.gethostname()}"
 
 
 def worker_argv(

@@ -60,3 +60,23 @@ def test_the_app_registers_the_task_by_name() -> None:
     app.loader.import_default_modules()
     assert "hmkd.run_job" in app.tasks
     assert app.conf.task_acks_late and app.conf.worker_prefetch_multiplier == 1
+
+
+def test_worker_names_are_unique_per_process_unless_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import socket
+
+    from worker.cli import worker_name
+
+    monkeypatch.delenv("HMKD_WORKER_NAME", raising=False)
+    host = socket.gethostname()
+    assert worker_name() == f"hmkd-{os.getpid()}@{host}"  # two workers on a host differ
+    assert worker_name("gpu-a") == f"gpu-a@{host}"
+    assert worker_name("gpu-a@node7") == "gpu-a@node7"
+    monkeypatch.setenv("HMKD_WORKER_NAME", "rack3-gpu0")
+    assert worker_name() == f"rack3-gpu0@{host}"
+    for bad in ("a b", "x\x00y", "@host", "a/b"):
+        with pytest.raises(ValueError, match="worker name"):
+            worker_name(bad)
