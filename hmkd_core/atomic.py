@@ -32,6 +32,33 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
     _fsync_directory(path.parent)
 
 
+def is_orphan_name(name: str) -> bool:
+    """Whether `name` is one of `atomic_write`'s temporary files (`.<target>.<random>.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3
+
+
+def remove_orphans(directory: Path | str, *, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files a killed `atomic_write` left under `directory`, at any
+    depth, that are older than `older_than_s`. A process killed mid-save (OOM, SIGKILL, a
+    lost node) leaves one as large as the checkpoint it was writing, and nothing else would
+    ever remove it. Returns what was removed."""
+    import time
+
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    removed = []
+    for path in root.rglob(".*.tmp"):
+        try:
+            if is_orphan_name(path.name) and path.is_file() and path.stat().st_mtime <= cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # finished or removed meanwhile
+            continue
+    return removed
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make the rename itself durable; not every OS lets a directory be opened, so best effort."""
     try:

@@ -14,11 +14,14 @@ children; GPUs are listed with `nvidia-smi -L` or read from `CUDA_VISIBLE_DEVICE
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
 import subprocess
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -27,7 +30,7 @@ from sqlalchemy import select
 from jobs.broker import dispatch_pending, make_celery
 from jobs.db import dispose_engines, session_scope
 from jobs.models import Job, JobState
-from jobs.settings import get_settings
+from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,37 @@ def list_gpus() -> list[dict[str, Any]]:
     return gpus
 
 
+def remove_orphaned_saves(settings: Settings, *, older_than_s: float) -> list[Path]:
+    """Temporary files of interrupted saves in the folders of jobs that are not running.
+
+    A running job's own process removes its orphans when it starts; this catches the jobs that
+    never run again (failed, cancelled, or succeeded after a killed save).
+    """
+    from hmkd_core.atomic import remove_orphans
+
+    root = Path(settings.artifacts_dir or settings.data_dir / "artifacts")
+    if not root.is_dir():
+        return []
+    with session_scope(settings.database_url) as session:
+        running = set(session.scalars(select(Job.id).where(Job.state == JobState.running.value)))
+    removed: list[Path] = []
+    for job_dir in root.iterdir():
+        if job_dir.is_dir() and job_dir.name not in running:
+            removed += remove_orphans(job_dir, older_than_s=older_than_s)
+    return removed
+
+
 class Sweeper:
     """The periodic duties of a worker's main process, on a daemon thread."""
+
+    # orphaned temporary files: looked for hourly, removed once an hour old (a save in
+    # progress is seconds to minutes old, never an hour)
+    ORPHAN_PERIOD_S = 3600.0
 
     def __init__(self, hostname: str, queues: list[str]) -> None:
         self.hostname = hostname
         self.queues = queues
+        self._orphans_swept = -math.inf
         self.gpus = list_gpus()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hmkd-sweeper", daemon=True)
@@ -108,6 +136,10 @@ class Sweeper:
         if requeued:
             log.warning("re-queued jobs whose worker stopped renewing: %s", ", ".join(requeued))
         dispatch_pending(settings, app)
+        if time.monotonic() - self._orphans_swept >= self.ORPHAN_PERIOD_S:
+            self._orphans_swept = time.monotonic()
+            for path in remove_orphaned_saves(settings, older_than_s=self.ORPHAN_PERIOD_S):
+                log.warning("removed %s, left by an interrupted save", path)
         with session_scope(settings.database_url) as session:
             current = session.scalar(
                 select(Job.id).where(

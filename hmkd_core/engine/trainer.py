@@ -9,6 +9,7 @@ scheduler, scaler, best metric) lives in the checkpoint, so a stopped run resume
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from hmkd_core.atomic import remove_orphans
 from hmkd_core.data import CocoDetectionDataset, collate_detection
 from hmkd_core.distill import build_distiller
 from hmkd_core.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -34,6 +36,8 @@ from hmkd_core.engine.tensorboard import TensorBoardReporter
 from hmkd_core.evaluation import write_eval_json
 from hmkd_core.models import StudentHeader, build_detector, export_student
 from hmkd_core.spec import TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -236,6 +240,9 @@ class Trainer:
         total = self.spec.schedule.iterations
         main = self.ctx.is_main
         if main:
+            # a save this run directory's last process was killed in the middle of
+            for orphan in remove_orphans(self.out_dir):
+                log.info("removed %s, left by an interrupted save", orphan)
             self._trim_metrics()
             self.reporter.on_start(
                 total=total, start_iteration=self.iteration, out_dir=self.out_dir

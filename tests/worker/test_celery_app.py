@@ -80,3 +80,59 @@ def test_worker_names_are_unique_per_process_unless_given(
     for bad in ("a b", "x\x00y", "@host", "a/b"):
         with pytest.raises(ValueError, match="worker name"):
             worker_name(bad)
+
+
+def test_orphaned_saves_are_removed_from_jobs_that_do_not_run(tmp_path: Path) -> None:
+    """A kill during a checkpoint save leaves `.<name>.<random>.tmp`: the run's next start and
+    the sweeper remove it; a running job's fresh ones, and other files, stay."""
+    import os
+    import time
+
+    from hmkd_core.atomic import atomic_write, remove_orphans
+    from jobs.db import session_scope
+    from jobs.migrate import upgrade
+    from jobs.models import Job, JobState, Team, User
+    from jobs.settings import Settings
+    from worker.celery_app import remove_orphaned_saves
+
+    settings = Settings(data_dir=tmp_path / "data")
+    upgrade(settings.database_url)
+    root = Path(settings.artifacts_dir)
+    with session_scope(settings.database_url) as s:
+        team = Team(name="t")
+        s.add(team)
+        s.flush()
+        user = User(name="u", team_id=team.id)
+        s.add(user)
+        s.flush()
+        for job_id, state in (("a" * 32, JobState.failed), ("b" * 32, JobState.running)):
+            s.add(
+                Job(
+                    id=job_id,
+                    team_id=team.id,
+                    user_id=user.id,
+                    name="j",
+                    kind="train",
+                    method="none",
+                    queue="default",
+                    spec={},
+                    state=state.value,
+                )
+            )
+    old = time.time() - 7200
+    planted = {}
+    for job_id in ("a" * 32, "b" * 32):
+        ckpts = root / job_id / "run" / "checkpoints"
+        atomic_write(ckpts / "ckpt_00000010.pt", lambda f: f.write(b"done"))
+        orphan = ckpts / ".ckpt_00000020.pt.k3j2h1.tmp"
+        orphan.write_bytes(b"half a checkpoint")
+        os.utime(orphan, (old, old))
+        planted[job_id] = orphan
+    removed = remove_orphaned_saves(settings, older_than_s=3600)
+    assert removed == [planted["a" * 32]]  # the running job's is left to its own process
+    assert planted["b" * 32].exists()
+    assert (root / ("a" * 32) / "run" / "checkpoints" / "ckpt_00000010.pt").read_bytes() == b"done"
+    # the run's own start removes them at any age
+    fresh = root / ("b" * 32) / "run" / ".student.pt.x1y2.tmp"
+    fresh.write_bytes(b"x")
+    assert sorted(remove_orphans(root / ("b" * 32))) == sorted([planted["b" * 32], fresh])
