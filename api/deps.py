@@ -67,6 +67,16 @@ def get_current_user(
 CurrentUser = Annotated[User, Depends(get_current_user)]
 
 
+def get_admin_user(user: CurrentUser) -> User:
+    """The caller, if an administrator; 403 otherwise."""
+    if not user.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs an administrator's token")
+    return user
+
+
+AdminUser = Annotated[User, Depends(get_admin_user)]
+
+
 def get_visible_job(
     session: SessionDep,
     user: CurrentUser,

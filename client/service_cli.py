@@ -290,6 +290,58 @@ def tokens_create(
     typer.echo(issued.token)
 
 
+@tokens_app.command("list")
+def tokens_list(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's.")] = None,
+) -> None:
+    """Tokens by prefix (never the token itself): user, label, created, last used, revoked."""
+    from jobs.admin import list_tokens
+    from jobs.auth import UnknownUser
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    try:
+        tokens = list_tokens(Settings(), user)
+    except (UnknownUser, DatabaseNotMigrated) as err:
+        _fail(str(err))
+    for t in tokens:
+        state = "revoked" if t.revoked else "live"
+        used = t.last_used_at or "never used"
+        typer.echo(f"{t.prefix}  {t.user}  {t.name or '-'}  {t.created_at}  {used}  {state}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    prefix: Annotated[str, typer.Argument(help="The token's prefix, as `tokens list` shows.")],
+) -> None:
+    """Revoke a token: its next request is refused (401)."""
+    from jobs.admin import revoke_token
+    from jobs.auth import UnknownToken
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    try:
+        info = revoke_token(Settings(), prefix)
+    except (UnknownToken, DatabaseNotMigrated) as err:
+        _fail(str(err))
+    err_console.print(escape(f"revoked token {info.prefix} of {info.user}"))
+
+
+@users_app.command("disable")
+def users_disable(name: Annotated[str, typer.Argument(help="User name.")]) -> None:
+    """Revoke every token of a user; their jobs stay with the team."""
+    from jobs.admin import disable_user
+    from jobs.auth import UnknownUser
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    try:
+        count = disable_user(Settings(), name)
+    except (UnknownUser, DatabaseNotMigrated) as err:
+        _fail(str(err))
+    err_console.print(escape(f"disabled {name}: {count} live token(s) revoked"))
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",

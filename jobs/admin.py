@@ -1,4 +1,5 @@
-"""What the admin commands do (`hmkd db upgrade`, `hmkd users create`, `hmkd tokens create`).
+"""What the admin commands do (`hmkd db upgrade`, `hmkd users create|disable`,
+`hmkd tokens create|list|revoke`).
 
 They work on the database named by the settings, directly: they are run on the server by whoever
 holds its configuration, and the first user of a team deployment has no token to call the API
@@ -65,3 +66,52 @@ def create_token(settings: Settings, user: str, *, name: str = "") -> IssuedToke
         found = auth.get_user(session, user)
         token, _ = auth.create_token(session, found, name=name)
         return IssuedToken(found.name, found.team.name, found.is_admin, token)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    prefix: str  # enough to name it, never to use it
+    user: str
+    name: str
+    created_at: str
+    last_used_at: str | None
+    revoked: bool
+
+
+def _info(row: object) -> TokenInfo:
+    from jobs.models import ApiToken
+
+    assert isinstance(row, ApiToken)
+    return TokenInfo(
+        prefix=row.prefix,
+        user=row.user.name,
+        name=row.name,
+        created_at=row.created_at.isoformat(timespec="seconds"),
+        last_used_at=row.last_used_at.isoformat(timespec="seconds") if row.last_used_at else None,
+        revoked=row.revoked,
+    )
+
+
+def list_tokens(settings: Settings, user: str | None = None) -> list[TokenInfo]:
+    """Every token (of `user`), live and revoked, by prefix; never the token itself."""
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        found = auth.get_user(session, user) if user else None
+        return [_info(row) for row in auth.list_tokens(session, found)]
+
+
+def revoke_token(settings: Settings, prefix: str) -> TokenInfo:
+    """Revoke the token `hmkd tokens list` shows as `prefix`; its next request is a 401."""
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        (row,) = auth.revoke_tokens(session, prefix=prefix)
+        return _info(row)
+
+
+def disable_user(settings: Settings, name: str) -> int:
+    """Revoke every token of user `name`; returns how many were live. The user and their jobs
+    stay (the team still sees the jobs); `hmkd tokens create --user` lets them in again."""
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        user = auth.get_user(session, name)
+        return len(auth.revoke_tokens(session, user=user))

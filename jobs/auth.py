@@ -33,6 +33,10 @@ class AlreadyExists(Conflict):
     """A user (or other unique name) that exists already."""
 
 
+class UnknownToken(LookupError):
+    """No (or no single) token matches what was given."""
+
+
 class UnknownUser(LookupError):
     """No user of that name."""
 
@@ -94,6 +98,41 @@ def create_token(session: Session, user: User, name: str = "") -> tuple[str, Api
     session.add(row)
     session.flush()
     return token, row
+
+
+def revoke_tokens(
+    session: Session, *, prefix: str | None = None, user: User | None = None
+) -> list[ApiToken]:
+    """Revoke the token shown as `prefix` (as `tokens list` prints it), or every token of
+    `user`; returns the tokens that were live. Takes effect on their next request: nothing
+    caches a token. UnknownToken if `prefix` matches none, or more than one."""
+    query = select(ApiToken).where(ApiToken.revoked.is_(False))
+    if prefix is not None:
+        if len(prefix) < SHOWN_PREFIX_CHARS:
+            raise UnknownToken(
+                f"token prefix {prefix!r} is too short: give the {SHOWN_PREFIX_CHARS} "
+                "characters `hmkd tokens list` shows"
+            )
+        query = query.where(ApiToken.prefix == prefix[:SHOWN_PREFIX_CHARS])
+    if user is not None:
+        query = query.where(ApiToken.user_id == user.id)
+    rows = list(session.scalars(query))
+    if prefix is not None and len(rows) != 1:
+        raise UnknownToken(
+            f"{'no live token' if not rows else 'more than one token'} starts with {prefix!r}; "
+            "see `hmkd tokens list`"
+        )
+    for row in rows:
+        row.revoked = True
+    session.flush()
+    return rows
+
+
+def list_tokens(session: Session, user: User | None = None) -> list[ApiToken]:
+    query = select(ApiToken).order_by(ApiToken.id)
+    if user is not None:
+        query = query.where(ApiToken.user_id == user.id)
+    return list(session.scalars(query))
 
 
 def authenticate(session: Session, token: str, *, now: datetime | None = None) -> User | None:

@@ -36,6 +36,21 @@ def test_admin_commands(empty_db_url: str, tmp_path: Path, monkeypatch: pytest.M
     res = runner.invoke(app, ["tokens", "create", "--user", "nobody"])
     assert res.exit_code == 2 and "hmkd users create nobody" in res.output
 
+    # tokens are listed by prefix only, revoked one by one, or all of a user's at once
+    second = runner.invoke(app, ["tokens", "create", "--user", "carol"])
+    res_token = second.stdout.strip().splitlines()[-1]
+    listed = runner.invoke(app, ["tokens", "list", "--user", "carol"])
+    assert listed.exit_code == 0 and listed.stdout.count("live") == 3
+    assert res_token not in listed.stdout  # never the token itself
+    res = runner.invoke(app, ["tokens", "revoke", res_token[:8]])
+    assert res.exit_code == 0 and "revoked token" in res.output, res.output
+    res = runner.invoke(app, ["tokens", "revoke", res_token[:8]])
+    assert res.exit_code == 2 and "no live token" in res.output
+    res = runner.invoke(app, ["users", "disable", "carol"])
+    assert res.exit_code == 0 and "2 live token(s) revoked" in res.output, res.output
+    listed = runner.invoke(app, ["tokens", "list"])
+    assert listed.stdout.count("revoked") == 3 and "live" not in listed.stdout
+
 
 @pytest.fixture
 def cli_env(live_api: str, admin: tuple[Any, str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,40 @@
+"""Revoking tokens and disabling users over the API: an administrator's business, effective on
+the very next request, and a disabled user's jobs stay with their team."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from jobs.admin import create_user
+from jobs.settings import Settings
+from tests.api.conftest import bearer, job_spec
+
+
+def test_admin_revokes_a_token_and_disables_a_user(
+    client: TestClient,
+    other_team_user: tuple[Any, str],
+    service_settings: Settings,
+    dataset: dict[str, Path],
+) -> None:
+    _, bob = other_team_user
+    assert client.get("/v1/me", headers=bearer(bob)).status_code == 200
+    # a non-admin may do neither
+    r = client.post(f"/v1/admin/tokens/{bob[:8]}/revoke", headers=bearer(bob))
+    assert r.status_code == 403
+    r = client.post("/v1/admin/tokens/hmkd_zzz/revoke")
+    assert r.status_code == 404 and "no live token" in r.json()["detail"]
+
+    r = client.post(f"/v1/admin/tokens/{bob[:8]}/revoke")
+    assert r.status_code == 200 and r.json() == {"revoked": [bob[:8]]}
+    assert client.get("/v1/me", headers=bearer(bob)).status_code == 401
+
+    carol = create_user(service_settings, "carol", team="alpha").token  # the admin's team
+    job = client.post("/v1/jobs", json=job_spec(dataset), headers=bearer(carol)).json()["id"]
+    r = client.post("/v1/admin/users/carol/disable")
+    assert r.status_code == 200 and r.json()["revoked"] == [carol[:8]]
+    assert client.get("/v1/jobs", headers=bearer(carol)).status_code == 401
+    assert client.get(f"/v1/jobs/{job}").json()["id"] == job  # still the team's
+    assert client.post("/v1/admin/users/nobody/disable").status_code == 404
