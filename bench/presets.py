@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,23 +120,14 @@ CPU = Preset(
 )
 
 # The earlier protocol, kept as a second table: every row from random weights.
-CPU_SCRATCH = Preset(
+CPU_SCRATCH = replace(
+    CPU,
     name="cpu-scratch",
-    machine="2-core CPU",
-    data=_DIGITS_128,
-    teacher=_CPU_TEACHER,
-    student=_CPU_STUDENT,
-    input_size=(128, 128),
-    teacher_schedule=_CPU_TEACHER_SCHEDULE,
+    protocol="scratch",
+    base_schedule=None,
     student_schedule={"iterations": 600, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
     eval_every=200,
-    stage_eval_every=300,
-    protocol="scratch",
-    rows=("none", "mimic", "fgd", "mgd", "hmkd"),
-    jobs=2,
-    threads=1,
-    device="cpu",
-    weights=_CPU_WEIGHTS,
+    rows=("none", "hmkd", "mimic", "fgd", "mgd"),
 )
 
 GPU = Preset(
