@@ -155,13 +155,13 @@ def format_probe(name: str, result: dict[str, Any]) -> str:
         f"gradient clipping fired on {100 * result['clip_fraction']:.0f} % of "
         f"{result['batches']} batches",
         f"  {'level':<6}{'T rms':>8}{'att cells':>11}{'att on fg':>11}{'fg cells':>10}"
-        f"{'‖∂det‖':>10}{'‖∂kd‖':>10}{'ratio':>8}",
+        f"{'‖∂det‖':>10}{'‖∂kd‖':>10}{'ratio':>10}",
     ]
     for lv, s in result["levels"].items():
         lines.append(
             f"  {lv:<6}{s['teacher_rms']:>8.2f}{s['att_effective_cells']:>11.1f}"
             f"{s['att_fg_mass']:>11.3f}{s['fg_cells']:>10.3f}{s['grad_det']:>10.2e}"
-            f"{s['grad_kd']:>10.2e}{s['grad_ratio']:>8.3f}"
+            f"{s['grad_kd']:>10.2e}{s['grad_ratio']:>10.3g}"
         )
     for term, v in sorted(result["terms"].items()):
         raw = "–" if v["raw"] is None else f"{v['raw']:.3e}"
