@@ -60,6 +60,11 @@ class Preset:
     stage_eval_every: int  # the teacher's and the base's, for their curves and plateau check
     protocol: Literal["warm", "scratch"] = "warm"
     base_schedule: dict[str, Any] | None = None  # the student alone, to its plateau (warm)
+    # While the base still gains (AP_S over the last third of its run >= PLATEAU_GAIN), it
+    # continues from where it stopped for another chunk of this schedule, at most
+    # `max_extensions` times; the rows start from the last one.
+    extension_schedule: dict[str, Any] | None = None
+    max_extensions: int = 0
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     jobs: int = 1  # runs at once
     threads: int = 1  # torch threads per run
@@ -108,6 +113,8 @@ CPU = Preset(
     input_size=(128, 128),
     teacher_schedule=_CPU_TEACHER_SCHEDULE,
     base_schedule=_CPU_BASE_SCHEDULE,
+    extension_schedule={"iterations": 1200, "batch_size": 2, "lr": 2e-4, "warmup_iters": 20},
+    max_extensions=2,
     student_schedule={"iterations": 300, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
     eval_every=0,
     stage_eval_every=300,
@@ -125,6 +132,8 @@ CPU_SCRATCH = replace(
     name="cpu-scratch",
     protocol="scratch",
     base_schedule=None,
+    extension_schedule=None,
+    max_extensions=0,
     student_schedule={"iterations": 600, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
     eval_every=200,
     rows=("none", "hmkd", "mimic", "fgd", "mgd"),
@@ -174,6 +183,8 @@ HITUAV_CPU = Preset(
     input_size=(256, 320),  # half of native: every object half as wide
     teacher_schedule={"iterations": 1000, "batch_size": 4, "lr": 4e-4, "warmup_iters": 50},
     base_schedule={"iterations": 1200, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
+    extension_schedule={"iterations": 800, "batch_size": 2, "lr": 2e-4, "warmup_iters": 20},
+    max_extensions=1,
     student_schedule={"iterations": 200, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
     eval_every=0,
     stage_eval_every=400,
@@ -283,6 +294,16 @@ def base_student_spec(preset: Preset, splits: Splits) -> dict[str, Any]:
     spec = base_spec(preset, splits, seed=0, stage=True)
     spec["student"] = _model(preset, preset.student)
     spec["schedule"].update(preset.base_schedule)
+    return _checked(spec)
+
+
+def extension_spec(preset: Preset, splits: Splits, previous: Path) -> dict[str, Any]:
+    """One more chunk of training alone, from the previous base's weights."""
+    if preset.extension_schedule is None:
+        raise ValueError(f"preset {preset.name} has no extension schedule")
+    spec = base_spec(preset, splits, seed=0, stage=True)
+    spec["student"] = _model(preset, preset.student, weights=str(previous))
+    spec["schedule"].update(preset.extension_schedule)
     return _checked(spec)
 
 

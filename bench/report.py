@@ -27,6 +27,7 @@ from bench.stats import Paired, paired
 
 METRICS = ("AP", "AP50", "AP_S", "AP_tiny", "AP_xsmall", "AP_small16_32")
 GOAL_GAIN = 3.0  # AP_S points over `none`
+PLATEAU_GAIN = 0.5  # AP_S gained over the last third of a run, under which it has plateaued
 GOAL_STEP = 1.10  # step over the floor
 
 PAGES = {"cpu": "results.md", "hituav-cpu": "results-hituav.md"}
@@ -73,7 +74,11 @@ def collect(
     }
     return {
         "teacher": read_record(record_path(preset.name, "teacher", None, results)),
-        "base": read_record(record_path(preset.name, "base", None, results)),
+        "bases": [
+            r
+            for name in ("base", *(f"base+{k}" for k in range(1, preset.max_extensions + 1)))
+            if (r := read_record(record_path(preset.name, name, None, results)))
+        ],
         "rows": {row: by_seed for row, by_seed in found.items() if by_seed},
     }
 
@@ -144,8 +149,9 @@ def summarize(
         "protocol": preset.protocol,
         "data": preset.source,
         "teacher_ap_s": _metric(found["teacher"], "AP_S") if found["teacher"] else None,
-        "base_ap_s": _metric(found["base"], "AP_S") if found["base"] else None,
-        "base_plateau_gain_ap_s": plateau_gain(found["base"]),
+        "base_ap_s": _metric(found["bases"][-1], "AP_S") if found["bases"] else None,
+        "base_plateau_gain_ap_s": plateau_gain(found["bases"][-1]) if found["bases"] else None,
+        "base_stages": len(found["bases"]),
         "teachers": len(teacher_shas),
         "rows": out,
     }
@@ -360,7 +366,7 @@ def write_all(
     return summary
 
 
-def _protocol_line(preset: Preset, base: dict[str, Any] | None, gain: float | None) -> str:
+def _protocol_line(preset: Preset, bases: list[dict[str, Any]], gain: float | None) -> str:
     student = _model_line(preset.student)
     rows_schedule = _schedule(preset.student_schedule)
     if preset.protocol == "scratch":
@@ -368,13 +374,19 @@ def _protocol_line(preset: Preset, base: dict[str, Any] | None, gain: float | No
     plateau = (
         "–"
         if gain is None
-        else f"{gain:+.2f} AP_S over its last third "
-        + ("(plateau: under 0.5)" if abs(gain) < 0.5 else "(still moving: 0.5 or more)")
+        else f"{gain:+.2f} AP_S over the last third of its last stage "
+        + (
+            f"(plateau: under {PLATEAU_GAIN})"
+            if gain < PLATEAU_GAIN
+            else f"(still gaining {PLATEAU_GAIN} or more: not at its plateau)"
+        )
     )
-    base_ap = _fmt(_metric(base, "AP_S") if base else None)
+    chain = [
+        f"AP_S {_fmt(_metric(b, 'AP_S'))} after {_schedule(b['spec']['schedule'])}" for b in bases
+    ]
     return (
         f"every row continues from the same base student, a {student} trained alone "
-        f"({_schedule(preset.base_schedule)}; AP_S {base_ap}, {plateau}), for {rows_schedule}"
+        f"({'; then, still gaining, '.join(chain) or '–'}; {plateau}), for {rows_schedule}"
     )
 
 
@@ -407,7 +419,7 @@ def _page(
     reading = folder / "reading.md"
     t_ap = _fmt(_metric(teacher, "AP") if teacher else None)
     t_aps = _fmt(_metric(teacher, "AP_S") if teacher else None)
-    protocol = _protocol_line(preset, found["base"], summary["base_plateau_gain_ap_s"])
+    protocol = _protocol_line(preset, found["bases"], summary["base_plateau_gain_ap_s"])
     # SmallDigits' ten digits are all alike and small; a real data set's classes are not
     classes = _class_table(found) if preset.data["kind"] == "coco" else []
     sections = "".join(

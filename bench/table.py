@@ -32,6 +32,7 @@ from bench.presets import (
     Preset,
     Splits,
     base_student_spec,
+    extension_spec,
     row_distill,
     student_spec,
     teacher_spec,
@@ -81,21 +82,39 @@ def run_stages(
     failed = run_grid(list(runs.values()), jobs=preset.jobs, threads=preset.threads)
     if failed:
         raise SystemExit(f"{failed} failed; see bench.log in {work / 'stages'}")
-    for name, run in runs.items():
-        write_record(
-            record_path(preset.name, name, None, results),
-            preset=preset.name,
-            row=name,
-            seed=None,
-            hash_=spec_hash(run.spec, roots),
-            run=read_run(run.out),
-            spec=run.spec,
-            roots=roots,
-            inputs={"student.pt": file_sha256(run.out / "student.pt")},
-        )
+    records = {name: _record_stage(preset, name, run, roots, results) for name, run in runs.items()}
     teacher_path = teacher.resolve() if teacher is not None else runs["teacher"].out / "student.pt"
-    base = runs["base"].out / "student.pt" if "base" in runs else None
+    if "base" not in runs:
+        return teacher_path, None
+    base, record = runs["base"].out / "student.pt", records["base"]
+    for k in range(1, preset.max_extensions + 1):  # to its plateau
+        gain = report.plateau_gain(record)
+        if gain is None or gain < report.PLATEAU_GAIN:
+            break
+        spec = extension_spec(preset, splits, base)
+        name = f"base+{k}"
+        run = Run(name, spec, work / "stages" / f"base{k}-{spec_hash(spec, roots)[:10]}")
+        if run_grid([run], jobs=1, threads=preset.threads):
+            raise SystemExit(f"{name} failed; see {run.out / 'bench.log'}")
+        record = _record_stage(preset, name, run, roots, results)
+        base = run.out / "student.pt"
     return teacher_path, base
+
+
+def _record_stage(
+    preset: Preset, name: str, run: Run, roots: dict[str, Path], results: Path
+) -> dict[str, Any]:
+    return write_record(
+        record_path(preset.name, name, None, results),
+        preset=preset.name,
+        row=name,
+        seed=None,
+        hash_=spec_hash(run.spec, roots),
+        run=read_run(run.out),
+        spec=run.spec,
+        roots=roots,
+        inputs={"student.pt": file_sha256(run.out / "student.pt")},
+    )
 
 
 def run_rows(

@@ -114,3 +114,24 @@ def test_bad_arguments_are_named(tmp_path: Path, in_repo: None) -> None:
         table.main(_argv(tmp_path, "--rows", "nonsense"))
     with pytest.raises(SystemExit, match="needs the 'none' row"):
         table.main(_argv(tmp_path, "--rows", "hmkd"))
+
+
+def test_a_base_still_gaining_continues_until_its_extensions_run_out(
+    tmp_path: Path, in_repo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from bench import presets, report
+
+    chunk = {"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0}
+    smoke = replace(presets.SMOKE, extension_schedule=chunk, max_extensions=1)
+    monkeypatch.setitem(presets.PRESETS, "smoke", smoke)
+    monkeypatch.setattr(report, "PLATEAU_GAIN", -1.0)  # every run "still gains"
+    table.main(_argv(tmp_path, "--stages-only"))
+    results = tmp_path / "results"
+    base = read_record(record_path("smoke", "base", None, results))
+    more = read_record(record_path("smoke", "base+1", None, results))
+    assert base is not None and more is not None
+    assert more["spec"]["student"]["weights"].startswith("<work>/stages/base-")
+    assert more["spec"]["schedule"]["iterations"] == 2
+    assert read_record(record_path("smoke", "base+2", None, results)) is None  # capped
