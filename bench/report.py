@@ -415,7 +415,11 @@ def _page(
         if overhead
         else "not measured"
     )
-    diagnose = folder / "diagnose.txt"
+    # the calibration's probe is the same report at weight 1 (the ratios scale with it)
+    diagnose = next(
+        (f for f in (folder / "diagnose.txt", folder / "calibration.txt") if f.is_file()),
+        folder / "diagnose.txt",
+    )
     reading = folder / "reading.md"
     t_ap = _fmt(_metric(teacher, "AP") if teacher else None)
     t_aps = _fmt(_metric(teacher, "AP_S") if teacher else None)
@@ -430,7 +434,11 @@ def _page(
             _section(
                 "Diagnostics",
                 _fenced(diagnose),
-                f"`python -m bench.diagnose --preset {preset.name}`:\n\n",
+                f"`python -m bench.diagnose --preset {preset.name}`:\n\n"
+                if diagnose.name == "diagnose.txt"
+                else f"`python -m bench.calibrate --preset {preset.name} --write`, each method "
+                "at weight 1 (at the calibrated weight every gradient ratio is the target and "
+                "the other figures are the same):\n\n",
             ),
         ]
     )
