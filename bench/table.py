@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join(ROWS)}")
     p.add_argument("--stages-only", action="store_true", help="train teacher and base, then stop")
     p.add_argument("--render", action="store_true", help="only re-render from the records")
+    p.add_argument(
+        "--measure-overhead",
+        action="store_true",
+        help="with --render: measure the step / floor ratios again (else the stored ones)",
+    )
     p.add_argument("--results", type=Path, default=RESULTS, help="where records are kept")
     p.add_argument("--out", type=Path, default=None, help="results page (default docs/...)")
     p.add_argument("--overhead-rounds", type=int, default=8)
