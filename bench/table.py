@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> None:
             results=args.results,
         )
     overhead = (
-        None
-        if args.render
-        else report.measure_overhead(preset, splits, rows=rows, rounds=args.overhead_rounds)
+        report.measure_overhead(preset, splits, rows=rows, rounds=args.overhead_rounds)
+        if not args.render or args.measure_overhead
+        else None
     )
     out = args.out or report.page_path(preset)
     report.write_all(
