@@ -60,9 +60,9 @@ class Preset:
     stage_eval_every: int  # the teacher's and the base's, for their curves and plateau check
     protocol: Literal["warm", "scratch"] = "warm"
     base_schedule: dict[str, Any] | None = None  # the student alone, to its plateau (warm)
-    # While the base still gains (AP_S over the last third of its run >= PLATEAU_GAIN), it
-    # continues from where it stopped for another chunk of this schedule, at most
-    # `max_extensions` times; the rows start from the last one.
+    # While the teacher or the base still gains (AP_S over the last third of its run >=
+    # PLATEAU_GAIN), it continues from where it stopped for another chunk of this schedule
+    # (at its own batch size), at most `max_extensions` times; the rows use the last ones.
     extension_schedule: dict[str, Any] | None = None
     max_extensions: int = 0
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -297,13 +297,16 @@ def base_student_spec(preset: Preset, splits: Splits) -> dict[str, Any]:
     return _checked(spec)
 
 
-def extension_spec(preset: Preset, splits: Splits, previous: Path) -> dict[str, Any]:
-    """One more chunk of training alone, from the previous base's weights."""
+def extension_spec(preset: Preset, splits: Splits, stage: str, previous: Path) -> dict[str, Any]:
+    """One more chunk of `stage` (teacher or base), from its previous weights."""
     if preset.extension_schedule is None:
         raise ValueError(f"preset {preset.name} has no extension schedule")
     spec = base_spec(preset, splits, seed=0, stage=True)
-    spec["student"] = _model(preset, preset.student, weights=str(previous))
-    spec["schedule"].update(preset.extension_schedule)
+    model = preset.teacher if stage == "teacher" else preset.student
+    spec["student"] = _model(preset, model, weights=str(previous))
+    schedule = preset.teacher_schedule if stage == "teacher" else preset.base_schedule or {}
+    # the stage's own batch size, the chunk's length and rate
+    spec["schedule"].update({**preset.extension_schedule, "batch_size": schedule["batch_size"]})
     return _checked(spec)
 
 

@@ -65,40 +65,42 @@ def roots_of(work: Path, preset: Preset) -> dict[str, Path]:
 def run_stages(
     preset: Preset, work: Path, splits: Splits, *, teacher: Path | None, results: Path
 ) -> tuple[Path, Path | None]:
-    """Train the teacher and (warm protocol) the base student, side by side; record both.
+    """Train the teacher and (warm protocol) the base student, side by side, each to its
+    plateau: one still gaining continues for another chunk, up to `max_extensions` times.
+    Every stage is recorded (`teacher`, `teacher+1`, `base`, `base+1`, ...).
 
-    Returns the teacher's and the base's `student.pt` (None for the scratch protocol).
+    Returns the last teacher's and base's `student.pt` (None for the scratch protocol).
     """
     roots = roots_of(work, preset)
-    stages: list[tuple[str, dict[str, Any]]] = []
+    specs: dict[str, dict[str, Any]] = {}
     if teacher is None:
-        stages.append(("teacher", teacher_spec(preset, splits)))
+        specs["teacher"] = teacher_spec(preset, splits)
     if preset.protocol == "warm":
-        stages.append(("base", base_student_spec(preset, splits)))
-    runs = {
-        name: Run(name, spec, work / "stages" / f"{name}-{spec_hash(spec, roots)[:10]}")
-        for name, spec in stages
-    }
-    failed = run_grid(list(runs.values()), jobs=preset.jobs, threads=preset.threads)
-    if failed:
-        raise SystemExit(f"{failed} failed; see bench.log in {work / 'stages'}")
-    records = {name: _record_stage(preset, name, run, roots, results) for name, run in runs.items()}
-    teacher_path = teacher.resolve() if teacher is not None else runs["teacher"].out / "student.pt"
-    if "base" not in runs:
-        return teacher_path, None
-    base, record = runs["base"].out / "student.pt", records["base"]
-    for k in range(1, preset.max_extensions + 1):  # to its plateau
-        gain = report.plateau_gain(record)
-        if gain is None or gain < report.PLATEAU_GAIN:
+        specs["base"] = base_student_spec(preset, splits)
+    latest: dict[str, tuple[Path, dict[str, Any]]] = {}  # stage -> (weights, record)
+    for k in range(preset.max_extensions + 1):
+        runs = {
+            (name if k == 0 else f"{name}+{k}"): Run(
+                name, spec, work / "stages" / f"{name}{k or ''}-{spec_hash(spec, roots)[:10]}"
+            )
+            for name, spec in specs.items()
+        }
+        if not runs:
             break
-        spec = extension_spec(preset, splits, base)
-        name = f"base+{k}"
-        run = Run(name, spec, work / "stages" / f"base{k}-{spec_hash(spec, roots)[:10]}")
-        if run_grid([run], jobs=1, threads=preset.threads):
-            raise SystemExit(f"{name} failed; see {run.out / 'bench.log'}")
-        record = _record_stage(preset, name, run, roots, results)
-        base = run.out / "student.pt"
-    return teacher_path, base
+        failed = run_grid(list(runs.values()), jobs=preset.jobs, threads=preset.threads)
+        if failed:
+            raise SystemExit(f"{failed} failed; see bench.log in {work / 'stages'}")
+        for label, run in runs.items():
+            record = _record_stage(preset, label, run, roots, results)
+            latest[run.key] = (run.out / "student.pt", record)
+        specs = {  # what is still gaining continues from where it stopped
+            name: extension_spec(preset, splits, name, latest[name][0])
+            for name in specs
+            if (gain := report.plateau_gain(latest[name][1])) is not None
+            and gain >= report.PLATEAU_GAIN
+        }
+    teacher_path = teacher.resolve() if teacher is not None else latest["teacher"][0]
+    return teacher_path, latest["base"][0] if "base" in latest else None
 
 
 def _record_stage(
