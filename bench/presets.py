@@ -170,6 +170,9 @@ GPU = Preset(
 _HITUAV = {
     "kind": "coco",
     "title": "HIT-UAV",
+    "cite": 'Suo et al., "HIT-UAV: A high-altitude infrared thermal dataset for Unmanned '
+    'Aerial Vehicle-based object detection", Scientific Data 10, 227 (2023), '
+    "doi:10.1038/s41597-023-02066-6; CC BY 4.0",
     "root": "../shared/datasets/hituav",
     "tune": 200,  # train images held out (every 10th by id) for choosing defaults
 }

@@ -255,15 +255,23 @@ def _goal(summary: dict[str, Any]) -> str:
     if h is None or h["ci95"] is None:
         return "HMKD has fewer than two paired seeds here: no verdict on the goal."
     gain_ok = h["delta_ap_s"] >= GOAL_GAIN and h["ci95"][0] > 0
-    others = {r: v["ap_s"] for r, v in rows.items() if r in ("mimic", "fgd", "mgd")}
-    beats = all(h["ap_s"] > v for v in others.values() if v is not None)
+    others = {
+        r: v["ap_s"]
+        for r, v in rows.items()
+        if r in ("mimic", "fgd", "mgd") and v["ap_s"] is not None
+    }
+    beats = bool(others) and all(h["ap_s"] > v for v in others.values())
     step_ok = h["step_over_floor"] is not None and h["step_over_floor"] <= GOAL_STEP
     parts = [
         f"mean Δ AP_S {h['delta_ap_s']:+.2f} [{h['ci95'][0]:+.2f}, {h['ci95'][1]:+.2f}] "
         f"({'meets' if gain_ok else 'misses'} ≥ +{GOAL_GAIN:.1f} with the interval above 0)",
-        f"AP_S {h['ap_s']:.2f} against "
-        + ", ".join(f"{r} {v:.2f}" for r, v in others.items() if v is not None)
-        + f" ({'above all' if beats else 'not above all'})",
+        (
+            f"AP_S {h['ap_s']:.2f} against "
+            + ", ".join(f"{r} {v:.2f}" for r, v in others.items())
+            + f" ({'above all' if beats else 'not above all'})"
+            if others
+            else "no baseline row (mimic, fgd, mgd) has finished runs to compare with"
+        ),
         f"step / floor {_fmt(h['step_over_floor'], 3)} "
         f"({'within' if step_ok else 'over or unmeasured'} {GOAL_STEP})",
     ]
@@ -309,7 +317,8 @@ def _data_line(preset: Preset) -> str:
             f"with data seed {d['seed'] + 1}. Every object is COCO-small."
         )
     return (
-        f"{d['title']} (`{d['root']}`): the official val split (290 images) is reported; "
+        f"{d['title']} ({d['cite']}), read from `{d['root']}`: the official val split is "
+        "reported; "
         f"{d['tune']} train images spread over the id order are held out of training as the "
         f"tuning split. Input resized to {preset.input_size[0]}–{preset.input_size[1]} px; "
         "AP_S and the tiny ranges use annotation areas at native size (COCO's rule)."
