@@ -101,11 +101,17 @@ def write_record(
     return record
 
 
-def read_record(path: Path, hash_: str | None = None) -> dict[str, Any] | None:
-    """The record at `path`, or None when there is none (or it is of another spec)."""
+def read_record(
+    path: Path, hash_: str | None = None, inputs: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """The record at `path`, or None when there is none, or it is of another spec, or it read
+    other weights than `inputs` (a teacher or base retrained elsewhere: its rows are no longer
+    paired with runs from the new one, so they run again)."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     if hash_ is not None and record.get("spec_hash") != hash_:
+        return None
+    if inputs is not None and record.get("inputs") != inputs:
         return None
     return record

@@ -47,6 +47,10 @@ def run_grid(
     Returns the keys of runs that failed (their `bench.log` says why).
     """
     pending = [r for r in runs if not r.done]
+    if on_done is not None:  # finished earlier but never recorded (a record lost or removed)
+        for run in runs:
+            if run.done:
+                on_done(run)
     active: list[tuple[Run, subprocess.Popen, float]] = []
     failed: list[str] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

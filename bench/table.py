@@ -50,8 +50,13 @@ from bench.runs import Run, read_run, run_grid
 
 
 def data_root(preset: Preset, work: Path) -> Path:
-    """One data folder per data settings, shared by the presets that use the same data."""
-    key = hashlib.sha256(json.dumps(preset.data, sort_keys=True).encode()).hexdigest()[:10]
+    """One data folder per data settings, shared by the presets that use the same data.
+
+    The citation is left out of the key: rewording it must not orphan the prepared splits,
+    nor change the hash of every spec (and so of every record) that reads them.
+    """
+    settings = {k: v for k, v in preset.data.items() if k != "cite"}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return work / "data" / f"{slug(preset.source)}-{key}"
 
 
@@ -119,6 +124,13 @@ def _record_stage(
     )
 
 
+def _inputs_of(row: str, inputs: dict[str, str]) -> dict[str, str]:
+    """The weights a row reads: a student trained alone never reads the teacher."""
+    if ROWS[row]["method"] == "none":
+        return {k: v for k, v in inputs.items() if k != "teacher"}
+    return dict(inputs)
+
+
 def run_rows(
     preset: Preset,
     work: Path,
@@ -142,17 +154,17 @@ def run_rows(
             distill = row_distill(preset, row)
             spec = student_spec(preset, splits, teacher, distill, seed=seed, init=base)
             h = spec_hash(spec, roots)
-            if read_record(record_path(preset.name, row, seed, results), h) is not None:
+            used = _inputs_of(row, inputs)
+            if read_record(record_path(preset.name, row, seed, results), h, used) is not None:
                 continue
-            out = work / preset.name / slug(row) / f"seed{seed}-{h[:10]}"
+            # the folder is named by what the run reads too: a retrained teacher keeps its path
+            key = hashlib.sha256(f"{h} {sorted(used.items())}".encode()).hexdigest()
+            out = work / preset.name / slug(row) / f"seed{seed}-{key[:10]}"
             pending[out] = (row, seed, h)
             runs.append(Run(f"{row} seed {seed}", spec, out, splits.tune))
 
     def record(run: Run) -> None:
         row, seed, h = pending[run.out]
-        used = dict(inputs)
-        if ROWS[row]["method"] == "none":
-            used.pop("teacher")
         write_record(
             record_path(preset.name, row, seed, results),
             preset=preset.name,
@@ -162,7 +174,7 @@ def run_rows(
             run=read_run(run.out),
             spec=run.spec,
             roots=roots,
-            inputs=used,
+            inputs=_inputs_of(row, inputs),
         )
 
     return run_grid(runs, jobs=preset.jobs, threads=preset.threads, on_done=record)

@@ -107,6 +107,36 @@ def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     assert "| mgd | 1 |" in (tmp_path / "c.md").read_text()
 
 
+def test_a_record_made_from_other_weights_runs_again(tmp_path: Path, in_repo: None) -> None:
+    # a teacher retrained elsewhere has another sha256: runs against the old one are unpaired
+    argv = _argv(tmp_path, "--rows", "none", "mgd", "--seeds", "0", "--out", str(tmp_path / "a.md"))
+    table.main(argv)
+    results = tmp_path / "results"
+    mgd, none = (record_path("smoke", row, 0, results) for row in ("mgd", "none"))
+    stale = json.loads(mgd.read_text())
+    stale["inputs"]["teacher"] = "0" * 64
+    mgd.write_text(json.dumps(stale))
+    kept = none.stat().st_mtime_ns
+    table.main(argv)
+    assert json.loads(mgd.read_text())["inputs"]["teacher"] != "0" * 64
+    assert none.stat().st_mtime_ns == kept  # `none` never read the teacher
+
+
+def test_the_citation_is_not_part_of_the_data_key(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from bench import presets
+
+    reworded = {**presets.HITUAV_CPU.data, "cite": "another wording"}
+    assert table.data_root(replace(presets.HITUAV_CPU, data=reworded), tmp_path) == (
+        table.data_root(presets.HITUAV_CPU, tmp_path)
+    )
+    fewer = {**presets.HITUAV_CPU.data, "tune": 100}
+    assert table.data_root(replace(presets.HITUAV_CPU, data=fewer), tmp_path) != (
+        table.data_root(presets.HITUAV_CPU, tmp_path)
+    )
+
+
 def test_bad_arguments_are_named(tmp_path: Path, in_repo: None) -> None:
     with pytest.raises(SystemExit, match=r"--teacher: .*missing\.pt is not a file"):
         table.main(_argv(tmp_path, "--teacher", str(tmp_path / "missing.pt")))
