@@ -29,6 +29,8 @@ tokens_app = typer.Typer(no_args_is_help=True, help="API tokens (server side).")
 db_app = typer.Typer(no_args_is_help=True, help="The service's database (server side).")
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
+teams_app = typer.Typer(no_args_is_help=True, help="Teams (server side).")
+app.add_typer(teams_app, name="teams")
 app.add_typer(db_app, name="db")
 
 console = Console()
@@ -340,6 +342,31 @@ def users_disable(name: Annotated[str, typer.Argument(help="User name.")]) -> No
     except (UnknownUser, DatabaseNotMigrated) as err:
         _fail(str(err))
     err_console.print(escape(f"disabled {name}: {count} live token(s) revoked"))
+
+
+@teams_app.command("limit")
+def teams_limit(
+    name: Annotated[str, typer.Argument(help="Team name.")],
+    max_running: Annotated[
+        int | None,
+        typer.Option("--max-running", min=1, help="Jobs of the team that may run at once."),
+    ] = None,
+    default: Annotated[
+        bool, typer.Option("--default", help="Use the deployment's default cap instead.")
+    ] = False,
+) -> None:
+    """Cap how many of a team's jobs run at once; the others wait in the queue."""
+    from jobs.admin import UnknownTeam, set_team_cap
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    if (max_running is None) == (not default):
+        _fail("give either --max-running N or --default")
+    try:
+        cap = set_team_cap(Settings(), name, max_running)
+    except (UnknownTeam, DatabaseNotMigrated) as err:
+        _fail(str(err))
+    err_console.print(escape(f"team {name}: at most {cap or 'unlimited'} running job(s)"))
 
 
 @db_app.command("upgrade")

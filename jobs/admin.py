@@ -1,5 +1,5 @@
 """What the admin commands do (`hmkd db upgrade`, `hmkd users create|disable`,
-`hmkd tokens create|list|revoke`).
+`hmkd tokens create|list|revoke`, `hmkd teams limit`).
 
 They work on the database named by the settings, directly: they are run on the server by whoever
 holds its configuration, and the first user of a team deployment has no token to call the API
@@ -115,3 +115,26 @@ def disable_user(settings: Settings, name: str) -> int:
     with session_scope(settings.database_url) as session:
         user = auth.get_user(session, name)
         return len(auth.revoke_tokens(session, user=user))
+
+
+class UnknownTeam(LookupError):
+    """No team of that name."""
+
+
+def set_team_cap(settings: Settings, team: str, max_running: int | None) -> int | None:
+    """Cap how many of `team`'s jobs run at once (None: the deployment's default,
+    `HMKD_MAX_RUNNING_PER_TEAM`); returns the cap now in force. Running jobs are not stopped:
+    a lowered cap takes effect as they end."""
+    from sqlalchemy import select
+
+    from jobs.models import Team
+
+    if max_running is not None and max_running < 1:
+        raise ValueError(f"--max-running must be at least 1, got {max_running}")
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        row = session.scalar(select(Team).where(Team.name == team))
+        if row is None:
+            raise UnknownTeam(f"no team {team!r}: teams are made by `hmkd users create --team`")
+        row.max_running = max_running
+        return max_running if max_running is not None else settings.max_running_per_team

@@ -1,6 +1,7 @@
 """The artifact store: one folder per job under the artifacts root.
 
-    <root>/<job_id>/run/        the hmkd_core run dir (student.pt, checkpoints/, eval.json, ...)
+    <root>/<job_id>/run/        the hmkd_core run dir (student.pt, eval.json, metrics.jsonl, ...)
+    <root>/<job_id>/run/checkpoints/attempt-<k>/   the checkpoints attempt k wrote
     <root>/<job_id>/logs.txt    the worker's log of the job
 
 Artifact names are paths relative to the job's folder (`run/student.pt`). They arrive from URLs,
@@ -20,8 +21,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Kind of a file by its name relative to the job's folder; first match wins.
 _KINDS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^run/student\.pt$"), "student"),
-    (re.compile(r"^run/checkpoints/best\.pt$"), "best"),
-    (re.compile(r"^run/checkpoints/ckpt_\d+\.pt$"), "checkpoint"),
+    (re.compile(r"^run/checkpoints/(attempt-\d+/)?best\.pt$"), "best"),
+    (re.compile(r"^run/checkpoints/(attempt-\d+/)?ckpt_\d+\.pt$"), "checkpoint"),
     (re.compile(r"^run/eval\.json$"), "eval"),
     (re.compile(r"^run/metrics\.jsonl$"), "metrics"),
     (re.compile(r"^run/spec\.yaml$"), "spec"),
@@ -56,6 +57,24 @@ class ArtifactStore:
     def run_dir(self, job_id: str) -> Path:
         """The folder hmkd_core trains into; resuming reuses it, so its checkpoints survive."""
         return self.job_dir(job_id) / "run"
+
+    def checkpoint_dir(self, job_id: str, attempt: int) -> Path:
+        """Where attempt `attempt` writes its checkpoints: no two attempts share a folder, so
+        a stale process of an earlier attempt cannot overwrite what a later one reads."""
+        return self.run_dir(job_id) / "checkpoints" / f"attempt-{attempt}"
+
+    def prune_earlier_attempts(self, job_id: str, attempt: int) -> list[Path]:
+        """Delete the periodic checkpoints of attempts before `attempt`, once `attempt` has
+        registered its own: resuming never goes back to them. `best.pt` files are kept."""
+        removed = []
+        for folder in (self.run_dir(job_id) / "checkpoints").glob("attempt-*"):
+            number = folder.name.removeprefix("attempt-")
+            if not number.isdigit() or int(number) >= attempt:
+                continue
+            for ckpt in folder.glob("ckpt_*.pt"):
+                ckpt.unlink(missing_ok=True)
+                removed.append(ckpt)
+        return removed
 
     def log_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "logs.txt"

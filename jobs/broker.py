@@ -47,7 +47,7 @@ _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "
 _CONNECT_TIMEOUT_S = 2.0
 
 
-def _is_redis(url: str) -> bool:
+def is_redis(url: str) -> bool:
     return url.split("://", 1)[0] in ("redis", "rediss", "redis+socket", "sentinel")
 
 
@@ -66,7 +66,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         # lease is live, and a lost message is re-published by the sweeper, not by this timeout.
         "visibility_timeout": settings.visibility_timeout_seconds,
     }
-    if _is_redis(url):
+    if is_redis(url):
         options.update(
             {
                 # A connect that hangs (blackholed host) must not hang an API request.
@@ -126,7 +126,7 @@ def broker_priority(broker_url: str, priority: int) -> int | None:
     Redis serves lower numbers first, so the scale is inverted there; the SQLAlchemy
     transport has no priorities (a queue is first in, first out) and gets none.
     """
-    if _is_redis(broker_url):
+    if is_redis(broker_url):
         return 9 - max(0, min(9, priority))
     if broker_url.startswith(("amqp", "pyamqp")):
         return max(0, min(9, priority))

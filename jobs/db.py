@@ -7,9 +7,10 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 _lock = threading.Lock()
@@ -78,3 +79,17 @@ def dispose_engines() -> None:
             engine.dispose(close=False)
         _engines.clear()
         _factories.clear()
+
+
+def db_clock(session: Session) -> datetime:
+    """The database server's time, in UTC: the one clock every worker and API process shares.
+
+    Leases are written and compared with it, so a host whose clock runs ahead can neither keep
+    a lease it lost nor take one still held. SQLite runs inside this very process, on this
+    host, and has no clock of its own to ask.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return datetime.now(UTC)
+    now = session.scalar(text("SELECT clock_timestamp()"))
+    assert isinstance(now, datetime)
+    return now.astimezone(UTC) if now.tzinfo is not None else now.replace(tzinfo=UTC)

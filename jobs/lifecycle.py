@@ -5,7 +5,8 @@
 Anything else is a duplicate delivery (Redis' visibility-timeout redelivery, a re-published
 message) and is ignored, so a job never runs twice at once. Leases are renewed by heartbeat;
 an expired lease means the worker died, and the job is re-queued to resume from its checkpoint,
-at most `max_attempts` times.
+at most `max_attempts` times. Lease times come from the database's clock (`db_clock`), never
+from the host of the worker or API that writes them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import TERMINAL, Job, JobEvent, JobState, User, utcnow
+from jobs.db import db_clock
+from jobs.models import TERMINAL, Job, JobEvent, JobState, Team, User, utcnow
 from jobs.schemas import JOB_REF, JobSpec, control_text_field
 from jobs.settings import Settings
 
@@ -180,12 +182,21 @@ def pending_dispatch(
 
 
 def claim_job(
-    session: Session, job_id: str, *, worker: str, lease_seconds: float, now: datetime | None = None
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+    team_cap: int | None = None,
 ) -> Job | None:
-    """Atomically take the job for `worker`, or return None (duplicate / not runnable)."""
-    now = now or utcnow()
+    """Atomically take the job for `worker`, or return None (duplicate / not runnable, or its
+    team already runs its cap: the team's own `max_running`, else `team_cap`)."""
+    now = now or db_clock(session)
     job = session.get(Job, job_id)
     if job is None:
+        return None
+    if job.state == JobState.queued and _team_at_cap(session, job, team_cap, now):
         return None
     if job.attempt >= job.max_attempts and job.state in (JobState.queued, JobState.running):
         stale = job.state == JobState.queued or (
@@ -214,6 +225,35 @@ def claim_job(
     session.refresh(job)
     add_event(session, job.id, "claimed", f"by {worker}", attempt=job.attempt)
     return job
+
+
+def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime) -> bool:
+    """Whether the job's team already runs as many jobs as it may. The team's row is locked
+    first (PostgreSQL; SQLite serialises writers anyway), so two workers claiming for one team
+    at once count one after the other. A job held back is published again by the next sweep."""
+    team = session.scalar(select(Team).where(Team.id == job.team_id).with_for_update())
+    cap = team.max_running if team is not None and team.max_running is not None else default
+    if cap is None:
+        return False
+    running = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.team_id == job.team_id,
+            Job.state == JobState.running.value,
+            Job.lease_expires_at >= now,
+        )
+    )
+    if int(running or 0) < cap:
+        return False
+    session.execute(  # the sweeper publishes it again; until then no message waits for it
+        update(Job)
+        .where(Job.id == job.id, Job.state == JobState.queued.value)
+        .values(dispatched=False)
+        .execution_options(synchronize_session=False)
+    )
+    add_event(session, job.id, "held", f"team runs {running} job(s), its cap is {cap}")
+    return True
 
 
 def _ended(state: JobState, now: datetime, **extra: object) -> dict[str, object]:
@@ -286,7 +326,7 @@ def renew_lease(
     result = session.execute(
         update(Job)
         .where(held_by(job_id, worker, attempt))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=db_clock(session) + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -295,7 +335,7 @@ def renew_lease(
 def request_cancel(session: Session, job: Job) -> Job:
     """Queued jobs, and running ones whose worker is gone (lease expired), end at once; a
     running job with a live worker is asked to stop and its worker ends it within seconds."""
-    now = utcnow()
+    now = db_clock(session)
     ended = session.execute(
         update(Job)
         .where(
@@ -370,7 +410,7 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
     """Running jobs whose worker stopped renewing: re-queue them, or end them when cancelled
     or out of attempts. Each change is a conditional UPDATE on the lease that was seen, so a
     slow worker that renews or finishes meanwhile wins and nothing is overwritten."""
-    now = now or utcnow()
+    now = now or db_clock(session)
     seen = session.execute(
         select(Job.id, Job.lease_owner, Job.attempt, Job.max_attempts, Job.cancel_requested).where(
             Job.state == JobState.running.value, Job.lease_expires_at < now

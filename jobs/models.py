@@ -55,6 +55,8 @@ class Team(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # at most this many of the team's jobs run at once; None: the deployment's default
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class User(Base):

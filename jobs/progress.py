@@ -11,6 +11,7 @@ dead, cannot add to (or overwrite) what the job's current attempt records.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,31 @@ from jobs.artifacts import file_sha256
 from jobs.lifecycle import held_by
 from jobs.models import Artifact, Evaluation, Job, MetricPoint, Worker, utcnow
 
+_CKPT_ITERATION = re.compile(r"ckpt_(\d+)\.pt$")
+
 
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
 def record_start(
-    session: Session, job_id: str, *, worker: str, attempt: int, iteration: int, total: int
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    attempt: int,
+    iteration: int,
+    total: int | None = None,
 ) -> bool:
     """An attempt starts (or resumes) at `iteration`: the job's progress says so at once,
     instead of showing the previous attempt's last figures until the first progress point."""
+    values: dict[str, Any] = {"iteration": iteration, "images_per_s": None, "eta_s": None}
+    if total is not None:
+        values["total_iterations"] = total
     result = session.execute(
         update(Job)
         .where(held_by(job_id, worker, attempt))
-        .values(iteration=iteration, total_iterations=total, images_per_s=None, eta_s=None)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -147,6 +159,28 @@ def record_artifact(
         artifact.created_at = utcnow()
     session.flush()
     return artifact
+
+
+def latest_checkpoint(session: Session, job_id: str, job_dir: Path) -> tuple[Path, int] | None:
+    """The newest checkpoint an attempt registered whose file is still the one registered
+    (same size and sha256), with its iteration; None when there is none. A file that is not
+    registered, or was changed since, is never resumed from: only a write fenced by a current
+    lease can be registered."""
+    rows = session.execute(
+        select(Artifact.name, Artifact.size, Artifact.sha256).where(
+            Artifact.job_id == job_id, Artifact.kind == "checkpoint"
+        )
+    ).all()
+    found = []
+    for name, size, sha in rows:
+        match = _CKPT_ITERATION.search(name)
+        if match is not None:
+            found.append((int(match.group(1)), name, size, sha))
+    for iteration, name, size, sha in sorted(found, reverse=True):
+        path = job_dir / name
+        if path.is_file() and path.stat().st_size == size and file_sha256(path) == sha:
+            return path, iteration
+    return None
 
 
 def forget_missing_artifacts(session: Session, job_id: str, root: Path) -> None:

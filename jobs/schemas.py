@@ -44,12 +44,24 @@ def control_text_field(data: Any, path: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+MAX_RUNTIME_S = 30 * 24 * 3600
+MAX_RUNTIME_STOP = "ran past resources.max_runtime_s"  # the stop reason, as training reports it
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gpus: int = Field(0, ge=0, le=64, description="GPUs (processes); 0 runs on CPU with gloo.")
     queue: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
     priority: int = Field(0, ge=0, le=9, description="Higher runs first within a queue.")
+    max_runtime_s: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RUNTIME_S,
+        description="Wall-clock seconds one attempt may train. Past it the run checkpoints and "
+        "the job fails saying so; a retry resumes from that checkpoint with a new allowance. "
+        "None: no limit.",
+    )
 
 
 class JobSpec(TrainSpec):

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     )
     heartbeat_seconds: float = Field(5.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    max_running_per_team: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many jobs of one team run at once (`hmkd teams limit` sets "
+        "a team's own cap); the others wait queued. None: no cap.",
+    )
     sweep_seconds: float = Field(15.0, gt=0, description="Re-publish / re-queue period.")
     redispatch_seconds: float = Field(
         600.0,

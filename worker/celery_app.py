@@ -100,11 +100,14 @@ class Sweeper:
     # orphaned temporary files: looked for hourly, removed once an hour old (a save in
     # progress is seconds to minutes old, never an hour)
     ORPHAN_PERIOD_S = 3600.0
+    # messages of jobs no longer queued (cancelled, ended, deleted): removed every minute
+    STALE_MESSAGES_PERIOD_S = 60.0
 
     def __init__(self, hostname: str, queues: list[str]) -> None:
         self.hostname = hostname
         self.queues = queues
         self._orphans_swept = -math.inf
+        self._messages_swept = -math.inf
         self.gpus = list_gpus()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hmkd-sweeper", daemon=True)
@@ -129,6 +132,7 @@ class Sweeper:
     def sweep_once(self) -> None:
         from jobs.lifecycle import requeue_expired
         from jobs.progress import heartbeat_worker
+        from jobs.stale_messages import drop_stale_messages
 
         settings = get_settings()
         with session_scope(settings.database_url) as session:
@@ -136,6 +140,11 @@ class Sweeper:
         if requeued:
             log.warning("re-queued jobs whose worker stopped renewing: %s", ", ".join(requeued))
         dispatch_pending(settings, app)
+        if time.monotonic() - self._messages_swept >= self.STALE_MESSAGES_PERIOD_S:
+            self._messages_swept = time.monotonic()
+            dropped = drop_stale_messages(settings)
+            if dropped:
+                log.info("dropped %d message(s) of jobs no longer queued", dropped)
         if time.monotonic() - self._orphans_swept >= self.ORPHAN_PERIOD_S:
             self._orphans_swept = time.monotonic()
             for path in remove_orphaned_saves(settings, older_than_s=self.ORPHAN_PERIOD_S):

@@ -42,6 +42,8 @@ class TrainRequest:
     job_dir: str
     throttle_seconds: float
     supervisor_pid: int
+    checkpoint_dir: str  # this attempt's own folder
+    resume_from: str | None = None  # the newest checkpoint a current lease registered
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -90,7 +92,6 @@ def run(request: TrainRequest) -> dict[str, Any]:
     train_spec = spec.train_spec()
     check_gpus(spec.resources.gpus)
     run_dir = Path(request.run_dir)
-    resume = has_checkpoints(run_dir)
     reporter = DbReporter(
         database_url=request.database_url,
         job_id=request.job_id,
@@ -100,12 +101,13 @@ def run(request: TrainRequest) -> dict[str, Any]:
         metric_name=train_spec.eval.metric,
         throttle_seconds=request.throttle_seconds,
         supervisor_pid=request.supervisor_pid,
+        max_runtime_s=spec.resources.max_runtime_s,
     )
     logging.getLogger(__name__).info(
-        "training job %s in %s (resume=%s, nproc=%d, device=%s)",
+        "training job %s in %s (resume from %s, nproc=%d, device=%s)",
         request.job_id,
         run_dir,
-        resume,
+        request.resume_from or "nothing",
         train_spec.runtime.nproc,
         train_spec.runtime.device,
     )
@@ -114,7 +116,13 @@ def run(request: TrainRequest) -> dict[str, Any]:
 
         evaluate_spec(train_spec, run_dir, reporter)
         return {"status": "succeeded", "iteration": 0, "stop": None}
-    result = train(train_spec, run_dir, reporter=reporter, resume=resume)
+    result = train(
+        train_spec,
+        run_dir,
+        reporter=reporter,
+        checkpoint_dir=request.checkpoint_dir,
+        resume_from=request.resume_from,
+    )
     return {"status": result.status, "iteration": result.iteration, "stop": reporter.stop_reason}
 
 
@@ -135,11 +143,6 @@ def check_gpus(wanted: int) -> None:
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): submit "
             "to a queue whose workers have enough GPUs, or ask for fewer"
         )
-
-
-def has_checkpoints(run_dir: Path) -> bool:
-    ckpts = run_dir / "checkpoints"
-    return ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt"))
 
 
 if __name__ == "__main__":

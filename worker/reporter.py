@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import select
 
 from hmkd_core.engine.reporter import Progress, Reporter
+from jobs.artifacts import ArtifactStore
 from jobs.db import session_scope
 from jobs.lifecycle import held_by
 from jobs.models import Job, JobState
@@ -33,6 +34,7 @@ from jobs.progress import (
     record_progress,
     record_start,
 )
+from jobs.schemas import MAX_RUNTIME_STOP
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ class DbReporter(Reporter):
     """Writes a job's progress, evaluations and artifacts; says stop on cancel or lost lease.
 
     `job_dir` is the job's folder in the artifact store: artifact names are relative to it
-    (`run/checkpoints/ckpt_00000100.pt`). `supervisor_pid`, when set, is the worker process
-    that owns the lease: if it is gone nobody renews the lease, so the run stops itself.
+    (`run/checkpoints/attempt-1/ckpt_00000100.pt`). `supervisor_pid`, when set, is the worker
+    process that owns the lease: if it is gone nobody renews the lease, so the run stops itself.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class DbReporter(Reporter):
         throttle_seconds: float = 2.0,
         check_seconds: float = 1.0,
         supervisor_pid: int | None = None,
+        max_runtime_s: float | None = None,
     ) -> None:
         self.database_url = database_url
         self.job_id = job_id
@@ -82,6 +85,8 @@ class DbReporter(Reporter):
         self.throttle_seconds = throttle_seconds
         self.check_seconds = check_seconds
         self.supervisor_pid = supervisor_pid
+        self.max_runtime_s = max_runtime_s
+        self.started = time.time()  # this attempt's training process began (pickled along)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -178,8 +183,12 @@ class DbReporter(Reporter):
                 )
                 if row is None:
                     log.warning("job %s: %s not registered: lease lost", self.job_id, name)
-                elif kind == "checkpoint":  # older checkpoints were pruned (checkpoint.keep)
-                    forget_missing_artifacts(session, self.job_id, Path(self.job_dir))
+                elif kind == "checkpoint":
+                    # resuming now starts from this attempt's checkpoints: earlier attempts'
+                    # are dropped, and with them the rows of those pruned (checkpoint.keep)
+                    job_dir = Path(self.job_dir)
+                    ArtifactStore(job_dir.parent).prune_earlier_attempts(self.job_id, self.attempt)
+                    forget_missing_artifacts(session, self.job_id, job_dir)
         except Exception as err:
             log.warning("job %s: artifact %s not registered: %s", self.job_id, name, err)
 
@@ -231,6 +240,8 @@ class DbReporter(Reporter):
             self._request_stop("cancel requested")
         elif self.supervisor_pid is not None and not _alive(self.supervisor_pid):
             self._request_stop(f"worker process {self.supervisor_pid} is gone")
+        elif self.max_runtime_s is not None and time.time() - self.started > self.max_runtime_s:
+            self._request_stop(f"{MAX_RUNTIME_STOP} ({self.max_runtime_s:.0f} s)")
         return self._stop
 
     def on_end(self, status: str, message: str | None = None) -> None:

@@ -29,7 +29,13 @@ from jobs.artifacts import ArtifactStore
 from jobs.db import session_scope
 from jobs.lifecycle import add_event, claim_job, finish_job, renew_lease
 from jobs.models import Artifact, Job, JobState
-from jobs.progress import forget_missing_artifacts, record_artifact
+from jobs.progress import (
+    forget_missing_artifacts,
+    latest_checkpoint,
+    record_artifact,
+    record_start,
+)
+from jobs.schemas import MAX_RUNTIME_STOP
 from jobs.settings import Settings, get_settings
 from worker.celery_app import app
 from worker.child import TrainRequest
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # After a lost lease, how long training may take to stop by itself before it is terminated.
 LOST_LEASE_GRACE_S = 10.0
+# Past resources.max_runtime_s, how long training may take to checkpoint and stop by itself.
+OVERRUN_GRACE_S = 120.0
 
 
 @app.task(name="hmkd.run_job", bind=True, acks_late=True, ignore_result=True)
@@ -50,9 +58,17 @@ def run_job(self: Any, job_id: str) -> str:
 def execute_job(settings: Settings, job_id: str, worker: str) -> str:
     """Claim and run `job_id` as `worker`; the body of the task, callable without Celery."""
     with session_scope(settings.database_url) as session:
-        job = claim_job(session, job_id, worker=worker, lease_seconds=settings.lease_seconds)
+        job = claim_job(
+            session,
+            job_id,
+            worker=worker,
+            lease_seconds=settings.lease_seconds,
+            team_cap=settings.max_running_per_team,
+        )
         if job is None:
             state = session.scalar(select(Job.state).where(Job.id == job_id))
+            if state == JobState.queued:  # held back by its team's cap; published again later
+                return "held"
             if state is not None:  # unknown ids (another deployment's message) leave no trace
                 add_event(session, job_id, "delivery_ignored", f"by {worker}: job is {state}")
             log.info("job %s not claimable (%s): duplicate delivery, ignored", job_id, state)
@@ -84,6 +100,18 @@ def _run_claimed(
     log_path = store.log_path(job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_line(log_path, f"attempt {attempt} claimed by {worker}")
+    with session_scope(settings.database_url) as session:
+        latest = latest_checkpoint(session, job_id, job_dir)
+        # progress shows where this attempt starts, not where the last one stopped
+        record_start(
+            session,
+            job_id,
+            worker=worker,
+            attempt=attempt,
+            iteration=latest[1] if latest else 0,
+        )
+    if latest is not None:
+        _log_line(log_path, f"resuming from {latest[0].relative_to(job_dir)}")
     heartbeat = LeaseHeartbeat(settings, job_id, worker, attempt)
     heartbeat.start()
     try:
@@ -98,6 +126,8 @@ def _run_claimed(
             job_dir=str(job_dir),
             throttle_seconds=settings.progress_interval_seconds,
             supervisor_pid=os.getpid(),
+            checkpoint_dir=str(store.checkpoint_dir(job_id, attempt)),
+            resume_from=str(latest[0]) if latest else None,
         )
         result = run_training(request, log_path, heartbeat)
     finally:
@@ -125,6 +155,8 @@ def run_training(
     with proc.stdin:
         proc.stdin.write(request.to_json().encode())
     lost_at: float | None = None
+    limit = (request.spec.get("resources") or {}).get("max_runtime_s")
+    deadline = time.monotonic() + limit + OVERRUN_GRACE_S if limit else None
     while proc.poll() is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.5)
@@ -133,6 +165,15 @@ def run_training(
             if time.monotonic() - lost_at > LOST_LEASE_GRACE_S:
                 log.warning("job %s: lease lost, training still running: stop it", request.job_id)
                 _terminate(proc)
+        elif deadline is not None and time.monotonic() > deadline:
+            # training stops itself at the limit; one stuck where it cannot look is stopped
+            log.warning("job %s: past max_runtime_s and still running: stop it", request.job_id)
+            _terminate(proc)
+            return {
+                "status": "stopped",
+                "iteration": None,
+                "stop": f"{MAX_RUNTIME_STOP} ({limit} s), and did not stop by itself",
+            }
     if result_path.is_file():
         result: dict[str, Any] = json.loads(result_path.read_text())
         result_path.unlink()
@@ -231,15 +272,22 @@ def record_outcome(
         final, error = JobState.succeeded, None
     elif status == "stopped" and row.cancel_requested:
         final, error = JobState.cancelled, None
+    elif status == "stopped" and str(result.get("stop") or "").startswith(MAX_RUNTIME_STOP):
+        final = JobState.failed
+        where = f"at iteration {result['iteration']}: " if result.get("iteration") else ""
+        error = (
+            f"stopped {where}{result['stop']}; its last checkpoint is kept, and a retry "
+            "resumes from it with a new allowance"
+        )
     elif status == "stopped":  # stopped for no reason we own: leave it to the lease protocol
         _log_line(log_path, f"training stopped ({result.get('stop')}); job left running")
         return "stopped"
     else:
         final = JobState.failed
+        # the message only: the traceback, with the server's paths, is in the job's logs
         error = str(result.get("error") or "training failed")
-        tail = str(result.get("traceback") or "").rstrip()
-        if tail:
-            error = f"{error}\n\nTraceback (last lines):\n{tail}"
+        if result.get("traceback"):
+            error += " (the traceback is in the job's logs)"
     _log_line(
         log_path, f"attempt ends {final.value}" + (f": {result.get('error')}" if error else "")
     )

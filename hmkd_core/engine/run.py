@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from hmkd_core.engine import distributed
+from hmkd_core.engine.checkpoint import CheckpointManager
 from hmkd_core.engine.reporter import Reporter
 from hmkd_core.spec import TrainSpec
 
@@ -51,13 +52,25 @@ def train(
     reporter: Reporter | None = None,
     resume: bool = False,
     nproc: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> RunResult:
-    """Train (plain or distilled) per `spec` into `out_dir`; `nproc` overrides the spec's."""
+    """Train (plain or distilled) per `spec` into `out_dir`; `nproc` overrides the spec's.
+
+    `checkpoint_dir` (default `out_dir/checkpoints`) is where this run writes its checkpoints;
+    `resume_from` names the checkpoint to resume from, wherever it lies. A service gives each
+    attempt of a job its own folder and resumes only from a checkpoint it registered, so a
+    stale process of an earlier attempt can never write what the next one reads.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpts = out_dir / "checkpoints"
-    if not resume and ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt")):
-        raise RunDirError(f"{out_dir} already holds checkpoints: pass --resume or a new --out")
+    ckpts = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+    elif resume:
+        resume_from = CheckpointManager(ckpts, keep=1).latest()
+    elif ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt")):
+        raise RunDirError(f"{ckpts} already holds checkpoints: pass --resume or a new --out")
     if nproc is not None:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"nproc": nproc})})
     (out_dir / "spec.yaml").write_text(
@@ -68,7 +81,13 @@ def train(
     reporter = reporter or Reporter()
     try:
         distributed.launch(
-            _rank_main, spec.runtime.nproc, spec.model_dump_json(), str(out_dir), reporter, resume
+            _rank_main,
+            spec.runtime.nproc,
+            spec.model_dump_json(),
+            str(out_dir),
+            reporter,
+            str(ckpts),
+            str(resume_from) if resume_from is not None else None,
         )
     except mp.ProcessRaisedException as err:
         reporter.on_end("failed", _last_line(str(err)))
@@ -91,15 +110,16 @@ def _rank_main(
     spec_json: str,
     out_dir: str,
     reporter: Reporter,
-    resume: bool,
+    checkpoint_dir: str,
+    resume_from: str | None,
 ) -> None:
     from hmkd_core.engine.trainer import Trainer
 
     spec = TrainSpec.model_validate_json(spec_json)
     ctx = distributed.init(rank, world_size, spec.runtime.device, port)
     try:
-        trainer = Trainer(spec, Path(out_dir), ctx, reporter)
-        status = trainer.run(resume=resume)
+        trainer = Trainer(spec, Path(out_dir), ctx, reporter, checkpoint_dir=Path(checkpoint_dir))
+        status = trainer.run(resume_from=Path(resume_from) if resume_from else None)
         if ctx.is_main:
             result = {
                 "status": status,

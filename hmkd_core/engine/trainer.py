@@ -58,7 +58,13 @@ def distill_ramp(iteration: int, warmup_iters: int) -> float:
 
 class Trainer:
     def __init__(
-        self, spec: TrainSpec, out_dir: Path, ctx: DistContext, reporter: Reporter
+        self,
+        spec: TrainSpec,
+        out_dir: Path,
+        ctx: DistContext,
+        reporter: Reporter,
+        *,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         self.spec, self.out_dir, self.ctx = spec, out_dir, ctx
         # Every run gets event files next to metrics.jsonl, whoever launched it; only rank 0
@@ -108,7 +114,9 @@ class Trainer:
                 f"{spec.data.train.annotations}: {len(self.train_set)} images cannot fill one "
                 f"batch of {spec.schedule.batch_size} per process on {ctx.world_size} process(es)"
             )
-        self.checkpoints = CheckpointManager(out_dir / "checkpoints", keep=spec.checkpoint.keep)
+        self.checkpoints = CheckpointManager(
+            checkpoint_dir or out_dir / "checkpoints", keep=spec.checkpoint.keep
+        )
         self.iteration = 0
         self.epoch = 0
         self.batches_done = 0
@@ -224,15 +232,15 @@ class Trainer:
             "schedule.clip_grad_norm, then resume or restart."
         )
 
-    def run(self, *, resume: bool) -> str:
-        """Train to the end or to a requested stop; `succeeded` or `stopped`."""
+    def run(self, *, resume_from: Path | None = None) -> str:
+        """Train to the end or to a requested stop, from `resume_from` when given; returns
+        `succeeded` or `stopped`."""
         try:
-            return self._run(resume=resume)
+            return self._run(resume_from)
         finally:  # `on_end` reaches only the launcher's reporter (another process under DDP)
             self.tensorboard.close()
 
-    def _run(self, *, resume: bool) -> str:
-        latest = self.checkpoints.latest() if resume else None
+    def _run(self, latest: Path | None) -> str:
         if latest is not None:
             from hmkd_core.engine.checkpoint import load_checkpoint
 

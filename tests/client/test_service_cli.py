@@ -51,6 +51,15 @@ def test_admin_commands(empty_db_url: str, tmp_path: Path, monkeypatch: pytest.M
     listed = runner.invoke(app, ["tokens", "list"])
     assert listed.stdout.count("revoked") == 3 and "live" not in listed.stdout
 
+    res = runner.invoke(app, ["teams", "limit", "gamma", "--max-running", "2"])
+    assert res.exit_code == 0 and "at most 2 running" in res.output, res.output
+    res = runner.invoke(app, ["teams", "limit", "gamma", "--default"])
+    assert res.exit_code == 0 and "unlimited" in res.output, res.output
+    res = runner.invoke(app, ["teams", "limit", "nobody", "--max-running", "2"])
+    assert res.exit_code == 2 and "no team 'nobody'" in res.output
+    res = runner.invoke(app, ["teams", "limit", "gamma"])
+    assert res.exit_code == 2 and "--max-running N or --default" in res.output
+
 
 @pytest.fixture
 def cli_env(live_api: str, admin: tuple[Any, str], monkeypatch: pytest.MonkeyPatch) -> None:

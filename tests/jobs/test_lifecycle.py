@@ -6,6 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from jobs.db import session_scope
 from jobs.lifecycle import (
@@ -201,3 +202,62 @@ def test_cancelling_a_job_whose_worker_is_gone_ends_it_at_once(
     with session_scope(service_settings.database_url) as s:  # the sweeper finds nothing to do
         assert requeue_expired(s) == []
         assert not finish_job(s, job_id, worker="w", attempt=1, state=JobState.failed)
+
+
+def test_leases_run_on_the_database_clock_not_the_hosts(
+    service_settings: Settings, admin: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose clock runs an hour ahead neither grants itself a longer lease nor sees
+    other workers' leases as expired: lease times come from the database server."""
+    import datetime as dt
+
+    from jobs import db
+
+    url = service_settings.database_url
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(url) as s:
+        truth = db.db_clock(s)
+        if s.get_bind().dialect.name == "sqlite":
+            pytest.skip("SQLite runs in this process: its clock is the host's")
+
+    class Ahead(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+            return dt.datetime.now(tz) + timedelta(hours=1)
+
+    monkeypatch.setattr("jobs.models.datetime", Ahead)  # utcnow(): the host's clock
+    with session_scope(url) as s:
+        job = claim_job(s, job_id, worker="w1", lease_seconds=60)
+        assert job is not None
+        expires = job.lease_expires_at
+        assert abs((expires - truth).total_seconds() - 60) < 30
+        assert requeue_expired(s) == []  # an hour ahead would call it expired
+        assert renew_lease(s, job_id, worker="w1", attempt=1, lease_seconds=60)
+
+
+def test_a_team_at_its_cap_waits_and_runs_when_a_job_ends(
+    service_settings: Settings, admin: tuple
+) -> None:
+    from jobs.models import Team
+
+    url = service_settings.database_url
+    first, second = (_submit(service_settings, admin[0].id) for _ in range(2))
+    with session_scope(url) as s:
+        assert claim_job(s, first, worker="w1", lease_seconds=60, team_cap=1) is not None
+    with session_scope(url) as s:
+        assert claim_job(s, second, worker="w2", lease_seconds=60, team_cap=1) is None
+        job = s.get(Job, second)
+        assert job.state == JobState.queued and job.attempt == 0
+        assert not job.dispatched  # the sweeper publishes it again
+        held = s.scalars(select(JobEvent.message).where(JobEvent.job_id == second)).all()
+        assert "team runs 1 job(s), its cap is 1" in held
+    with session_scope(url) as s:  # the team's own cap overrides the deployment's default
+        s.get(Team, admin[0].team_id).max_running = 2
+    with session_scope(url) as s:
+        assert claim_job(s, second, worker="w2", lease_seconds=60, team_cap=1) is not None
+    third = _submit(service_settings, admin[0].id)
+    with session_scope(url) as s:
+        assert claim_job(s, third, worker="w3", lease_seconds=60, team_cap=1) is None
+        assert finish_job(s, first, worker="w1", attempt=1, state=JobState.succeeded)
+    with session_scope(url) as s:
+        assert claim_job(s, third, worker="w3", lease_seconds=60, team_cap=1) is not None

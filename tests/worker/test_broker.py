@@ -139,3 +139,29 @@ def test_dispatch_job_publishes_one_submitted_job_once(
     )
     assert _receive(app, service_settings.default_queue).payload[0] == [job_id]
     app.close()
+
+
+def test_messages_of_jobs_that_no_longer_wait_are_dropped(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    """Cancelled jobs, a queue no worker serves, a job the database does not know: their
+    messages go; the one job still queued keeps its message."""
+    from jobs.lifecycle import request_cancel
+    from jobs.stale_messages import drop_stale_messages, waiting_messages
+
+    app = make_celery(service_settings)
+    waiting = submit("waits")
+    cancelled = submit("cancelled")
+    orphan = submit("nobody serves", resources={"queue": "nobody", "priority": 7})
+    dispatch_pending(service_settings, app)
+    with session_scope(service_settings.database_url) as session:
+        for job_id in (cancelled, orphan):
+            request_cancel(session, session.get(Job, job_id))
+    app.send_task(RUN_JOB_TASK, args=["f" * 32], queue=service_settings.default_queue)
+    before = waiting_messages(service_settings)
+    assert sorted(before) == sorted([waiting, cancelled, orphan, "f" * 32])
+    assert drop_stale_messages(service_settings) == 3
+    assert waiting_messages(service_settings) == [waiting]
+    assert drop_stale_messages(service_settings) == 0
+    assert _receive(app, service_settings.default_queue).payload  # still deliverable
+    app.close()

@@ -161,3 +161,48 @@ def test_a_new_attempt_shows_where_it_resumes_at_once(
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         assert job.iteration == 5 and job.images_per_s is None and job.eta_s is None
+
+
+def test_resuming_reads_only_a_checkpoint_a_current_lease_registered(
+    service_settings: Settings, submit: Callable[..., str]
+) -> None:
+    """Each attempt writes into its own folder; the next one resumes from the newest checkpoint
+    registered and unchanged since. A file a stale process wrote after losing its lease is not
+    registered, so it is never read; earlier attempts' checkpoints go once a newer one is in."""
+    from jobs.artifacts import ArtifactStore
+    from jobs.progress import latest_checkpoint
+
+    url = service_settings.database_url
+    job_id = _claimed(service_settings, submit)
+    store = ArtifactStore(service_settings.artifacts_dir)
+    job_dir = store.job_dir(job_id)
+    first = store.checkpoint_dir(job_id, 1)
+    first.mkdir(parents=True)
+    (first / "ckpt_00000005.pt").write_bytes(b"five")
+    _reporter(service_settings, job_id).on_artifact("checkpoint", first / "ckpt_00000005.pt")
+    (first / "ckpt_00000009.pt").write_bytes(b"nine")  # written, never registered
+    with session_scope(url) as session:
+        assert latest_checkpoint(session, job_id, job_dir) == (first / "ckpt_00000005.pt", 5)
+    (first / "ckpt_00000005.pt").write_bytes(b"FIVE")  # same size, other bytes
+    with session_scope(url) as session:
+        assert latest_checkpoint(session, job_id, job_dir) is None
+    (first / "ckpt_00000005.pt").write_bytes(b"five")
+
+    with session_scope(url) as session:  # presumed dead: claimed again
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    with session_scope(url) as session:
+        assert requeue_expired(session) == [job_id]
+        assert claim_job(session, job_id, worker=WORKER, lease_seconds=60).attempt == 2
+    second = store.checkpoint_dir(job_id, 2)
+    assert second != first
+    second.mkdir(parents=True)
+    (first / "best.pt").write_bytes(b"best")
+    (second / "ckpt_00000007.pt").write_bytes(b"seven")
+    current = _reporter(service_settings, job_id)
+    current.attempt = 2
+    current.on_artifact("checkpoint", second / "ckpt_00000007.pt")
+    assert sorted(p.name for p in first.iterdir()) == ["best.pt"]
+    with session_scope(url) as session:
+        assert latest_checkpoint(session, job_id, job_dir) == (second / "ckpt_00000007.pt", 7)
+        names = session.scalars(select(Artifact.name).where(Artifact.job_id == job_id))
+        assert sorted(names) == ["run/checkpoints/attempt-2/ckpt_00000007.pt"]
