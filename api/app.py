@@ -187,6 +187,18 @@ _COMMON = {
 }
 
 
+def _add_request_models(schema: dict[str, Any]) -> None:
+    """Bodies a route validates itself, off the event loop (`POST /v1/jobs` and its JobSpec),
+    are described here: FastAPI only describes the bodies it validates."""
+    from jobs.schemas import JobSpec
+
+    spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in spec.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components.setdefault("JobSpec", spec)
+
+
 def document_common_errors(app: FastAPI) -> None:
     """Add the answers every route can give to the OpenAPI description, in one place.
 
@@ -200,6 +212,7 @@ def document_common_errors(app: FastAPI) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
+        _add_request_models(schema)
         problem = {"application/json": {"schema": _PROBLEM}}
         for ops in schema.get("paths", {}).values():
             for op in ops.values():

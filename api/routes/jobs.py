@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -62,11 +64,47 @@ def _dispatch(request: Request, session: Session, job: Job) -> None:
     session.refresh(job)
 
 
+async def _json_body(request: Request) -> Any:
+    """The request's JSON, decoded but not yet validated.
+
+    Validating a spec is left to the route, which runs in the thread pool: a body of many
+    thousand unknown keys costs a second of validation, which must not stall the event loop
+    (and every other request with it). Decoding itself is bounded by the body limit.
+    """
+    raw = await request.body()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        reason = f"the body is not UTF-8: {err.reason} at byte {err.start}"
+        raise HTTPException(400, reason) from None
+    except json.JSONDecodeError as err:
+        problem = {"loc": ("body", err.pos), "msg": f"JSON: {err.msg}", "type": "json_invalid"}
+        raise RequestValidationError([problem]) from None
+    except RecursionError:
+        problem = {"loc": ("body",), "msg": "JSON nested too deeply", "type": "json_invalid"}
+        raise RequestValidationError([problem]) from None
+
+
+def _spec_of(body: Any) -> JobSpec:
+    try:
+        return JobSpec.model_validate(body)
+    except ValidationError as err:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+        ) from None
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
     summary="Submit a job",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
+        }
+    },
     responses={
         **_ERRORS,
         200: {"model": JobPublic, "description": "The Idempotency-Key was used: that job."},
@@ -75,7 +113,7 @@ def _dispatch(request: Request, session: Session, job: Job) -> None:
     },
 )
 def create_job(
-    spec: JobSpec,
+    body: Annotated[Any, Depends(_json_body)],
     request: Request,
     response: Response,
     session: SessionDep,
@@ -91,6 +129,7 @@ def create_job(
     ] = None,
 ) -> JobPublic:
     """Validate the spec, check its dataset paths and teacher, queue it and publish it."""
+    spec = _spec_of(body)
     try:
         job, created = submit_job(
             session, user=user, spec=spec, settings=settings, idempotency_key=idempotency_key

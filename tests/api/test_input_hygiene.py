@@ -152,3 +152,28 @@ def test_openapi_documents_the_answers_every_route_can_give(client: TestClient) 
         "/v1/jobs", content=b'{"name": "\xff"}', headers={"content-type": "application/json"}
     )
     assert r.status_code == 400
+
+
+def test_a_spec_is_validated_off_the_event_loop_and_hostile_json_is_4xx(
+    client: TestClient, service_settings: Settings
+) -> None:
+    """Validation runs in the thread pool (the event loop serves other requests meanwhile);
+    the route still names the field at fault, and JSON that cannot be decoded is a 4xx."""
+    import inspect
+
+    from api.routes import jobs as routes
+
+    assert not inspect.iscoroutinefunction(routes.create_job)  # FastAPI runs it in a thread
+    r = client.post("/v1/jobs", json={"name": "x", "data": {}, "student": {}, "bogus": 1})
+    assert r.status_code == 422
+    fields = {e["field"] for e in r.json()["detail"]}
+    assert {"bogus", "data.train"} <= fields, fields
+    deep = b"[" * 200_000 + b"]" * 200_000
+    for body in (deep[:900_000], b"", b"{nope", b"[1, 2]"):
+        r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 413, 422), (body[:10], r.status_code)
+    assert _jobs(service_settings) == 0
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/JobSpec"}
+    assert "Resources" in schema["components"]["schemas"]
