@@ -227,6 +227,47 @@ def claim_job(
     return job
 
 
+def claim_next(
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    lease_seconds: float,
+    team_cap: int | None = None,
+    look_ahead: int = 20,
+) -> Job | None:
+    """Take the job first in line in the queue of `job_id`, whose message was delivered.
+
+    A message is a turn to run one job of its queue, not a ticket for one job: the worker takes
+    the queued job `queue_position` shows first (priority, then age). So jobs start in the order
+    shown on every broker, also kombu's SQLAlchemy transport, which has no priorities, and
+    Redis, which puts a re-published job at the back of its list. Every queued job has had a
+    message published, so there are never fewer turns than jobs; a turn left over finds nothing.
+    Jobs of a team at its cap are passed over. When nothing queued can be taken, the message's
+    own job is tried: it may be running on a lease that ran out."""
+    queue = session.scalar(select(Job.queue).where(Job.id == job_id))
+    if queue is None:
+        return None
+    line = session.execute(
+        select(Job.id, Job.team_id)
+        .where(Job.queue == queue, Job.state == JobState.queued.value)
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+        .limit(look_ahead)
+    ).all()
+    capped: set[int] = set()
+    for candidate, team_id in line:
+        if team_id in capped:
+            continue
+        job = claim_job(
+            session, candidate, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap
+        )
+        if job is not None:
+            return job
+        if session.scalar(select(Job.state).where(Job.id == candidate)) == JobState.queued:
+            capped.add(team_id)  # held by its team's cap: so are the team's others
+    return claim_job(session, job_id, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap)
+
+
 def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime) -> bool:
     """Whether the job's team already runs as many jobs as it may. The team's row is locked
     first (PostgreSQL; SQLite serialises writers anyway), so two workers claiming for one team
@@ -452,7 +493,8 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """1-based position among queued jobs of its queue (priority first, then age)."""
+    """1-based position among queued jobs of its queue (priority first, then age): the order
+    in which `claim_next` starts them."""
     if job.state != JobState.queued:
         return None
     ahead = session.scalar(

@@ -1,10 +1,11 @@
 """The task `hmkd.run_job`: claim a job, keep its lease alive, run training, record the outcome.
 
-The task is thin and idempotent. It re-reads the job and claims it; a message that arrives
-for a job it cannot claim (a duplicate, a redelivery, a job already finished or cancelled) is
-acknowledged and ignored. While training runs in a separate process (see `worker.child`), a
-heartbeat thread renews the lease. If the lease is lost (this worker was presumed dead and the
-job re-queued), training is stopped and the job is left to its new owner.
+The task is thin and idempotent. It claims the job first in line in the queue of the job its
+message names (`claim_next`); a message that finds nothing to claim (a duplicate, a
+redelivery, a job already finished or cancelled) is acknowledged and ignored. While training
+runs in a separate process (see `worker.child`), a heartbeat thread renews the lease. If the
+lease is lost (this worker was presumed dead and the job re-queued), training is stopped and
+the job is left to its new owner.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy import select
 
 from jobs.artifacts import ArtifactStore
 from jobs.db import session_scope
-from jobs.lifecycle import add_event, claim_job, finish_job, renew_lease
+from jobs.lifecycle import add_event, claim_next, finish_job, renew_lease
 from jobs.models import Artifact, Job, JobState
 from jobs.progress import (
     forget_missing_artifacts,
@@ -56,9 +57,10 @@ def run_job(self: Any, job_id: str) -> str:
 
 
 def execute_job(settings: Settings, job_id: str, worker: str) -> str:
-    """Claim and run `job_id` as `worker`; the body of the task, callable without Celery."""
+    """Claim and run, as `worker`, the job first in line in the queue of `job_id` (whose
+    message was delivered; see `claim_next`); the body of the task, callable without Celery."""
     with session_scope(settings.database_url) as session:
-        job = claim_job(
+        job = claim_next(
             session,
             job_id,
             worker=worker,
@@ -73,7 +75,7 @@ def execute_job(settings: Settings, job_id: str, worker: str) -> str:
                 add_event(session, job_id, "delivery_ignored", f"by {worker}: job is {state}")
             log.info("job %s not claimable (%s): duplicate delivery, ignored", job_id, state)
             return "duplicate"
-        spec, attempt = job.resolved_spec or job.spec, job.attempt
+        job_id, spec, attempt = job.id, job.resolved_spec or job.spec, job.attempt
     try:
         return _run_claimed(settings, job_id, worker, spec, attempt)
     except Exception as err:

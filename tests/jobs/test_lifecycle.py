@@ -261,3 +261,32 @@ def test_a_team_at_its_cap_waits_and_runs_when_a_job_ends(
         assert finish_job(s, first, worker="w1", attempt=1, state=JobState.succeeded)
     with session_scope(url) as s:
         assert claim_job(s, third, worker="w3", lease_seconds=60, team_cap=1) is not None
+
+
+def test_jobs_start_in_the_order_their_positions_show_whatever_message_arrives(
+    service_settings: Settings, admin: tuple
+) -> None:
+    """On every broker: a delivered message starts the queue's first job, so a FIFO broker
+    (or a re-published message at the back of Redis' list) cannot reorder the queue."""
+    from jobs.lifecycle import claim_next
+
+    url = service_settings.database_url
+    low_old = _submit(service_settings, admin[0].id)
+    high_old = _submit(service_settings, admin[0].id, resources={"priority": 5})
+    low_new = _submit(service_settings, admin[0].id)
+    high_new = _submit(service_settings, admin[0].id, resources={"priority": 5})
+    with session_scope(url) as s:
+        shown = sorted(
+            (queue_position(s, s.get(Job, j)), j) for j in (low_old, high_old, low_new, high_new)
+        )
+    expected = [high_old, high_new, low_old, low_new]
+    assert [j for _, j in shown] == expected
+    started = []
+    for message in (low_new, low_old, low_new, high_new):  # messages in any order
+        with session_scope(url) as s:
+            job = claim_next(s, message, worker="w", lease_seconds=60)
+            assert job is not None
+            started.append(job.id)
+    assert started == expected
+    with session_scope(url) as s:  # a turn left over finds nothing, and runs nothing twice
+        assert claim_next(s, low_old, worker="w", lease_seconds=60) is None

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from hmkd_core.models import load_student
-from jobs.broker import dispatch_pending, make_celery, publish
+from jobs.broker import dispatch_job, dispatch_pending, make_celery, publish
 from jobs.db import session_scope
 from jobs.lifecycle import claim_job, request_cancel, requeue_expired, retry_job
 from jobs.models import Artifact, Job, JobEvent, JobState, MetricPoint, Worker, utcnow
@@ -260,6 +260,23 @@ def test_a_failing_or_killed_training_process_fails_the_job_and_keeps_logs(
     assert job.state == JobState.failed and "SIGKILL" in job.error
     assert any(kind == "checkpoint" for kind in _artifacts(service_settings, oom).values())
     assert worker.proc.poll() is None, "the worker outlives its training process"
+
+
+@pytest.mark.slow
+def test_jobs_start_in_the_order_the_queue_shows_on_every_broker(
+    service_settings: Settings, submit: Callable[..., str], start_worker: Callable[..., Any]
+) -> None:
+    """The SQLAlchemy broker is first in, first out and knows no priorities; the low-priority
+    job's message is delivered first, yet the job shown first in line starts first."""
+    low = submit("low", data=NO_VAL)
+    high = submit("high", resources={"priority": 9}, data=NO_VAL)
+    assert job_row(service_settings, high).priority == 9
+    for job_id in (low, high):  # the low one's message goes out first
+        assert dispatch_job(service_settings, job_id)
+    start_worker("w1")
+    first, second = (_finished(service_settings, j, 120) for j in (high, low))
+    assert first.state == second.state == JobState.succeeded
+    assert first.started_at < second.started_at
 
 
 @pytest.mark.slow
