@@ -573,7 +573,8 @@ def markdown(report: dict[str, Any], args: argparse.Namespace, faults: list[Faul
         "lease (a dead worker is only known by its lease running out).",
         "",
         f"- Command: `python -m bench.chaos --jobs {args.jobs} --workers {args.workers} "
-        f"--faults {args.faults} --lease {args.lease:g} --seed {args.seed}`",
+        f"--faults {args.faults} --iterations {args.iterations} --lease {args.lease:g} "
+        f"--drain-minutes {args.drain_minutes:g} --seed {args.seed}`",
         f"- Verdict: **{'passed' if passed(report) else 'FAILED'}**",
         "",
         "| measure | value |",
