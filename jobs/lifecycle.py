@@ -77,6 +77,22 @@ def _confine_data(spec: JobSpec, settings: Settings) -> None:
                 raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
 
 
+def _job_by_prefix(session: Session, user: User, prefix: str, field: str) -> Job:
+    """The team's job whose id is `prefix` or starts with it; InvalidJob when none or several."""
+    found = list(
+        session.scalars(
+            select(Job)
+            .where(Job.team_id == user.team_id, Job.id.startswith(prefix, autoescape=True))
+            .limit(2)
+        )
+    )
+    if not found:
+        raise InvalidJob(field, f"no job {prefix} visible to you")
+    if len(found) > 1:
+        raise InvalidJob(field, f"job:{prefix} names more than one job: give more of its id")
+    return found[0]
+
+
 def _resolve_weights(session: Session, user: User, ref: str, field: str, settings: Settings) -> str:
     """`job:<id>` -> that job's student.pt; a plain path must lie under the dataset roots."""
     from jobs.artifacts import ArtifactStore
@@ -90,9 +106,7 @@ def _resolve_weights(session: Session, user: User, ref: str, field: str, setting
             return str(confine(ref, settings.dataset_roots, field=field))
         except PathNotAllowed as err:
             raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
-    job = session.get(Job, m.group(1))
-    if job is None or job.team_id != user.team_id:
-        raise InvalidJob(field, f"no job {m.group(1)} visible to you")
+    job = _job_by_prefix(session, user, m.group(1), field)
     if job.state != JobState.succeeded:
         raise InvalidJob(field, f"job {job.id} is {job.state}, not succeeded: wait for it")
     assert settings.artifacts_dir is not None
@@ -143,7 +157,9 @@ def submit_job(
         gpus=spec.resources.gpus,
         spec=spec.model_dump(mode="json"),
         resolved_spec=resolved.model_dump(mode="json"),
-        teacher_job_id=spec.teacher_job_id(),
+        teacher_job_id=_job_by_prefix(session, user, teacher_ref, "teacher.weights").id
+        if (teacher_ref := spec.teacher_job_id())
+        else None,
         idempotency_key=idempotency_key,
         state=JobState.queued.value,
         max_attempts=settings.max_attempts,

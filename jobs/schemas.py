@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hmkd_core.spec import TrainSpec
 
-JOB_REF = re.compile(r"^job:([0-9a-f]{32})$")
+# `job:<id>`, the id whole or a prefix of at least 6 characters unique within the team
+JOB_REF = re.compile(r"^job:([0-9a-f]{6,32})$")
 
 
 def has_control_characters(text: str) -> bool:

@@ -102,6 +102,12 @@ def test_teacher_job_must_be_visible_and_succeeded(
     run_to_end(service_settings, mine["id"], files={"run/student.pt": b"weights"})
     ok = submit(client, distill_spec(dataset, f"job:{mine['id']}"))
     assert ok["teacher_job_id"] == mine["id"] and ok["kind"] == "distill"
+    # a unique prefix of at least 6 characters names the job as its whole id does
+    short = submit(client, distill_spec(dataset, f"job:{mine['id'][:10]}"))
+    assert short["teacher_job_id"] == mine["id"]
+    assert short["spec"]["teacher"]["weights"] == f"job:{mine['id'][:10]}"
+    r = client.post("/v1/jobs", json=distill_spec(dataset, "job:abcde"))  # too short: a path
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "teacher.weights"
 
 
 def test_list_filters_and_three_pages(client: TestClient, dataset: dict[str, Path]) -> None:
