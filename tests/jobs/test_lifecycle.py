@@ -290,3 +290,37 @@ def test_jobs_start_in_the_order_their_positions_show_whatever_message_arrives(
     assert started == expected
     with session_scope(url) as s:  # a turn left over finds nothing, and runs nothing twice
         assert claim_next(s, low_old, worker="w", lease_seconds=60) is None
+
+
+def test_a_job_id_prefix_must_name_one_job_of_the_team(
+    service_settings: Settings, admin: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import itertools
+
+    from jobs import models
+
+    ids = (f"abcdef{n:026d}" for n in itertools.count())
+    monkeypatch.setattr(models, "new_id", lambda: next(ids))
+    monkeypatch.setattr(models.Job.id.property.columns[0].default, "arg", lambda ctx: next(ids))
+    first = _submit(service_settings, admin[0].id)
+    _submit(service_settings, admin[0].id)
+    assert first.startswith("abcdef")
+    teacher = {"backbone": "resnet34", "weights": "job:abcdef"}
+    with pytest.raises(InvalidJob, match="names more than one job") as err:
+        _submit(
+            service_settings,
+            admin[0].id,
+            kind="distill",
+            teacher=teacher,
+            distill={"method": "hmkd"},
+        )
+    assert err.value.field == "teacher.weights"
+    teacher["weights"] = f"job:{first}"  # whole: names the first job alone
+    with pytest.raises(InvalidJob, match="not succeeded"):
+        _submit(
+            service_settings,
+            admin[0].id,
+            kind="distill",
+            teacher=teacher,
+            distill={"method": "hmkd"},
+        )
