@@ -25,9 +25,9 @@ import torch
 from bench.presets import PRESETS, ROWS, Splits, student_spec
 from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
 from hmkd_core.distill import build_distiller
-from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher, TrainModule
+from hmkd_core.engine.module import FrozenTeacher, TrainModule
 from hmkd_core.models import build_detector
-from hmkd_core.spec import DistillSpec, TrainSpec, load_spec
+from hmkd_core.spec import DEFAULT_LEVELS, DistillSpec, TrainSpec, load_spec
 
 # Every distilling row of the table, with the same options.
 METHODS: dict[str, DistillSpec] = {

@@ -22,9 +22,9 @@ from hmkd_core.distill import build_distiller
 from hmkd_core.distill.base import DistillInputs
 from hmkd_core.distill.hooks import FeatureRecorder
 from hmkd_core.distill.masks import level_masks, spatial_attention
-from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher
+from hmkd_core.engine.module import FrozenTeacher
 from hmkd_core.models import build_detector
-from hmkd_core.spec import FocalOptions, TrainSpec
+from hmkd_core.spec import DEFAULT_LEVELS, FocalOptions, TrainSpec
 
 
 def focal_options(spec: TrainSpec) -> FocalOptions:

@@ -13,9 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6", "p7")
+# The FPN levels each detector has, and those distilled when a spec names none.
+PYRAMIDS = {
+    "faster_rcnn": ("p2", "p3", "p4", "p5", "p6"),
+    "retinanet": ("p3", "p4", "p5", "p6", "p7"),
+}
+DEFAULT_LEVELS = {"faster_rcnn": ("p2", "p3", "p4"), "retinanet": ("p3", "p4", "p5")}
+# What an evaluation reports, besides `AP_<name>` for each of `eval.extra_area_ranges`.
+REPORTED_METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR@100")
 # Counts stored by the service in 32-bit columns, and far past any real schedule.
 MAX_ITERATIONS = 100_000_000
 MAX_SEED = 2**31 - 1
@@ -261,7 +277,6 @@ class EvalSpec(_Strict):
     every: int = Field(
         0, ge=0, le=MAX_ITERATIONS, description="Evaluate every N iterations (0: only at the end)."
     )
-    metric: str = Field("AP_S", description="Metric that picks the best checkpoint.")
     batch_size: int = Field(4, ge=1, le=1024)
     extra_area_ranges: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {
@@ -271,6 +286,17 @@ class EvalSpec(_Strict):
         },
         description="Additional COCO area ranges (pixels^2) reported as AP_<name>.",
     )
+    metric: str = Field("AP_S", description="Metric that picks the best checkpoint.")
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, v: str, info: ValidationInfo) -> str:
+        """Checked here, not after the last evaluation of a run hours long."""
+        ranges = info.data.get("extra_area_ranges") or {}
+        known = [*REPORTED_METRICS, *(f"AP_{name}" for name in ranges)]
+        if v not in known:
+            raise ValueError(f"{v!r} is not reported by the evaluation; choose from {known}")
+        return v
 
 
 class CheckpointSpec(_Strict):
@@ -307,6 +333,37 @@ class TrainSpec(_Strict):
             raise ValueError(f"distill.method {self.distill.method!r} needs a teacher")
         if self.teacher is not None and self.teacher.weights == "none":
             raise ValueError("teacher.weights must name trained weights (a path, or coco)")
+        return self
+
+    @model_validator(mode="after")
+    def _pair_shares_one_batch(self) -> TrainSpec:
+        """What would otherwise fail only when the run starts (or distil garbage): the teacher
+        runs on the student's transformed batch, and both pyramids hold every distilled level.
+        Errors start with the field at fault, which the API reports as the error's field."""
+        if self.teacher is None:
+            return self
+        for name in ("image_mean", "image_std", "min_size", "max_size"):
+            s, t = getattr(self.student, name), getattr(self.teacher, name)
+            if s != t:
+                raise ValueError(
+                    f"teacher.{name}: {t} differs from student.{name} ({s}); the teacher runs on "
+                    "the student's transformed batch, so set both the same"
+                )
+        levels = list(self.distill.levels or DEFAULT_LEVELS[self.student.arch])
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            missing = [lv for lv in levels if lv not in PYRAMIDS[model.arch]]
+            if missing:
+                raise ValueError(
+                    f"distill.levels: {role} ({model.arch}) has no level(s) {missing}; it has "
+                    f"{list(PYRAMIDS[model.arch])}"
+                )
+        if self.distill.method == "hmkd" and self.distill.hmkd.hm.enabled:
+            numbers = sorted(int(lv[1:]) for lv in levels)
+            if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+                raise ValueError(
+                    f"distill.levels: hierarchical matching needs consecutive FPN levels, got "
+                    f"{levels}; e.g. {list(DEFAULT_LEVELS[self.student.arch])}"
+                )
         return self
 
 

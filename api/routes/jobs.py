@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -85,13 +86,22 @@ async def _json_body(request: Request) -> Any:
         raise RequestValidationError([problem]) from None
 
 
+# A check across fields (`TrainSpec._pair_shares_one_batch`) starts its message with the field
+# at fault: that becomes the error's location.
+_FIELD_FIRST = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_0-9]+)+): (.*)$", re.DOTALL)
+
+
 def _spec_of(body: Any) -> JobSpec:
     try:
         return JobSpec.model_validate(body)
     except ValidationError as err:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
-        ) from None
+        errors = []
+        for e in err.errors(include_url=False):
+            loc, msg = tuple(e["loc"]), e["msg"]
+            if (m := _FIELD_FIRST.match(msg)) is not None:
+                loc, msg = (*loc, *m.group(1).split(".")), m.group(2)
+            errors.append({**e, "loc": ("body", *loc), "msg": msg})
+        raise RequestValidationError(errors) from None
 
 
 @router.post(

@@ -12,13 +12,7 @@ from torch import Tensor, nn
 
 from hmkd_core.distill.base import Distiller, DistillInputs
 from hmkd_core.distill.hooks import FeatureRecorder, name_levels
-from hmkd_core.spec import ModelSpec
-
-PYRAMIDS = {
-    "faster_rcnn": ("p2", "p3", "p4", "p5", "p6"),
-    "retinanet": ("p3", "p4", "p5", "p6", "p7"),
-}
-DEFAULT_LEVELS = {"faster_rcnn": ("p2", "p3", "p4"), "retinanet": ("p3", "p4", "p5")}
+from hmkd_core.spec import PYRAMIDS, ModelSpec
 
 
 class IncompatiblePairError(ValueError):

@@ -28,14 +28,14 @@ from hmkd_core.distill import build_distiller
 from hmkd_core.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from hmkd_core.engine.distributed import DistContext, any_true, gather_objects
 from hmkd_core.engine.evaluate import evaluate_detector
-from hmkd_core.engine.module import DEFAULT_LEVELS, FrozenTeacher, TrainModule, check_pair
+from hmkd_core.engine.module import FrozenTeacher, TrainModule, check_pair
 from hmkd_core.engine.optim import build_optimizer, build_scheduler, param_groups
 from hmkd_core.engine.reporter import MultiReporter, Progress, Reporter
 from hmkd_core.engine.sampler import ResumableSampler
 from hmkd_core.engine.tensorboard import TensorBoardReporter
 from hmkd_core.evaluation import write_eval_json
 from hmkd_core.models import StudentHeader, build_detector, export_student
-from hmkd_core.spec import TrainSpec
+from hmkd_core.spec import DEFAULT_LEVELS, TrainSpec
 
 log = logging.getLogger(__name__)
 

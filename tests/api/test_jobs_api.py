@@ -18,6 +18,7 @@ from jobs.db import session_scope
 from jobs.models import Job
 from jobs.settings import Settings
 from tests.api.conftest import bearer, distill_spec, job_spec, run_to_end, submit
+from tests.conftest import tiny_model
 
 
 def _count_jobs(settings: Settings) -> int:
@@ -108,6 +109,38 @@ def test_teacher_job_must_be_visible_and_succeeded(
     assert short["spec"]["teacher"]["weights"] == f"job:{mine['id'][:10]}"
     r = client.post("/v1/jobs", json=distill_spec(dataset, "job:abcde"))  # too short: a path
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "teacher.weights"
+
+
+def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """Checks that depend only on the spec: a teacher resized or normalised unlike the
+    student, levels a pyramid lacks or HMKD levels with a gap, an evaluation metric never
+    reported. Each answers 422 naming the field, and nothing is queued."""
+    teacher = tiny_model(backbone="resnet34", weights="coco")
+    cases = [
+        ({"teacher": {**teacher, "min_size": 48}}, "teacher.min_size", "differs from student"),
+        (
+            {"distill": {"method": "hmkd", "levels": ["p2", "p4"]}},
+            "distill.levels",
+            "consecutive",
+        ),
+        ({"distill": {"method": "mimic", "levels": ["p7"]}}, "distill.levels", "no level"),
+        ({"eval": {"metric": "mAP"}}, "eval.metric", "not reported"),
+    ]
+    for extra, field, words in cases:
+        spec = job_spec(dataset, name="bad", kind="distill", teacher=teacher)
+        spec["distill"] = {"method": "mimic"}
+        for key, value in extra.items():
+            spec[key] = {**spec.get(key, {}), **value}
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 422, (field, r.text)
+        detail = r.json()["detail"][0]
+        assert detail["field"] == field and words in detail["msg"], detail
+    ok = job_spec(dataset, eval={"metric": "AP_tiny"})  # an extra area range is reported too
+    assert client.post("/v1/jobs", json=ok).status_code == 201
+    with session_scope(service_settings.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
 
 
 def test_list_filters_and_three_pages(client: TestClient, dataset: dict[str, Path]) -> None:
