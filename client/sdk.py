@@ -58,11 +58,18 @@ class Event:
 
 
 def default_base_url() -> str:
+    """`HMKD_API_URL`, else where a running `hmkd serve` of this data directory listens (it
+    records its URL there), else the settings' default."""
     if url := os.environ.get("HMKD_API_URL"):
         return url
+    from client.serve import API_URL_FILE
     from jobs.settings import Settings
 
-    return Settings().api_url
+    settings = Settings()
+    try:
+        return (settings.data_dir / API_URL_FILE).read_text().strip() or settings.api_url
+    except (FileNotFoundError, UnicodeDecodeError):
+        return settings.api_url
 
 
 def default_token() -> str | None:

@@ -25,6 +25,7 @@ from rich.markup import escape
 from jobs.settings import Settings
 
 WORKER_STOP_SECONDS = 10.0
+API_URL_FILE = "api_url"  # in the data directory, while `hmkd serve` runs
 
 
 class WorkerStartError(RuntimeError):
@@ -106,8 +107,11 @@ def run_service(
     console.print(escape(f"database {display_url(settings.database_url)}"))
     console.print(escape(f"datasets must lie under {', '.join(map(str, settings.dataset_roots))}"))
     url = f"http://{host}:{port}"
+    url_file = settings.data_dir / API_URL_FILE  # where the CLI on this machine looks
+    url_file.parent.mkdir(parents=True, exist_ok=True)
+    url_file.write_text(url + "\n")
     if url != settings.api_url:
-        console.print(f"clients: export HMKD_API_URL={url}")
+        console.print(f"clients elsewhere: export HMKD_API_URL={url}")
     sign_in = (
         f"the token in {settings.data_dir / 'token'}"
         if settings.embedded
@@ -127,6 +131,8 @@ def run_service(
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
+        if url_file.is_file() and url_file.read_text().strip() == url:
+            url_file.unlink()  # a stopped service is found by nobody
         signal.signal(signal.SIGTERM, previous)
         if proc is not None:
             console.print("stopping the worker")

@@ -71,6 +71,7 @@ def test_serve_embedded_starts_api_and_worker_and_stops_both(
         page = httpx.get(f"{url}/")  # the dashboard, no token needed for the page itself
         assert page.status_code == 200 and "HMKD dashboard" in page.text
         token = (tmp_path / "token").read_text().strip()
+        assert (tmp_path / "api_url").read_text().strip() == url  # how the CLI finds it
         with Client(url, token) as client:  # the token `serve` wrote is the CLI's
             assert client.jobs()["items"] == []
             assert client.ready()["ready"] is True
@@ -83,6 +84,21 @@ def test_serve_embedded_starts_api_and_worker_and_stops_both(
         out, _ = serve.communicate(timeout=60)
     assert serve.returncode == returncode, out.decode()
     assert b"stopping the worker" in out
+    assert not (tmp_path / "api_url").exists()  # a stopped service is not advertised
     assert f"dashboard {url}/ (sign in with the token in {tmp_path / 'token'})" in out.decode()
     marker = f"HMKD_DATA_DIR={tmp_path}".encode()
     assert _processes_with(marker) == []  # no worker (or pool child) left behind
+
+
+def test_the_cli_finds_the_url_serve_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.sdk import default_base_url
+
+    monkeypatch.delenv("HMKD_API_URL", raising=False)
+    monkeypatch.setenv("HMKD_DATA_DIR", str(tmp_path))
+    assert default_base_url() == "http://127.0.0.1:8000"
+    (tmp_path / "api_url").write_text("http://127.0.0.1:8765\n")
+    assert default_base_url() == "http://127.0.0.1:8765"
+    monkeypatch.setenv("HMKD_API_URL", "http://elsewhere:9000")
+    assert default_base_url() == "http://elsewhere:9000"
