@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -91,6 +92,50 @@ def _job_by_prefix(session: Session, user: User, prefix: str, field: str) -> Job
     if len(found) > 1:
         raise InvalidJob(field, f"job:{prefix} names more than one job: give more of its id")
     return found[0]
+
+
+# What a teacher's weights fix: taken from its student.pt when a spec leaves them out, refused
+# when a spec gives them otherwise. Its input transforms follow the student instead (the
+# teacher runs on the student's batch).
+_ARCHITECTURE = ("arch", "backbone", "fpn_channels", "anchor_sizes", "backbone_norm")
+_TRANSFORMS = ("min_size", "max_size", "image_mean", "image_std")
+
+
+def complete_teacher(session: Session, user: User, body: Any, settings: Settings) -> Any:
+    """A submitted spec (as JSON) whose teacher is `job:<id>`, with the teacher's architecture
+    filled in from that job's `student.pt` and its transforms from the student, so a user need
+    not copy them by hand. A field given otherwise than the weights were built with is an
+    InvalidJob naming it. Anything unresolvable is left as it is, for validation and
+    `submit_job` to report."""
+    teacher = body.get("teacher") if isinstance(body, dict) else None
+    if not isinstance(teacher, dict) or not isinstance(teacher.get("weights"), str):
+        return body
+    m = JOB_REF.match(teacher["weights"])
+    if m is None:
+        return body
+    from hmkd_core.models.export import WeightsError, read_model_spec
+
+    try:
+        path = _resolve_weights(session, user, teacher["weights"], "teacher.weights", settings)
+        built = read_model_spec(path)
+    except (InvalidJob, WeightsError):
+        return body
+    filled = dict(teacher)
+    for name in _ARCHITECTURE:
+        value = built.model_dump(mode="json")[name]
+        if name not in teacher or (name == "backbone_norm" and teacher[name] == "auto"):
+            filled[name] = value
+        elif teacher[name] != value:
+            raise InvalidJob(
+                f"teacher.{name}",
+                f"{teacher[name]!r}, but job {m.group(1)}'s student.pt was built with {value!r}: "
+                "leave it out to take it from the weights",
+            )
+    student = body.get("student") if isinstance(body.get("student"), dict) else {}
+    for name in _TRANSFORMS:
+        if name not in teacher and name in student:
+            filled[name] = student[name]
+    return {**body, "teacher": filled}
 
 
 def _resolve_weights(session: Session, user: User, ref: str, field: str, settings: Settings) -> str:

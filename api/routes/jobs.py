@@ -27,6 +27,7 @@ from hmkd_core.spec import MAX_ITERATIONS
 from jobs.db import session_scope
 from jobs.lifecycle import (
     Conflict,
+    complete_teacher,
     mark_dispatched,
     queue_position,
     request_cancel,
@@ -139,7 +140,7 @@ def create_job(
     ] = None,
 ) -> JobPublic:
     """Validate the spec, check its dataset paths and teacher, queue it and publish it."""
-    spec = _spec_of(body)
+    spec = _spec_of(complete_teacher(session, user, body, settings))
     try:
         job, created = submit_job(
             session, user=user, spec=spec, settings=settings, idempotency_key=idempotency_key

@@ -51,6 +51,19 @@ def export_student(model: nn.Module, header: StudentHeader, path: Path) -> Path:
     return Path(path)
 
 
+def read_model_spec(path: str | Path) -> ModelSpec:
+    """The `ModelSpec` a `student.pt` was built with, without building it: the tensors are
+    memory-mapped, not read, so a service can check a spec against big weights at submit."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise WeightsError(f"{path}: not a readable student file ({err})") from err
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise WeightsError(f"{path}: not an exported student (format {FORMAT!r} expected)")
+    return ModelSpec.model_validate(blob["model"])
+
+
 def load_student(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, StudentHeader]:

@@ -111,6 +111,28 @@ def test_teacher_job_must_be_visible_and_succeeded(
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "teacher.weights"
 
 
+def test_a_job_teacher_brings_its_architecture_from_its_student_file(
+    client: TestClient,
+    dataset: dict[str, Path],
+    service_settings: Settings,
+    tiny_teacher: Path,
+) -> None:
+    mine = submit(client, job_spec(dataset, name="teacher"))
+    run_to_end(service_settings, mine["id"], files={"run/student.pt": tiny_teacher.read_bytes()})
+    spec = job_spec(dataset, name="d", kind="distill", distill={"method": "mimic"})
+    spec["teacher"] = {"weights": f"job:{mine['id'][:8]}"}  # nothing else
+    made = submit(client, spec)
+    teacher = made["spec"]["teacher"]
+    assert (teacher["backbone"], teacher["fpn_channels"]) == ("resnet34", 32)
+    assert teacher["min_size"] == spec["student"]["min_size"] == 64
+    assert teacher["backbone_norm"] != "auto"  # what the weights were trained with
+    spec["teacher"] = {"weights": f"job:{mine['id']}", "fpn_channels": 16}
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 422
+    detail = r.json()["detail"][0]
+    assert detail["field"] == "teacher.fpn_channels" and "built with 32" in detail["msg"]
+
+
 def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
     client: TestClient, dataset: dict[str, Path], service_settings: Settings
 ) -> None:
