@@ -6,6 +6,8 @@ thing, and so that the SDK stays free of rich.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from rich import box
@@ -49,8 +51,16 @@ def _info(job: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+# Off a terminal (a log file, CI, a pipe) a line is printed at each change of state, each
+# evaluation, each tenth of the run, and at least this often while running.
+LINE_EVERY_S = 60.0
+
+
 def follow(client: Client, job_id: str, console: Console) -> dict[str, Any]:
-    """Draw the job's progress until it is final; returns its last state."""
+    """Show the job's progress until it is final: a live bar on a terminal, lines elsewhere
+    (a bar redrawn in place writes nothing a log keeps); returns its last state."""
+    if not console.is_terminal:
+        return follow_lines(client, job_id, console)
     job = client.job(job_id)
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -78,6 +88,38 @@ def follow(client: Client, job_id: str, console: Console) -> dict[str, Any]:
                 total=job["total_iterations"] or None,
                 info=_info(job),
             )
+    return client.job(job_id)
+
+
+def follow_lines(client: Client, job_id: str, console: Console) -> dict[str, Any]:
+    """`follow` for logs: one plain line per change worth keeping."""
+    job = client.job(job_id)
+    last: tuple[str, int] | None = None
+    printed = -math.inf
+
+    def line(job: dict[str, Any]) -> None:
+        nonlocal last, printed
+        total = job["total_iterations"] or 0
+        tenth = 10 * job["iteration"] // total if total else 0
+        key = (job["state"], tenth)
+        if key == last and time.monotonic() - printed < LINE_EVERY_S:
+            return
+        last, printed = key, time.monotonic()
+        eta = (
+            f"  ETA {job['eta_s']:.0f} s" if job.get("eta_s") and job["state"] == "running" else ""
+        )
+        console.print(
+            escape(f"{job['name'][:30]}  {job['iteration']}/{total}  {_info(job)}{eta}"),
+            highlight=False,
+        )
+
+    line(job)
+    for event in client.events(job_id):
+        if event.event == "evaluation":
+            data = event.data
+            console.print(f"eval @ {data['iteration']}: {eval_line(data['metrics'])}")
+        else:
+            line(event.data)
     return client.job(job_id)
 
 
