@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from jobs.db import db_clock
@@ -309,13 +309,17 @@ def claim_next(
     queue = session.scalar(select(Job.queue).where(Job.id == job_id))
     if queue is None:
         return None
+    waiting = Job.queue == queue, Job.state == JobState.queued.value
+    teams = set(session.scalars(select(Job.team_id).where(*waiting).distinct()))
+    # teams already at their cap are left out of the line, not merely skipped in it: a backlog
+    # of theirs longer than `look_ahead` must not hide other teams' jobs
+    capped = _teams_at_cap(session, teams, team_cap, db_clock(session))
     line = session.execute(
         select(Job.id, Job.team_id)
-        .where(Job.queue == queue, Job.state == JobState.queued.value)
+        .where(*waiting, Job.team_id.not_in(capped) if capped else true())
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(look_ahead)
     ).all()
-    capped: set[int] = set()
     for candidate, team_id in line:
         if team_id in capped:
             continue
@@ -327,6 +331,35 @@ def claim_next(
         if session.scalar(select(Job.state).where(Job.id == candidate)) == JobState.queued:
             capped.add(team_id)  # held by its team's cap: so are the team's others
     return claim_job(session, job_id, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap)
+
+
+def _teams_at_cap(
+    session: Session, team_ids: set[int], default: int | None, now: datetime
+) -> set[int]:
+    """Of `team_ids`, the teams running as many jobs as their cap allows (a first look,
+    without locks; `_team_at_cap` decides under the team's lock at the claim)."""
+    if not team_ids:
+        return set()
+    caps = {
+        tid: own if own is not None else default
+        for tid, own in session.execute(
+            select(Team.id, Team.max_running).where(Team.id.in_(team_ids))
+        ).all()
+    }
+    if all(cap is None for cap in caps.values()):
+        return set()
+    running = dict(
+        session.execute(
+            select(Job.team_id, func.count())
+            .where(
+                Job.team_id.in_(team_ids),
+                Job.state == JobState.running.value,
+                Job.lease_expires_at >= now,
+            )
+            .group_by(Job.team_id)
+        ).all()
+    )
+    return {tid for tid, cap in caps.items() if cap is not None and running.get(tid, 0) >= cap}
 
 
 def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime) -> bool:

@@ -293,34 +293,36 @@ def test_jobs_start_in_the_order_their_positions_show_whatever_message_arrives(
 
 
 def test_a_job_id_prefix_must_name_one_job_of_the_team(
-    service_settings: Settings, admin: tuple, monkeypatch: pytest.MonkeyPatch
+    service_settings: Settings, admin: tuple
 ) -> None:
-    import itertools
-
-    from jobs import models
-
-    ids = (f"abcdef{n:026d}" for n in itertools.count())
-    monkeypatch.setattr(models, "new_id", lambda: next(ids))
-    monkeypatch.setattr(models.Job.id.property.columns[0].default, "arg", lambda ctx: next(ids))
+    url = service_settings.database_url
     first = _submit(service_settings, admin[0].id)
-    _submit(service_settings, admin[0].id)
-    assert first.startswith("abcdef")
-    teacher = {"backbone": "resnet34", "weights": "job:abcdef"}
+    twin = first[:6] + ("0" if first[6] != "0" else "1") + first[7:]
+    with session_scope(url) as s:  # another job whose id shares the first six characters
+        original = s.get(Job, first)
+        columns = {c.key: getattr(original, c.key) for c in Job.__table__.columns}
+        s.add(Job(**{**columns, "id": twin, "idempotency_key": None}))
+    teacher = {"backbone": "resnet34", "weights": f"job:{first[:6]}"}
+    distill = {"kind": "distill", "teacher": teacher, "distill": {"method": "hmkd"}}
     with pytest.raises(InvalidJob, match="names more than one job") as err:
-        _submit(
-            service_settings,
-            admin[0].id,
-            kind="distill",
-            teacher=teacher,
-            distill={"method": "hmkd"},
-        )
+        _submit(service_settings, admin[0].id, **distill)
     assert err.value.field == "teacher.weights"
-    teacher["weights"] = f"job:{first}"  # whole: names the first job alone
+    teacher["weights"] = f"job:{first[:7]}"  # one more character: the first job alone
     with pytest.raises(InvalidJob, match="not succeeded"):
-        _submit(
-            service_settings,
-            admin[0].id,
-            kind="distill",
-            teacher=teacher,
-            distill={"method": "hmkd"},
-        )
+        _submit(service_settings, admin[0].id, **distill)
+
+
+def test_a_capped_teams_backlog_does_not_hide_another_teams_job(
+    service_settings: Settings, admin: tuple, other_team_user: tuple
+) -> None:
+    from jobs.lifecycle import claim_next
+
+    url = service_settings.database_url
+    running = _submit(service_settings, admin[0].id)
+    with session_scope(url) as s:
+        assert claim_job(s, running, worker="w0", lease_seconds=60, team_cap=1) is not None
+    backlog = [_submit(service_settings, admin[0].id) for _ in range(5)]
+    theirs = _submit(service_settings, other_team_user[0].id)
+    with session_scope(url) as s:  # a line shorter than the capped team's backlog
+        job = claim_next(s, backlog[0], worker="w1", lease_seconds=60, team_cap=1, look_ahead=3)
+        assert job is not None and job.id == theirs
