@@ -131,29 +131,32 @@ def signal_quietly(pid: int, sig: int) -> None:
 
 
 @contextlib.contextmanager
-def scratch_database(server_url: str) -> Iterator[str]:
-    """A new PostgreSQL database on the server of `server_url`, dropped afterwards."""
+def scratch_database(server_url: str, prefix: str = "hmkd_chaos") -> Iterator[str]:
+    """A new PostgreSQL database on the server of `server_url`, dropped afterwards (with the
+    connections still open to it). The test fixtures use it too."""
     from sqlalchemy import create_engine, make_url, pool, text
 
-    name = f"hmkd_chaos_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        from jobs.db import dispose_engines
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    from jobs.db import dispose_engines
 
-        dispose_engines()
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
+    try:
         with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            dispose_engines()
+            with admin.connect() as conn:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    finally:
         admin.dispose()
 
 

@@ -313,7 +313,7 @@ def claim_next(
     teams = set(session.scalars(select(Job.team_id).where(*waiting).distinct()))
     # teams already at their cap are left out of the line, not merely skipped in it: a backlog
     # of theirs longer than `look_ahead` must not hide other teams' jobs
-    capped = _teams_at_cap(session, teams, team_cap, db_clock(session))
+    capped = set(_teams_at_cap(session, teams, team_cap, db_clock(session)))
     line = session.execute(
         select(Job.id, Job.team_id)
         .where(*waiting, Job.team_id.not_in(capped) if capped else true())
@@ -335,11 +335,11 @@ def claim_next(
 
 def _teams_at_cap(
     session: Session, team_ids: set[int], default: int | None, now: datetime
-) -> set[int]:
-    """Of `team_ids`, the teams running as many jobs as their cap allows (a first look,
-    without locks; `_team_at_cap` decides under the team's lock at the claim)."""
+) -> dict[int, tuple[int, int]]:
+    """Of `team_ids`, the teams running as many jobs as their cap allows, each with
+    (running, cap). Without locks: `_team_at_cap` asks again under the team's lock."""
     if not team_ids:
-        return set()
+        return {}
     caps = {
         tid: own if own is not None else default
         for tid, own in session.execute(
@@ -347,7 +347,7 @@ def _teams_at_cap(
         ).all()
     }
     if all(cap is None for cap in caps.values()):
-        return set()
+        return {}
     running = dict(
         session.execute(
             select(Job.team_id, func.count())
@@ -359,28 +359,22 @@ def _teams_at_cap(
             .group_by(Job.team_id)
         ).all()
     )
-    return {tid for tid, cap in caps.items() if cap is not None and running.get(tid, 0) >= cap}
+    return {
+        tid: (running.get(tid, 0), cap)
+        for tid, cap in caps.items()
+        if cap is not None and running.get(tid, 0) >= cap
+    }
 
 
 def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime) -> bool:
     """Whether the job's team already runs as many jobs as it may. The team's row is locked
     first (PostgreSQL; SQLite serialises writers anyway), so two workers claiming for one team
     at once count one after the other. A job held back is published again by the next sweep."""
-    team = session.scalar(select(Team).where(Team.id == job.team_id).with_for_update())
-    cap = team.max_running if team is not None and team.max_running is not None else default
-    if cap is None:
+    session.execute(select(Team.id).where(Team.id == job.team_id).with_for_update())
+    capped = _teams_at_cap(session, {job.team_id}, default, now)
+    if job.team_id not in capped:
         return False
-    running = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.team_id == job.team_id,
-            Job.state == JobState.running.value,
-            Job.lease_expires_at >= now,
-        )
-    )
-    if int(running or 0) < cap:
-        return False
+    running, cap = capped[job.team_id]
     session.execute(  # the sweeper publishes it again; until then no message waits for it
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.queued.value)

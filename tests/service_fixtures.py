@@ -12,9 +12,8 @@ migrated with the real Alembic history, never `create_all`.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,34 +60,11 @@ def _server_url(env: str) -> str:
     return url
 
 
-@contextmanager
-def _postgres_database(server_url: str) -> Iterator[str]:
+def _postgres_database(server_url: str) -> AbstractContextManager[str]:
     """A new, empty database on the server of `server_url`, dropped afterwards."""
-    from sqlalchemy import create_engine, make_url, pool, text
+    from bench.chaos import scratch_database
 
-    from jobs.db import dispose_engines
-
-    name = f"hmkd_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=pool.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            url = make_url(server_url).set(database=name)
-            yield url.render_as_string(hide_password=False)
-        finally:
-            dispose_engines()
-            with admin.connect() as conn:
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": name},
-                )
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    finally:
-        admin.dispose()
+    return scratch_database(server_url, prefix="hmkd_test")
 
 
 @contextmanager
