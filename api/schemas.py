@@ -41,7 +41,7 @@ class JobPublic(BaseModel):
     queue: str
     priority: int
     gpus: int
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: Literal["waiting", "queued", "running", "succeeded", "failed", "cancelled"]
     attempt: int = Field(description="Attempts started so far (a resumed job counts each).")
     max_attempts: int
     cancel_requested: bool

@@ -36,6 +36,8 @@ def _info(job: dict[str, Any]) -> str:
     parts = [job["state"]]
     if job["state"] == "queued" and job.get("queue_position"):
         parts.append(f"#{job['queue_position']} in {job['queue']}")
+    if job["state"] == "waiting" and job.get("teacher_job_id"):
+        parts.append(f"for teacher job {job['teacher_job_id']}")
     if job.get("attempt", 0) > 1:
         parts.append(f"attempt {job['attempt']}")
     losses = job.get("losses") or {}

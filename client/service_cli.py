@@ -111,36 +111,80 @@ def _final(job: dict[str, Any], quiet: bool) -> None:
         raise typer.Exit(1)
 
 
+def chain_specs(specs: list[dict[str, Any]], paths: list[Path]) -> None:
+    """Check that each spec after the first can take the job before it as its teacher: a
+    distill spec whose `teacher.weights` is left out (or is that job). Refused before anything
+    is submitted, so a bad chain leaves no half of itself queued."""
+    for spec, path in zip(specs[1:], paths[1:], strict=True):
+        if spec.get("kind") != "distill":
+            _fail(f"{path}: a spec after the first distils from the job before it: kind distill")
+        teacher = spec.get("teacher")
+        if teacher is not None and not isinstance(teacher, dict):
+            _fail(f"{path}: teacher must be a mapping")
+        weights = (teacher or {}).get("weights")
+        if weights not in (None, "none"):
+            _fail(
+                f"{path}: teacher.weights is {weights!r}, but in a chain the job before it is "
+                "its teacher: leave teacher.weights out"
+            )
+
+
 @app.command()
 def submit(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML or JSON job spec.")],
+    spec_paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="SPEC...",
+            help="YAML or JSON job spec. Several: a chain, each distilled from the job before "
+            "it (teacher.yaml student.yaml); the later ones wait for their teacher.",
+        ),
+    ],
     follow_: Annotated[
-        bool, typer.Option("--follow", "-f", help="Show progress until the job ends.")
+        bool, typer.Option("--follow", "-f", help="Show progress until the job(s) end.")
     ] = False,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a field: --set teacher.weights=job:<id>."),
+        typer.Option("--set", help="Override a field (of every spec): --set schedule.lr=1e-4."),
     ] = None,
     idempotency_key: Annotated[
-        str | None, typer.Option(help="Retry-safe: the same key never makes a second job.")
+        str | None,
+        typer.Option(
+            help="Retry-safe: the same key never makes a second job (per spec: KEY-1...)."
+        ),
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print only the job id on stdout.")
+        bool, typer.Option("--quiet", "-q", help="Print only the job ids on stdout.")
     ] = False,
 ) -> None:
-    """Submit a job; --follow draws its progress and prints its AP and AP_S."""
-    spec = read_spec(spec_path, overrides or [])
+    """Submit a job, or a teacher and its students; --follow draws their progress and prints
+    AP and AP_S."""
+    specs = [read_spec(path, overrides or []) for path in spec_paths]
+    chain_specs(specs, spec_paths)
+    jobs: list[dict[str, Any]] = []
     with _client() as client:
-        job = _api(client.submit, spec, idempotency_key=idempotency_key)
-        if not quiet:
-            place = f", #{job['queue_position']} in {job['queue']}" if job["queue_position"] else ""
-            err_console.print(f"submitted job {job['id']} ({job['state']}{place})")
+        for i, spec in enumerate(specs):
+            if jobs:
+                spec["teacher"] = {
+                    **(spec.get("teacher") or {}),
+                    "weights": f"job:{jobs[-1]['id']}",
+                }
+            key = idempotency_key
+            if key is not None and len(specs) > 1:
+                key = f"{key}-{i + 1}"
+            job = _api(client.submit, spec, idempotency_key=key)
+            jobs.append(job)
+            if not quiet:
+                place = (
+                    f", #{job['queue_position']} in {job['queue']}" if job["queue_position"] else ""
+                )
+                err_console.print(f"submitted job {job['id']} ({job['state']}{place})")
         if not follow_:
             if quiet:
-                typer.echo(job["id"])
+                for job in jobs:
+                    typer.echo(job["id"])
             return
-        job = _api(follow, client, job["id"], err_console)
-    _final(job, quiet)
+        for job in jobs:
+            _final(_api(follow, client, job["id"], err_console), quiet)
 
 
 @app.command("jobs")

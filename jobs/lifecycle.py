@@ -1,12 +1,15 @@
 """The job state machine and the claim/lease protocol.
 
-`queued -> running -> succeeded | failed | cancelled`. A worker may run a job only after
-*claiming* it in one conditional UPDATE: a queued job, or a running one whose lease expired.
-Anything else is a duplicate delivery (Redis' visibility-timeout redelivery, a re-published
-message) and is ignored, so a job never runs twice at once. Leases are renewed by heartbeat;
-an expired lease means the worker died, and the job is re-queued to resume from its checkpoint,
-at most `max_attempts` times. Lease times come from the database's clock (`db_clock`), never
-from the host of the worker or API that writes them.
+`[waiting ->] queued -> running -> succeeded | failed | cancelled`. A distill job whose
+teacher job has not succeeded yet waits; the teacher's end queues it or fails it
+(`settle_dependents`), so a teacher and its student can be submitted together.
+
+A worker may run a job only after *claiming* it in one conditional UPDATE: a queued job, or a
+running one whose lease expired. Anything else is a duplicate delivery (Redis'
+visibility-timeout redelivery, a re-published message) and is ignored, so a job never runs twice
+at once. Leases are renewed by heartbeat; an expired lease means the worker died, and the job is
+re-queued to resume from its checkpoint, at most `max_attempts` times. Lease times come from the
+database's clock (`db_clock`), never from the host of the worker or API that writes them.
 """
 
 from __future__ import annotations
@@ -116,9 +119,13 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
     from hmkd_core.models.export import WeightsError, read_model_spec
 
     try:
-        path = _resolve_weights(session, user, teacher["weights"], "teacher.weights", settings)
-        built = read_model_spec(path)
-    except (InvalidJob, WeightsError):
+        source = _job_by_prefix(session, user, m.group(1), "teacher.weights")
+        if source.state == JobState.succeeded:
+            path = _resolve_weights(session, user, teacher["weights"], "teacher.weights", settings)
+            built = read_model_spec(path)
+        else:  # its student.pt is still to come: what it will hold is in its spec
+            built = _model_to_come(source)
+    except (InvalidJob, WeightsError, ValueError):
         return body
     filled = dict(teacher)
     for name in _ARCHITECTURE:
@@ -128,7 +135,7 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
         elif teacher[name] != value:
             raise InvalidJob(
                 f"teacher.{name}",
-                f"{teacher[name]!r}, but job {m.group(1)}'s student.pt was built with {value!r}: "
+                f"{teacher[name]!r}, but job {m.group(1)}'s student.pt is built with {value!r}: "
                 "leave it out to take it from the weights",
             )
     student = body.get("student") if isinstance(body.get("student"), dict) else {}
@@ -138,9 +145,36 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
     return {**body, "teacher": filled}
 
 
-def _resolve_weights(session: Session, user: User, ref: str, field: str, settings: Settings) -> str:
-    """`job:<id>` -> that job's student.pt; a plain path must lie under the dataset roots."""
+def _model_to_come(job: Job) -> Any:
+    """The ModelSpec an unfinished job's student.pt will be written with: its student, with
+    the normalisation `auto` resolves to."""
+    from hmkd_core.models.builders import resolve_norm
+    from hmkd_core.spec import ModelSpec
+
+    model = ModelSpec.model_validate(job.spec["student"])
+    return model.model_copy(update={"weights": "none", "backbone_norm": resolve_norm(model)})
+
+
+def _student_path(job: Job, settings: Settings) -> Path:
     from jobs.artifacts import ArtifactStore
+
+    assert settings.artifacts_dir is not None
+    return ArtifactStore(Path(settings.artifacts_dir)).run_dir(job.id) / "student.pt"
+
+
+def _resolve_weights(
+    session: Session,
+    user: User,
+    ref: str,
+    field: str,
+    settings: Settings,
+    *,
+    pending_ok: bool = False,
+) -> str:
+    """`job:<id>` -> that job's student.pt; a plain path must lie under the dataset roots.
+
+    With `pending_ok`, a job that may still succeed (waiting, queued, running) resolves to
+    where its student.pt will be: the caller makes its own job wait for it."""
     from jobs.paths import PathNotAllowed, confine
 
     if ref in ("none", "imagenet", "coco"):
@@ -152,10 +186,15 @@ def _resolve_weights(session: Session, user: User, ref: str, field: str, setting
         except PathNotAllowed as err:
             raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
     job = _job_by_prefix(session, user, m.group(1), field)
+    if job.kind == "evaluate":
+        raise InvalidJob(field, f"job {job.id} is an evaluation: it makes no student.pt")
+    if job.state in (JobState.failed, JobState.cancelled):
+        raise InvalidJob(field, f"job {job.id} is {job.state}: retry it, or name another job")
     if job.state != JobState.succeeded:
+        if pending_ok:
+            return str(_student_path(job, settings))
         raise InvalidJob(field, f"job {job.id} is {job.state}, not succeeded: wait for it")
-    assert settings.artifacts_dir is not None
-    student = ArtifactStore(Path(settings.artifacts_dir)).run_dir(job.id) / "student.pt"
+    student = _student_path(job, settings)
     if not student.is_file():
         raise InvalidJob(field, f"job {job.id} has no student.pt")
     return str(student)
@@ -181,13 +220,17 @@ def submit_job(
             return existing, False
     resolved = spec.model_copy(deep=True)
     _confine_data(resolved, settings)
+    teacher_job = None
     if resolved.teacher is not None:
         resolved.teacher.weights = _resolve_weights(
-            session, user, spec.teacher.weights, "teacher.weights", settings
+            session, user, spec.teacher.weights, "teacher.weights", settings, pending_ok=True
         )
+        if (teacher_ref := spec.teacher_job_id()) is not None:
+            teacher_job = _job_by_prefix(session, user, teacher_ref, "teacher.weights")
     resolved.student.weights = _resolve_weights(
         session, user, spec.student.weights, "student.weights", settings
     )
+    waits = teacher_job is not None and teacher_job.state != JobState.succeeded
     job = Job(
         team_id=user.team_id,
         user_id=user.id,
@@ -202,18 +245,56 @@ def submit_job(
         gpus=spec.resources.gpus,
         spec=spec.model_dump(mode="json"),
         resolved_spec=resolved.model_dump(mode="json"),
-        teacher_job_id=_job_by_prefix(session, user, teacher_ref, "teacher.weights").id
-        if (teacher_ref := spec.teacher_job_id())
-        else None,
+        teacher_job_id=teacher_job.id if teacher_job is not None else None,
         idempotency_key=idempotency_key,
-        state=JobState.queued.value,
+        state=(JobState.waiting if waits else JobState.queued).value,
         max_attempts=settings.max_attempts,
         total_iterations=spec.schedule.iterations,
     )
     session.add(job)
     session.flush()
     add_event(session, job.id, "submitted", f"by {user.name}")
+    if waits:
+        assert teacher_job is not None
+        add_event(session, job.id, "waiting", f"for teacher job {teacher_job.id} to succeed")
     return job, True
+
+
+def settle_dependents(session: Session, job_id: str) -> None:
+    """Once job `job_id` has ended, queue the jobs waiting for it as their teacher (it
+    succeeded) or fail them with the reason (it failed or was cancelled), and so on down a
+    chain of such jobs. Runs in the transaction that ended the job, so no waiting job is left
+    behind by a crash between the two."""
+    ended = session.execute(select(Job.state, Job.error).where(Job.id == job_id)).one_or_none()
+    if ended is None or ended.state not in TERMINAL:
+        return
+    waiting = list(
+        session.scalars(
+            select(Job.id).where(Job.teacher_job_id == job_id, Job.state == JobState.waiting.value)
+        )
+    )
+    if not waiting:
+        return
+    now = db_clock(session)
+    if ended.state == JobState.succeeded:
+        values: dict[str, object] = {"state": JobState.queued.value, "dispatched": False}
+        kind, message = "queued", f"teacher job {job_id} succeeded"
+    else:
+        reason = f": {ended.error}" if ended.error else ""
+        message = f"teacher job {job_id} {ended.state}{reason}"
+        values = _ended(JobState.failed, now, error=message)
+        kind = "failed"
+    for dependent in waiting:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == dependent, Job.state == JobState.waiting.value)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            add_event(session, dependent, kind, message)
+            if kind == "failed":
+                settle_dependents(session, dependent)
 
 
 def mark_dispatched(session: Session, job_id: str) -> None:
@@ -433,6 +514,7 @@ def _exhausted(session: Session, job: Job, now: datetime) -> None:
     )
     if result.rowcount == 1:
         add_event(session, job.id, "failed", message, attempt=job.attempt)
+        settle_dependents(session, job.id)
     session.refresh(job)
 
 
@@ -467,15 +549,13 @@ def request_cancel(session: Session, job: Job) -> Job:
     now = db_clock(session)
     ended = session.execute(
         update(Job)
-        .where(
-            Job.id == job.id,
-            _unowned(now),
-        )
+        .where(Job.id == job.id, or_(_unowned(now), Job.state == JobState.waiting.value))
         .values(**_ended(JobState.cancelled, now, cancel_requested=True))
         .execution_options(synchronize_session=False)
     )
     if ended.rowcount == 1:
         add_event(session, job.id, "cancelled", "before a worker ran it", attempt=job.attempt)
+        settle_dependents(session, job.id)
     else:
         asked = session.execute(
             update(Job)
@@ -497,7 +577,14 @@ def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:
     its last checkpoint."""
     if job.state not in (JobState.failed, JobState.cancelled):
         raise Conflict(f"job {job.id} is {job.state}; only failed or cancelled jobs can be retried")
-    job.state = JobState.queued.value
+    teacher = session.get(Job, job.teacher_job_id) if job.teacher_job_id else None
+    if teacher is not None and teacher.state in (JobState.failed, JobState.cancelled):
+        raise Conflict(
+            f"job {job.id}'s teacher job {teacher.id} is {teacher.state}: retry the teacher "
+            "first, then this job"
+        )
+    waits = teacher is not None and teacher.state != JobState.succeeded
+    job.state = (JobState.waiting if waits else JobState.queued).value
     job.dispatched = False
     job.cancel_requested = False
     job.lease_owner = None
@@ -532,6 +619,7 @@ def finish_job(
         return False
     job = session.get(Job, job_id)
     add_event(session, job_id, state.value, error or "", attempt=job.attempt if job else 0)
+    settle_dependents(session, job_id)
     return True
 
 
@@ -576,6 +664,8 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
             add_event(session, job_id, kind, message, attempt=attempt)
             if kind == "lease_expired":
                 requeued.append(job_id)
+            else:
+                settle_dependents(session, job_id)
     session.flush()
     return requeued
 

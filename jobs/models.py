@@ -40,6 +40,7 @@ class Base(DeclarativeBase):
 
 
 class JobState(enum.StrEnum):
+    waiting = "waiting"  # for the teacher job it names to succeed; then queued
     queued = "queued"
     running = "running"
     succeeded = "succeeded"

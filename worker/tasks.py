@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import select
 
 from jobs.artifacts import ArtifactStore
+from jobs.broker import dispatch_pending
 from jobs.db import session_scope
 from jobs.lifecycle import add_event, claim_next, finish_job, renew_lease
 from jobs.models import Artifact, Job, JobState
@@ -301,6 +302,8 @@ def record_outcome(
             log.warning("job %s: lease lost before it could be finished", job_id)
             return "lease_lost"
     log.info("job %s: %s", job_id, final.value)
+    if final == JobState.succeeded:  # jobs that waited for it as their teacher: publish now
+        dispatch_pending(settings)
     return final.value
 
 

@@ -52,8 +52,11 @@ def _public(session: Session, job: Job, *, with_spec: bool = True) -> JobPublic:
 
 
 def _dispatch(request: Request, session: Session, job: Job) -> None:
-    """Commit, then publish; a failed publish leaves the job for the workers' sweeper."""
+    """Commit, then publish; a failed publish leaves the job for the workers' sweeper. A job
+    waiting for its teacher is published once the teacher's end queues it."""
     session.commit()  # the worker must find the row when the message arrives
+    if job.state != JobState.queued:
+        return
     try:
         from jobs.broker import publish
 

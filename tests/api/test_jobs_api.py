@@ -80,7 +80,7 @@ def test_dataset_paths_confined_to_roots(
     assert error["loc"] == ["body", "data", "val", "images"]
 
 
-def test_teacher_job_must_be_visible_and_succeeded(
+def test_teacher_job_must_be_visible_to_the_team(
     client: TestClient,
     dataset: dict[str, Path],
     service_settings: Settings,
@@ -98,8 +98,6 @@ def test_teacher_job_must_be_visible_and_succeeded(
         assert "no job" in r.json()["detail"][0]["msg"]
 
     mine = submit(client, job_spec(dataset, name="alice-teacher"))
-    r = client.post("/v1/jobs", json=distill_spec(dataset, f"job:{mine['id']}"))
-    assert r.status_code == 422 and "not succeeded" in r.json()["detail"][0]["msg"]
     run_to_end(service_settings, mine["id"], files={"run/student.pt": b"weights"})
     ok = submit(client, distill_spec(dataset, f"job:{mine['id']}"))
     assert ok["teacher_job_id"] == mine["id"] and ok["kind"] == "distill"
@@ -131,6 +129,32 @@ def test_a_job_teacher_brings_its_architecture_from_its_student_file(
     assert r.status_code == 422
     detail = r.json()["detail"][0]
     assert detail["field"] == "teacher.fpn_channels" and "built with 32" in detail["msg"]
+
+
+def test_a_student_submitted_before_its_teacher_ends_waits_for_it(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """A pipeline: the distill job names a teacher job still queued. It waits (unpublished,
+    no queue place), takes the teacher's architecture from the teacher's spec, and is queued
+    and published when the teacher succeeds."""
+    teacher = submit(client, job_spec(dataset, name="teacher"))
+    spec = job_spec(dataset, name="d", kind="distill", distill={"method": "mimic"})
+    spec["teacher"] = {"weights": f"job:{teacher['id']}"}
+    student = submit(client, spec)
+    assert student["state"] == "waiting" and student["teacher_job_id"] == teacher["id"]
+    assert student["queue_position"] is None and student["dispatched"] is False
+    teacher_spec = student["spec"]["teacher"]
+    assert teacher_spec["backbone"] == teacher["spec"]["student"]["backbone"]
+    assert teacher_spec["backbone_norm"] != "auto"
+    clash = dict(spec, teacher={"weights": f"job:{teacher['id']}", "fpn_channels": 8})
+    r = client.post("/v1/jobs", json=clash)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "teacher.fpn_channels"
+    waiting = client.get("/v1/jobs", params={"state": "waiting"}).json()["items"]
+    assert [j["id"] for j in waiting] == [student["id"]]
+
+    run_to_end(service_settings, teacher["id"], files={"run/student.pt": b"weights"})
+    queued = client.get(f"/v1/jobs/{student['id']}").json()
+    assert queued["state"] == "queued" and queued["queue_position"] == 1
 
 
 def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -67,14 +68,16 @@ def cli_env(live_api: str, admin: tuple[Any, str], monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("HMKD_TOKEN", admin[1])
 
 
-def _spec_file(dataset: dict[str, Path], folder: Path, **sections: Any) -> Path:
+def _spec_file(
+    dataset: dict[str, Path], folder: Path, file: str = "spec.yaml", **sections: Any
+) -> Path:
     """A YAML spec with paths relative to its own folder, as users write them."""
     spec = job_spec(dataset, **sections)
     root = dataset["train_images"].parents[2]  # the dataset root holding digits/
     for split in spec["data"].values():
         for key in ("images", "annotations"):
             split[key] = str(Path(split[key]).relative_to(root))
-    path = root / "spec.yaml"
+    path = root / file
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -99,6 +102,30 @@ def test_submit_status_cancel_and_list(
     assert res.exit_code == 0 and "queued" in res.stdout
     res = runner.invoke(app, ["queue"])
     assert res.exit_code == 0 and "default" in res.stdout
+
+
+def test_submit_chains_a_teacher_and_its_student(
+    cli_env: None, dataset: dict[str, Path], tmp_path: Path
+) -> None:
+    teacher = _spec_file(dataset, tmp_path, "teacher.yaml", name="t")
+    distill = {"kind": "distill", "distill": {"method": "mimic"}}
+    student = _spec_file(dataset, tmp_path, "student.yaml", name="s", **distill)
+    named = _spec_file(
+        dataset, tmp_path, "named.yaml", name="s", teacher={"weights": "job:abcdef"}, **distill
+    )
+    res = runner.invoke(app, ["submit", str(teacher), str(named), "-q"])
+    assert res.exit_code == 2 and "named.yaml:teacher.weights" in "".join(res.output.split())
+    res = runner.invoke(app, ["submit", str(teacher), str(teacher)])
+    assert res.exit_code == 2 and "kinddistill" in "".join(res.output.split())
+    assert json.loads(runner.invoke(app, ["jobs", "--json"]).stdout)["items"] == []  # none made
+
+    res = runner.invoke(app, ["submit", str(teacher), str(student), "-q"])
+    assert res.exit_code == 0, res.output
+    first, second = res.stdout.split()
+    res = runner.invoke(app, ["status", second, "--json"])
+    shown = json.loads(res.stdout)
+    assert shown["state"] == "waiting" and shown["teacher_job_id"] == first
+    assert shown["spec"]["teacher"]["weights"] == f"job:{first}"
 
 
 def test_submit_bad_path_names_the_field(

@@ -22,6 +22,7 @@ from jobs.lifecycle import (
     request_cancel,
     requeue_expired,
     retry_job,
+    settle_dependents,
     submit_job,
     visible_job,
 )
@@ -161,8 +162,16 @@ def test_paths_teams_and_teacher_refs(
         spec = _spec(service_settings.dataset_roots[0], **ref)
         with pytest.raises(InvalidJob, match="visible"):
             submit_job(s, user=other, spec=spec, settings=service_settings)
-        with pytest.raises(InvalidJob, match="not succeeded"):
-            submit_job(s, user=s.get(User, admin[0].id), spec=spec, settings=service_settings)
+        mine = s.get(User, admin[0].id)
+        waiting, _ = submit_job(s, user=mine, spec=spec, settings=service_settings)
+        assert waiting.state == JobState.waiting and waiting.teacher_job_id == job_id
+        evaluation = {"kind": "evaluate", "student": {"weights": f"job:{waiting.id}"}}
+        split = {"images": str(service_settings.dataset_roots[0] / "d" / "img")}
+        split["annotations"] = str(service_settings.dataset_roots[0] / "d" / "a.json")
+        evaluation["data"] = {"train": split, "val": split}
+        with pytest.raises(InvalidJob, match="waiting, not succeeded"):
+            spec = _spec(service_settings.dataset_roots[0], **evaluation)
+            submit_job(s, user=mine, spec=spec, settings=service_settings)
 
 
 def test_idempotency_key_returns_the_first_job(service_settings: Settings, admin: tuple) -> None:
@@ -308,8 +317,9 @@ def test_a_job_id_prefix_must_name_one_job_of_the_team(
         _submit(service_settings, admin[0].id, **distill)
     assert err.value.field == "teacher.weights"
     teacher["weights"] = f"job:{first[:7]}"  # one more character: the first job alone
-    with pytest.raises(InvalidJob, match="not succeeded"):
-        _submit(service_settings, admin[0].id, **distill)
+    waiting = _submit(service_settings, admin[0].id, **distill)
+    with session_scope(url) as s:
+        assert s.get(Job, waiting).teacher_job_id == first
 
 
 def test_a_capped_teams_backlog_does_not_hide_another_teams_job(
@@ -326,3 +336,82 @@ def test_a_capped_teams_backlog_does_not_hide_another_teams_job(
     with session_scope(url) as s:  # a line shorter than the capped team's backlog
         job = claim_next(s, backlog[0], worker="w1", lease_seconds=60, team_cap=1, look_ahead=3)
         assert job is not None and job.id == theirs
+
+
+def _finish(settings: Settings, job_id: str, state: JobState) -> None:
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, worker="w", lease_seconds=60) is not None
+    with session_scope(settings.database_url) as s:
+        error = None if state == JobState.succeeded else "it broke"
+        assert finish_job(s, job_id, worker="w", attempt=1, state=state, error=error)
+
+
+def _states(settings: Settings, *job_ids: str) -> list[str]:
+    with session_scope(settings.database_url) as s:
+        return [s.get(Job, j).state for j in job_ids]
+
+
+def _distill(teacher_id: str) -> dict[str, object]:
+    return {
+        "kind": "distill",
+        "distill": {"method": "mimic"},
+        "teacher": {"weights": f"job:{teacher_id}"},
+    }
+
+
+def test_a_waiting_student_is_queued_when_its_teacher_succeeds(
+    service_settings: Settings, admin: tuple
+) -> None:
+    url = service_settings.database_url
+    teacher = _submit(service_settings, admin[0].id)
+    student = _submit(service_settings, admin[0].id, **_distill(teacher[:8]))
+    with session_scope(url) as s:
+        job = s.get(Job, student)
+        assert job.state == JobState.waiting and queue_position(s, job) is None
+        assert [j.id for j in pending_dispatch(s)] == [teacher]  # nothing to publish for it
+        assert claim_job(s, student, worker="w", lease_seconds=60) is None  # not claimable
+        where = job.resolved_spec["teacher"]["weights"]
+        assert where.endswith(f"{teacher}/run/student.pt")  # where the teacher will write it
+    _finish(service_settings, teacher, JobState.succeeded)
+    with session_scope(url) as s:
+        assert s.get(Job, student).state == JobState.queued
+        assert [j.id for j in pending_dispatch(s)] == [student]
+        kinds = [e.kind for e in s.query(JobEvent).filter_by(job_id=student).order_by(JobEvent.id)]
+        assert kinds == ["submitted", "waiting", "queued"]
+        settle_dependents(s, teacher)  # settling twice changes nothing
+        assert s.get(Job, student).state == JobState.queued
+
+
+@pytest.mark.parametrize("ending", [JobState.failed, JobState.cancelled])
+def test_a_teacher_that_does_not_succeed_fails_its_chain_of_students(
+    service_settings: Settings, admin: tuple, ending: JobState
+) -> None:
+    url = service_settings.database_url
+    teacher = _submit(service_settings, admin[0].id)
+    student = _submit(service_settings, admin[0].id, **_distill(teacher))
+    grandchild = _submit(service_settings, admin[0].id, **_distill(student))
+    assert _states(service_settings, student, grandchild) == ["waiting", "waiting"]
+    if ending == JobState.cancelled:
+        with session_scope(url) as s:
+            request_cancel(s, s.get(Job, teacher))
+    else:
+        _finish(service_settings, teacher, ending)
+    assert _states(service_settings, teacher, student, grandchild) == [ending, "failed", "failed"]
+    with session_scope(url) as s:
+        assert s.get(Job, student).error.startswith(f"teacher job {teacher} {ending.value}")
+        assert f"teacher job {student} failed" in s.get(Job, grandchild).error
+        with pytest.raises(Conflict, match="retry the teacher first"):
+            retry_job(s, s.get(Job, student))
+        retry_job(s, s.get(Job, teacher))
+        retry_job(s, s.get(Job, student))  # its teacher may succeed again: it waits for it
+        assert s.get(Job, student).state == JobState.waiting
+    with session_scope(url) as s:  # a waiting job can be cancelled; so its students fail
+        request_cancel(s, s.get(Job, student))
+        assert s.get(Job, student).state == JobState.cancelled
+
+
+def test_a_failed_job_cannot_be_a_teacher(service_settings: Settings, admin: tuple) -> None:
+    teacher = _submit(service_settings, admin[0].id)
+    _finish(service_settings, teacher, JobState.failed)
+    with pytest.raises(InvalidJob, match="is failed: retry it"):
+        _submit(service_settings, admin[0].id, **_distill(teacher))

@@ -37,6 +37,8 @@ export function jobHeader(job) {
 export function progressLine(job) {
   const label = job.state === "queued"
     ? `queued, position ${job.queue_position ?? "?"} in ${job.queue}`
+    : job.state === "waiting"
+    ? `waiting for teacher job ${job.teacher_job_id ?? "?"} to succeed`
     : `iteration ${job.iteration} / ${job.total_iterations} (${job.progress.toFixed(1)}%)`;
   const extra = [];
   if (job.state === "running") {

@@ -5,7 +5,7 @@ import { query, request } from "../api.js";
 import { code, emptyState, errorBox, h, percent, progressBar, shortId, since, sizeBars, stateBadge } from "../dom.js";
 import { every } from "../poll.js";
 
-const STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
+const STATES = ["waiting", "queued", "running", "succeeded", "failed", "cancelled"];
 const KINDS = ["train", "distill", "evaluate"];
 const METHODS = ["none", "hmkd", "mimic", "fgd", "mgd"];
 const PAGE = 25;
@@ -60,8 +60,8 @@ function metricOf(job, key) {
 }
 
 function row(job, selected, onSelect) {
-  const progress = job.state === "running" || job.state === "queued"
-    ? progressBar(job.progress, job.state === "queued" ? `queued #${job.queue_position ?? "?"}` : `${job.progress.toFixed(0)}%`)
+  const progress = job.state === "running" || job.state === "queued" || job.state === "waiting"
+    ? progressBar(job.progress, job.state === "queued" ? `queued #${job.queue_position ?? "?"}` : job.state === "waiting" ? "waiting for teacher" : `${job.progress.toFixed(0)}%`)
     : h("span", { class: "muted" }, `${job.iteration}/${job.total_iterations}`);
   return h(
     "tr",
