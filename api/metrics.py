@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.db import session_scope
-from jobs.models import TERMINAL, Job, JobState, Worker
+from jobs.models import TERMINAL, Job, JobState, Team, Worker
+from jobs.retention import disk_by_team
 from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,14 @@ class JobCollector(Collector):
             for state in JobState:  # zeros too: a series that vanishes reads as "no data"
                 jobs.add_metric([state.value, queue], float(by_state.get(state.value, 0)))
         yield jobs
+
+        disk = GaugeMetricFamily(
+            "hmkd_team_disk_bytes", "Bytes of the artifacts each team's jobs keep.", labels=["team"]
+        )
+        names = dict(session.execute(select(Team.id, Team.name)).all())
+        for team_id, used in sorted(disk_by_team(session).items()):
+            disk.add_metric([names.get(team_id, str(team_id))], float(used))
+        yield disk
 
         oldest = GaugeMetricFamily(
             "hmkd_queue_oldest_wait_seconds",

@@ -25,6 +25,7 @@ from api.schemas import (
     WorkerPublic,
 )
 from jobs.models import Evaluation, Job, JobState, MetricPoint, User, Worker, utcnow
+from jobs.retention import disk_by_team
 
 
 class BadCursor(ValueError):
@@ -148,14 +149,14 @@ def queue_overview(session: Session, user: User) -> QueueOverview:
             counts.setdefault(str(queue), {"queued": 0, "running": 0})
     positions = queued_order(session, list(counts))
     own = session.execute(
-        select(Job.id, Job.queue, Job.priority).where(
+        select(Job.id, Job.name, Job.queue, Job.priority).where(
             Job.team_id == user.team_id, Job.state == JobState.queued.value
         )
     )
     mine: dict[str, list[QueuedJob]] = {}
-    for job_id, queue, priority in own:
+    for job_id, name, queue, priority in own:
         mine.setdefault(queue, []).append(
-            QueuedJob(id=job_id, position=positions.get(job_id, 0), priority=priority)
+            QueuedJob(id=job_id, name=name, position=positions.get(job_id, 0), priority=priority)
         )
     stats = [
         QueueStats(
@@ -188,4 +189,5 @@ def queue_overview(session: Session, user: User) -> QueueOverview:
             )
             for w in workers
         ],
+        team_disk_bytes=disk_by_team(session).get(user.team_id, 0),
     )

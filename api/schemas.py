@@ -126,6 +126,14 @@ class MetricSeries(BaseModel):
     evaluations: list[EvaluationPublic]
 
 
+class Deleted(BaseModel):
+    """What a deletion removed."""
+
+    id: str = Field(description="The job's id.")
+    name: str | None = Field(None, description="The artifact deleted; null for a whole job.")
+    freed_bytes: int
+
+
 class ArtifactPublic(BaseModel):
     name: str = Field(description="Path inside the job's folder, e.g. run/student.pt.")
     kind: str
@@ -166,6 +174,7 @@ class UserPublic(BaseModel):
 
 class QueuedJob(BaseModel):
     id: str
+    name: str
     position: int
     priority: int
 
@@ -189,6 +198,7 @@ class WorkerPublic(BaseModel):
 class QueueOverview(BaseModel):
     queues: list[QueueStats]
     workers: list[WorkerPublic]
+    team_disk_bytes: int = Field(0, description="Bytes of the artifacts your team's jobs keep.")
 
 
 class Health(BaseModel):

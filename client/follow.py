@@ -145,15 +145,47 @@ def jobs_table(items: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _seconds(value: float) -> str:
+    value = int(value)
+    hours, rest = divmod(value, 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def _run_time(job: dict[str, Any]) -> str:
+    """From the first start to the end (or now): what the job has cost in wall time."""
+    from datetime import UTC, datetime
+
+    if not job.get("started_at"):
+        return ""
+    start = datetime.fromisoformat(job["started_at"])
+    end = datetime.fromisoformat(job["finished_at"]) if job.get("finished_at") else None
+    spent = ((end or datetime.now(UTC)) - start).total_seconds()
+    return _seconds(max(0.0, spent)) + ("" if end else " so far")
+
+
+def per_category_line(metrics: dict[str, Any] | None) -> str:
+    per = (metrics or {}).get("per_category") or {}
+    return "  ".join(f"{name} {pct(value)}" for name, value in per.items())
+
+
 def status_table(job: dict[str, Any]) -> Table:
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     eta = job.get("eta_s")
+    final = job.get("best_eval") or job.get("latest_eval")
+    waits = job["state"] == "waiting" and job.get("teacher_job_id")
     rows = [
         ("id", job["id"]),
         ("name", f"{job['name']} ({job['kind']}, {job['method']})"),
-        ("state", job["state"] + (" (cancel requested)" if job["cancel_requested"] else "")),
+        (
+            "state",
+            job["state"]
+            + (" (cancel requested)" if job["cancel_requested"] else "")
+            + (f" for teacher job {job['teacher_job_id']}" if waits else ""),
+        ),
+        ("teacher job", job.get("teacher_job_id") or ""),
+        ("run time", _run_time(job)),
         ("attempt", f"{job['attempt']} of {job['max_attempts']}"),
         ("queue", job["queue"] + (f", position {p}" if (p := job.get("queue_position")) else "")),
         ("progress", f"{job['progress']:.1f}% ({job['iteration']}/{job['total_iterations']})"),
@@ -163,6 +195,7 @@ def status_table(job: dict[str, Any]) -> Table:
         ("losses", "  ".join(f"{k} {v:.4f}" for k, v in (job.get("losses") or {}).items() if v)),
         ("latest eval", eval_line(job.get("latest_eval")) if job.get("latest_eval") else ""),
         ("best eval", eval_line(job.get("best_eval")) if job.get("best_eval") else ""),
+        ("AP per category", per_category_line(final)),
         ("error", job.get("error") or ""),
         ("created", job["created_at"]),
         ("finished", job.get("finished_at") or ""),
@@ -174,12 +207,13 @@ def status_table(job: dict[str, Any]) -> Table:
 
 
 def queue_tables(overview: dict[str, Any]) -> tuple[Table, Table]:
-    queues = Table(title="queues")
+    used = overview.get("team_disk_bytes", 0) / 2**20
+    queues = Table(title="queues", caption=f"your team's jobs keep {used:.1f} MiB of artifacts")
     for column in ("queue", "queued", "running", "your queued jobs (position)"):
         queues.add_column(column, overflow="fold")
     for q in overview["queues"]:
-        mine = ", ".join(f"{j['id']} (#{j['position']})" for j in q["jobs"])
-        queues.add_row(escape(q["name"]), str(q["queued"]), str(q["running"]), mine)
+        mine = ", ".join(f"#{j['position']} {j['id'][:8]} {j['name']}" for j in q["jobs"])
+        queues.add_row(escape(q["name"]), str(q["queued"]), str(q["running"]), escape(mine))
     workers = Table(title="workers")
     for column in ("worker", "queues", "GPUs", "job", "heartbeat"):
         workers.add_column(column, overflow="fold")

@@ -251,7 +251,14 @@ class Client:
     def retry(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/retry").json()
 
+    def delete(self, job_id: str) -> dict[str, Any]:
+        """Delete an ended job and its files; returns what it freed."""
+        return self._call("DELETE", f"/v1/jobs/{job_id}").json()
+
     # artifacts
+    def delete_artifact(self, job_id: str, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/jobs/{job_id}/artifacts/{name}").json()
+
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/jobs/{job_id}/artifacts").json()
 

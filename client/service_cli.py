@@ -258,6 +258,40 @@ def retry(job_id: JobArg) -> None:
     console.print(f"job {job['id']} {job['state']} (attempt {job['attempt']} done so far)")
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+@app.command("rm")
+def remove(
+    job_ids: Annotated[list[str], typer.Argument(metavar="JOB...", help="The jobs' ids.")],
+    artifact: Annotated[
+        str | None,
+        typer.Option("--artifact", help="Delete only this file, e.g. run/checkpoints/best.pt."),
+    ] = None,
+) -> None:
+    """Delete ended jobs with their files, or one file of each (--artifact)."""
+    freed, failed = 0, False
+    with _client() as client:
+        for job_id in job_ids:
+            try:
+                if artifact is None:
+                    done = client.delete(job_id)
+                else:
+                    done = client.delete_artifact(job_id, artifact)
+            except ApiError as err:  # the others are still deleted; the exit code says so
+                err_console.print(f"[red]error:[/] {escape(str(err))}")
+                failed = True
+                continue
+            freed += done["freed_bytes"]
+            what = f"{artifact} of job" if artifact else "job"
+            console.print(f"deleted {what} {done['id']} ({_size(done['freed_bytes'])})")
+    if len(job_ids) > 1:
+        console.print(f"freed {_size(freed)}")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def download(
     job_id: JobArg,
@@ -411,6 +445,38 @@ def teams_limit(
     except (UnknownTeam, DatabaseNotMigrated) as err:
         _fail(str(err))
     err_console.print(escape(f"team {name}: at most {cap or 'unlimited'} running job(s)"))
+
+
+@teams_app.command("retention")
+def teams_retention(
+    name: Annotated[str, typer.Argument(help="Team name.")],
+    keep_latest: Annotated[
+        int | None,
+        typer.Option("--keep-latest", min=0, help="Newest checkpoints a succeeded job keeps."),
+    ] = None,
+    keep_best: Annotated[
+        bool | None, typer.Option("--keep-best/--drop-best", help="Keep best.pt.")
+    ] = None,
+    default: Annotated[
+        bool, typer.Option("--default", help="Back to the default: the latest and the best.")
+    ] = False,
+) -> None:
+    """What the team's succeeded jobs keep of their checkpoints (a job's spec.retention wins)."""
+    from jobs.admin import UnknownTeam, set_team_retention
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    given = keep_latest is not None or keep_best is not None
+    if given == default:
+        _fail("give --keep-latest N and/or --keep-best/--drop-best, or --default")
+    try:
+        changes = None if default else {"keep_latest": keep_latest, "keep_best": keep_best}
+        policy = set_team_retention(Settings(), name, changes)
+    except (UnknownTeam, DatabaseNotMigrated) as err:
+        _fail(str(err))
+    best = "and best.pt" if policy.keep_best else "without best.pt"
+    kept = f"{policy.keep_latest} checkpoint(s) {best}"
+    err_console.print(escape(f"team {name}: succeeded jobs keep {kept}"))
 
 
 @db_app.command("upgrade")

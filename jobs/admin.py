@@ -1,5 +1,5 @@
 """What the admin commands do (`hmkd db upgrade`, `hmkd users create|disable`,
-`hmkd tokens create|list|revoke`, `hmkd teams limit`).
+`hmkd tokens create|list|revoke`, `hmkd teams limit|retention`).
 
 They work on the database named by the settings, directly: they are run on the server by whoever
 holds its configuration, and the first user of a team deployment has no token to call the API
@@ -9,6 +9,7 @@ with. The CLI only parses arguments and prints what these return.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from jobs import auth, migrate
 from jobs.db import session_scope
@@ -138,3 +139,27 @@ def set_team_cap(settings: Settings, team: str, max_running: int | None) -> int 
             raise UnknownTeam(f"no team {team!r}: teams are made by `hmkd users create --team`")
         row.max_running = max_running
         return max_running if max_running is not None else settings.max_running_per_team
+
+
+def set_team_retention(settings: Settings, team: str, changes: dict[str, object] | None) -> Any:
+    """Set what `team`'s succeeded jobs keep of their checkpoints; `changes` (keep_latest,
+    keep_best; None values leave a field as it is) is merged into the team's policy, None
+    resets it to the default. Returns the policy now in force (a `Retention`)."""
+    from sqlalchemy import select
+
+    from jobs.models import Team
+    from jobs.schemas import Retention
+
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        row = session.scalar(select(Team).where(Team.name == team))
+        if row is None:
+            raise UnknownTeam(f"no team {team!r}: teams are made by `hmkd users create --team`")
+        if changes is None:
+            row.retention = None
+            return Retention()
+        current = Retention.model_validate(row.retention or {})
+        given = {k: v for k, v in changes.items() if v is not None}
+        policy = Retention.model_validate({**current.model_dump(), **given})
+        row.retention = policy.model_dump()
+        return policy

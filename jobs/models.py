@@ -58,6 +58,8 @@ class Team(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # at most this many of the team's jobs run at once; None: the deployment's default
     max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # what a succeeded job keeps of its checkpoints (a `Retention`); None: keep the default
+    retention: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class User(Base):

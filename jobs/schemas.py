@@ -65,12 +65,30 @@ class Resources(BaseModel):
     )
 
 
+class Retention(BaseModel):
+    """What a job keeps of its checkpoints once it has succeeded; a failed or cancelled job
+    keeps them all, for its retry to resume from. `student.pt`, `eval.json`, the metrics and
+    the logs are always kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_latest: int = Field(
+        1, ge=0, le=1000, description="Newest periodic checkpoints kept (0: none)."
+    )
+    keep_best: bool = Field(True, description="Keep `best.pt`, the checkpoint of the best eval.")
+
+
 class JobSpec(TrainSpec):
     """A TrainSpec with a name, a kind and resources."""
 
     name: str = Field(..., min_length=1, max_length=200)
     kind: Literal["train", "distill", "evaluate"] = "train"
     resources: Resources = Field(default_factory=Resources)
+    retention: Retention | None = Field(
+        None,
+        description="What to keep of the checkpoints after success. None: the team's policy, "
+        "else keep the latest and the best.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -110,7 +128,7 @@ class JobSpec(TrainSpec):
         `gpus: N` runs N processes on N GPUs (NCCL); `gpus: 0` runs on the CPU with the spec's
         own `runtime.nproc` processes (gloo).
         """
-        data = self.model_dump(exclude={"name", "kind", "resources"})
+        data = self.model_dump(exclude={"name", "kind", "resources", "retention"})
         runtime = data["runtime"]
         if self.resources.gpus > 0:
             runtime["nproc"] = self.resources.gpus

@@ -27,9 +27,11 @@ from typing import Any
 from celery import signals
 from sqlalchemy import select
 
+from jobs.artifacts import ArtifactStore
 from jobs.broker import dispatch_pending, make_celery
 from jobs.db import dispose_engines, session_scope
 from jobs.models import Job, JobState
+from jobs.retention import purge_deleted
 from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,9 @@ class Sweeper:
             self._orphans_swept = time.monotonic()
             for path in remove_orphaned_saves(settings, older_than_s=self.ORPHAN_PERIOD_S):
                 log.warning("removed %s, left by an interrupted save", path)
+            if settings.artifacts_dir is not None:
+                for path in purge_deleted(ArtifactStore(settings.artifacts_dir)):
+                    log.warning("removed %s, left by an interrupted deletion", path)
         with session_scope(settings.database_url) as session:
             current = session.scalar(
                 select(Job.id).where(

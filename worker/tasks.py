@@ -37,6 +37,7 @@ from jobs.progress import (
     record_artifact,
     record_start,
 )
+from jobs.retention import apply_retention
 from jobs.schemas import MAX_RUNTIME_STOP
 from jobs.settings import Settings, get_settings
 from worker.celery_app import app
@@ -302,8 +303,12 @@ def record_outcome(
             log.warning("job %s: lease lost before it could be finished", job_id)
             return "lease_lost"
     log.info("job %s: %s", job_id, final.value)
-    if final == JobState.succeeded:  # jobs that waited for it as their teacher: publish now
-        dispatch_pending(settings)
+    if final == JobState.succeeded:
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                apply_retention(session, ArtifactStore(job_dir.parent), job)
+        dispatch_pending(settings)  # jobs that waited for it as their teacher: publish now
     return final.value
 
 

@@ -1,4 +1,4 @@
-"""`/v1/jobs/{id}/artifacts`: what a job wrote, and each file streamed.
+"""`/v1/jobs/{id}/artifacts`: what a job wrote, each file streamed, and deletion of one.
 
 Downloads carry the sha256 as a strong ETag (`If-None-Match` answers 304) and honour `Range`
 (206, 416 when unsatisfiable) so a multi-gigabyte checkpoint resumes instead of restarting.
@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, VisibleJob
-from api.schemas import ArtifactPublic, Problem
+from api.schemas import ArtifactPublic, Deleted, Problem
 from jobs.models import Artifact
 from jobs.settings import Settings
 
@@ -96,3 +96,26 @@ def artifact_file(
         media_type="application/octet-stream",
         headers={"ETag": etag, "Cache-Control": "private, no-cache", **(headers or {})},
     )
+
+
+@router.delete(
+    "/{name:path}",
+    response_model=Deleted,
+    summary="Delete an artifact",
+    responses={**_ERRORS, 409: {"model": Problem, "description": "The job has not ended."}},
+)
+def delete_artifact(
+    job: VisibleJob, name: str, session: SessionDep, settings: SettingsDep
+) -> Deleted:
+    """Delete one file of an ended job, e.g. a checkpoint no longer wanted. `student.pt` is
+    refused while a job not yet ended will load it."""
+    from jobs.artifacts import ArtifactNameError, ArtifactStore
+    from jobs.lifecycle import NotFound
+    from jobs.retention import delete_artifact as remove
+
+    assert settings.artifacts_dir is not None
+    try:
+        freed = remove(session, ArtifactStore(Path(settings.artifacts_dir)), job, name)
+    except ArtifactNameError:
+        raise NotFound(f"job {job.id} has no artifact {name!r}") from None
+    return Deleted(id=job.id, name=name, freed_bytes=freed)

@@ -1,4 +1,4 @@
-"""`/v1/jobs`: submit, list, read, follow (SSE), logs, cancel and retry."""
+"""`/v1/jobs`: submit, list, read, follow (SSE), logs, cancel, retry and delete."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from api.app import celery_of
 from api.deps import CurrentUser, SessionDep, SettingsDep, VisibleJob
 from api.queries import BadCursor, list_jobs, metric_series
-from api.schemas import EvaluationPublic, JobList, JobPublic, MetricSeries, Problem
+from api.schemas import Deleted, EvaluationPublic, JobList, JobPublic, MetricSeries, Problem
 from hmkd_core.spec import MAX_ITERATIONS
 from jobs.db import session_scope
 from jobs.lifecycle import (
@@ -350,3 +350,24 @@ def retry(job: VisibleJob, session: SessionDep, request: Request) -> JobPublic:
     retry_job(session, job)
     _dispatch(request, session, job)
     return _public(session, job)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=Deleted,
+    summary="Delete an ended job and its files",
+    responses={
+        **_ERRORS,
+        409: {"model": Problem, "description": "Not ended, or its student feeds a live job."},
+    },
+)
+def delete_job(job: VisibleJob, session: SessionDep, settings: SettingsDep) -> Deleted:
+    """Remove the job, its artifacts, metrics and events. A job that may still run must be
+    cancelled first; one whose student another job not yet ended will load is refused."""
+    from jobs.artifacts import ArtifactStore
+    from jobs.retention import delete_job as remove
+
+    assert settings.artifacts_dir is not None
+    job_id = job.id
+    freed = remove(session, ArtifactStore(Path(settings.artifacts_dir)), job)
+    return Deleted(id=job_id, freed_bytes=freed)

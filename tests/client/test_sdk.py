@@ -168,8 +168,10 @@ def test_logs_and_queue(sdk: Client, finished: str, service_settings: Settings) 
     assert sdk.logs(finished) == "a\nb\nc\n"
     assert sdk.logs(finished, tail=1) == "c\n"
     assert sdk.logs_from(finished, 2) == ("b\nc\n", 6)
-    assert sdk.queue() == {"queues": [], "workers": []}
+    assert sdk.queue() == {"queues": [], "workers": [], "team_disk_bytes": len(PAYLOAD)}
     assert sdk.metrics(finished)["iteration"] == []
+    assert sdk.delete(finished)["freed_bytes"] == len(PAYLOAD)
+    assert sdk.queue()["team_disk_bytes"] == 0
 
 
 def test_concurrent_retries_with_one_key_make_one_job(

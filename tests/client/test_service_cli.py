@@ -61,6 +61,15 @@ def test_admin_commands(empty_db_url: str, tmp_path: Path, monkeypatch: pytest.M
     res = runner.invoke(app, ["teams", "limit", "gamma"])
     assert res.exit_code == 2 and "--max-running N or --default" in res.output
 
+    res = runner.invoke(app, ["teams", "retention", "gamma", "--keep-latest", "3"])
+    assert res.exit_code == 0 and "keep 3 checkpoint(s) and best.pt" in res.output, res.output
+    res = runner.invoke(app, ["teams", "retention", "gamma", "--drop-best"])  # keeps the 3
+    assert res.exit_code == 0 and "keep 3 checkpoint(s) without best.pt" in res.output
+    res = runner.invoke(app, ["teams", "retention", "gamma", "--default"])
+    assert res.exit_code == 0 and "keep 1 checkpoint(s) and best.pt" in res.output
+    res = runner.invoke(app, ["teams", "retention", "gamma", "--default", "--keep-latest", "2"])
+    assert res.exit_code == 2
+
 
 @pytest.fixture
 def cli_env(live_api: str, admin: tuple[Any, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,6 +201,11 @@ def test_download_and_logs(
     assert res.exit_code == 2 and "no artifact" in res.output
     res = runner.invoke(app, ["logs", job_id, "-f"])
     assert res.exit_code == 0 and res.stdout == "hi\n"
+    res = runner.invoke(app, ["rm", job_id, "--artifact", "logs.txt"])
+    assert res.exit_code == 0 and "deleted logs.txt of job" in res.stdout, res.output
+    res = runner.invoke(app, ["rm", job_id, "0" * 32])  # one deleted, one unknown: exit 1
+    assert res.exit_code == 1 and f"deleted job {job_id} (7 bytes)" in res.stdout
+    assert "not found" in res.output
 
 
 def test_serve_refuses_an_unmigrated_team_database(
