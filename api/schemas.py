@@ -65,10 +65,20 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     updated_at: datetime
     spec: dict[str, Any] | None = Field(None, description="The spec as submitted (single job).")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the checks at submit found legal but likely a mistake, e.g. a "
+        "category without boxes (single job).",
+    )
 
     @classmethod
     def from_job(
-        cls, job: Job, *, position: int | None = None, with_spec: bool = False
+        cls,
+        job: Job,
+        *,
+        position: int | None = None,
+        with_spec: bool = False,
+        warnings: list[str] | None = None,
     ) -> JobPublic:
         total = job.total_iterations or 0
         progress = 100.0 if job.state == "succeeded" else 0.0
@@ -104,6 +114,7 @@ class JobPublic(BaseModel):
             finished_at=_utc(job.finished_at),
             updated_at=_utc(job.updated_at),
             spec=job.spec if with_spec else None,
+            warnings=warnings or [],
         )
 
 

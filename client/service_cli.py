@@ -178,6 +178,8 @@ def submit(
                     f", #{job['queue_position']} in {job['queue']}" if job["queue_position"] else ""
                 )
                 err_console.print(f"submitted job {job['id']} ({job['state']}{place})")
+            for warning in job.get("warnings") or []:
+                err_console.print(f"[yellow]warning:[/] {escape(warning)}")
         if not follow_:
             if quiet:
                 for job in jobs:

@@ -81,6 +81,17 @@ def _confine_data(spec: JobSpec, settings: Settings) -> None:
                 raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
 
 
+def _check_data(spec: JobSpec) -> list[str]:
+    """The splits checked as the loader will check them; InvalidJob for one it would refuse,
+    else the warnings to record."""
+    from jobs.data_check import DataFieldError, check_data
+
+    try:
+        return check_data(spec)
+    except DataFieldError as err:
+        raise InvalidJob(err.field, err.message.removeprefix(f"{err.field}: ")) from None
+
+
 def _job_by_prefix(session: Session, user: User, prefix: str, field: str) -> Job:
     """The team's job whose id is `prefix` or starts with it; InvalidJob when none or several."""
     found = list(
@@ -220,6 +231,7 @@ def submit_job(
             return existing, False
     resolved = spec.model_copy(deep=True)
     _confine_data(resolved, settings)
+    warnings = _check_data(resolved)
     teacher_job = None
     if resolved.teacher is not None:
         resolved.teacher.weights = _resolve_weights(
@@ -254,6 +266,8 @@ def submit_job(
     session.add(job)
     session.flush()
     add_event(session, job.id, "submitted", f"by {user.name}")
+    for warning in warnings:
+        add_event(session, job.id, "warning", warning)
     if waits:
         assert teacher_job is not None
         add_event(session, job.id, "waiting", f"for teacher job {teacher_job.id} to succeed")

@@ -37,6 +37,7 @@ from jobs.progress import (
 from jobs.schemas import MAX_RUNTIME_STOP
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0  # a progress line in the job's log at least this often
 
 
 def jsonable(obj: Any) -> Any:
@@ -91,13 +92,14 @@ class DbReporter(Reporter):
 
     def _reset_state(self) -> None:
         self._last_write = -math.inf
+        self._last_logged: tuple[float, int] = (-math.inf, -1)  # (when, tenth of the run)
         self._last_check = -math.inf
         self._stop = False
         self.stop_reason: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_last_write", "_last_check", "_stop", "stop_reason"):
+        for key in ("_last_write", "_last_logged", "_last_check", "_stop", "stop_reason"):
             state.pop(key, None)
         return state
 
@@ -121,8 +123,25 @@ class DbReporter(Reporter):
         except Exception as err:
             log.warning("job %s: start not recorded: %s", self.job_id, err)
 
+    def _log_progress(self, progress: Progress, now: float) -> None:
+        """A line in the job's log at each tenth of the run and at least every
+        LOG_EVERY_S: the losses a user reads in `hmkd logs` when a run goes wrong."""
+        tenth = 10 * progress.iteration // max(progress.total, 1)
+        when, logged_tenth = self._last_logged
+        if tenth == logged_tenth and now - when < LOG_EVERY_S:
+            return
+        self._last_logged = (now, tenth)
+        parts = "  ".join(f"{k} {v:.4g}" for k, v in progress.losses.items())
+        speed = f"  {progress.images_per_s:.2f} img/s" if progress.images_per_s else ""
+        eta = f"  ETA {progress.eta_s:.0f} s" if progress.eta_s else ""
+        log.info(
+            "iteration %d/%d  loss %.4g (%s)  lr %.3g%s%s",
+            progress.iteration, progress.total, progress.loss, parts, progress.lr, speed, eta,
+        )  # fmt: skip
+
     def on_progress(self, progress: Progress) -> None:
         now = time.monotonic()
+        self._log_progress(progress, now)
         last = progress.iteration >= progress.total
         if not last and now - self._last_write < self.throttle_seconds:
             return
@@ -148,6 +167,12 @@ class DbReporter(Reporter):
             self._request_stop("cancel requested")
 
     def on_evaluation(self, iteration: int, metrics: dict[str, Any]) -> None:
+        shown = "  ".join(
+            f"{k} {100 * v:.1f}"
+            for k, v in metrics.items()
+            if k.startswith("AP") and isinstance(v, int | float)
+        )
+        log.info("evaluation at iteration %d: %s", iteration, shown)
         try:
             with session_scope(self.database_url) as session:
                 record_evaluation(

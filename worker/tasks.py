@@ -116,6 +116,8 @@ def _run_claimed(
         )
     if latest is not None:
         _log_line(log_path, f"resuming from {latest[0].relative_to(job_dir)}")
+    for line in dataset_lines(spec):
+        _log_line(log_path, line)
     heartbeat = LeaseHeartbeat(settings, job_id, worker, attempt)
     heartbeat.start()
     try:
@@ -137,6 +139,34 @@ def _run_claimed(
     finally:
         heartbeat.stop()
     return record_outcome(settings, job_id, worker, attempt, job_dir, log_path, result, heartbeat)
+
+
+def dataset_lines(spec: dict[str, Any]) -> list[str]:
+    """The job's splits as the log shows them: images, boxes per category, box sizes at the
+    native and at the model's input size. A split that cannot be read says why; training
+    reports the same error in full."""
+    from jobs.data_check import summary_of
+
+    student = spec.get("student") or {}
+    input_size = (int(student.get("min_size", 800)), int(student.get("max_size", 1333)))
+    lines = []
+    for split, paths in (spec.get("data") or {}).items():
+        if not isinstance(paths, dict) or "annotations" not in paths:
+            continue
+        try:
+            s = summary_of(paths["images"], paths["annotations"], input_size)
+        except Exception as err:  # the training process reports it properly
+            lines.append(f"data.{split}: cannot summarise: {err}")
+            continue
+        per_category = ", ".join(f"{c.name} {c.boxes}" for c in s.categories)
+        lines.append(
+            f"data.{split}: {s.images} images ({s.images_without_boxes} without boxes), "
+            f"{s.boxes} boxes: {per_category}"
+        )
+        lines.append(f"data.{split}: box sizes at native size {s.native_sizes}")
+        lines.append(f"data.{split}: box sizes at the model's input {s.input_sizes}")
+        lines.extend(s.warnings(split))
+    return lines
 
 
 def run_training(

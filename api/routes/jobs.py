@@ -34,7 +34,7 @@ from jobs.lifecycle import (
     retry_job,
     submit_job,
 )
-from jobs.models import TERMINAL, Evaluation, Job, JobState
+from jobs.models import TERMINAL, Evaluation, Job, JobEvent, JobState
 from jobs.schemas import JobSpec
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,20 @@ LOG_CHUNK_BYTES = 1 << 20
 
 
 def _public(session: Session, job: Job, *, with_spec: bool = True) -> JobPublic:
-    return JobPublic.from_job(job, position=queue_position(session, job), with_spec=with_spec)
+    warnings = (
+        list(
+            session.scalars(
+                select(JobEvent.message)
+                .where(JobEvent.job_id == job.id, JobEvent.kind == "warning")
+                .order_by(JobEvent.id)
+            )
+        )
+        if with_spec
+        else []
+    )
+    return JobPublic.from_job(
+        job, position=queue_position(session, job), with_spec=with_spec, warnings=warnings
+    )
 
 
 def _dispatch(request: Request, session: Session, job: Job) -> None:

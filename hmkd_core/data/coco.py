@@ -190,7 +190,7 @@ def clip_xywh_boxes(
     return clipped_xyxy.astype(np.float32), keep, changed
 
 
-def _build_records(
+def build_records(
     data: dict[str, Any], images_dir: Path, category_id_to_label: dict[int, int]
 ) -> tuple[dict[int, _ImageRecord], dict[str, int]]:
     """One `_ImageRecord` per image plus the ``box_report`` counts (clipped, dropped, crowd)."""
@@ -233,7 +233,7 @@ def _inside(images_dir: Path, file_name: str, image_id: int) -> Path:
     return path
 
 
-def _check_files_exist(records: dict[int, _ImageRecord], images_dir: Path, source: Path) -> None:
+def check_files_exist(records: dict[int, _ImageRecord], images_dir: Path, source: Path) -> None:
     missing = [r for r in records.values() if not r.path.is_file()]
     if not missing:
         return
@@ -325,10 +325,10 @@ class CocoDetectionDataset(Dataset):
         self.category_id_to_label = {cid: lab for lab, cid in self.label_to_category_id.items()}
         self.num_classes = len(self.categories) + 1
         self.image_ids: list[int] = sorted(img["id"] for img in data["images"])
-        self._records, self.box_report = _build_records(
+        self._records, self.box_report = build_records(
             data, self.images_dir, self.category_id_to_label
         )
-        _check_files_exist(self._records, self.images_dir, self.annotation_file)
+        check_files_exist(self._records, self.images_dir, self.annotation_file)
         _log_box_report(self.box_report, self.annotation_file)
         self.train = train
         self.hflip = hflip

@@ -3,6 +3,7 @@ and ways to move a job along as a worker would (through `jobs.lifecycle`, not ra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,21 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def dataset(service_settings: Settings) -> dict[str, Path]:
-    """Paths of a (content-free) COCO split pair under the dataset root: the API only checks
-    that they exist and lie under a root; nothing here trains."""
+    """Paths of a one-image COCO split pair under the dataset root. The API checks the
+    annotations and that each image file exists, never its pixels; nothing here trains."""
     root = service_settings.dataset_roots[0] / "digits"
     paths = {}
+    coco = {
+        "images": [{"id": 1, "file_name": "0.png", "width": 64, "height": 64}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 10]}],
+        "categories": [{"id": 1, "name": "digit"}],
+    }
     for split in ("train", "val"):
         images = root / split / "images"
         images.mkdir(parents=True)
+        (images / "0.png").write_bytes(b"")
         annotations = root / split / "annotations.json"
-        annotations.write_text("{}")
+        annotations.write_text(json.dumps(coco))
         paths[f"{split}_images"], paths[f"{split}_annotations"] = images, annotations
     return paths
 

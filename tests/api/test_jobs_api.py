@@ -469,3 +469,50 @@ def test_submit_while_the_broker_is_down_keeps_the_job(
         assert elapsed < 10
         ready = c.get("/v1/ready")
         assert ready.status_code == 503 and ready.json()["broker"].startswith("unreachable")
+
+
+def _write_coco(path: Path, **changes: Any) -> None:
+    coco = json.loads(path.read_text())
+    coco.update(changes)
+    path.write_text(json.dumps(coco))
+
+
+@pytest.mark.parametrize(
+    ("split", "change", "field", "words"),
+    [
+        ("train", {"images": [{"id": 1, "file_name": "gone.png", "width": 8, "height": 8}]},
+         "data.train.images", "not found"),
+        ("val", {"categories": [{"id": 1, "name": "letter"}]}, "data.val.annotations",
+         "differ from the training split"),
+        ("val", {"annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 2, 2]}]},
+         "data.val.annotations", "image_id"),
+    ],
+)  # fmt: skip
+def test_images_that_do_not_match_their_annotations_are_refused_at_submit(
+    client: TestClient,
+    dataset: dict[str, Path],
+    split: str,
+    change: dict[str, Any],
+    field: str,
+    words: str,
+    service_settings: Settings,
+) -> None:
+    _write_coco(dataset[f"{split}_annotations"], **change)
+    r = client.post("/v1/jobs", json=job_spec(dataset))
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["field"] == field and words in error["msg"], error
+    assert _count_jobs(service_settings) == 0
+
+
+def test_a_category_without_boxes_is_a_warning_on_the_job(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    both = [{"id": 0, "name": "placeholder"}, {"id": 1, "name": "digit"}]
+    for split in ("train", "val"):
+        _write_coco(dataset[f"{split}_annotations"], categories=both)
+    made = submit(client, job_spec(dataset))
+    train, val = made["warnings"]
+    assert train.startswith("data.train: category 0 'placeholder' has no boxes")
+    assert val.startswith("data.val: category 0 'placeholder' has no boxes")
+    assert client.get(f"/v1/jobs/{made['id']}").json()["warnings"] == [train, val]

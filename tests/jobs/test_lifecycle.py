@@ -33,7 +33,7 @@ from jobs.settings import Settings
 
 def _spec(root: Path, **extra: object) -> JobSpec:
     (root / "d" / "img").mkdir(parents=True, exist_ok=True)
-    (root / "d" / "a.json").write_text("{}")
+    (root / "d" / "a.json").write_text('{"images": [], "annotations": [], "categories": []}')
     data = {"train": {"images": str(root / "d" / "img"), "annotations": str(root / "d" / "a.json")}}
     return JobSpec.model_validate({"name": "j", "data": data, "student": {}, **extra})
 

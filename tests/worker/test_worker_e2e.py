@@ -97,6 +97,8 @@ def test_job_runs_to_success_and_its_student_loads(
     assert header.num_classes > 0 and model is not None
     logs = (Path(service_settings.artifacts_dir) / job_id / "logs.txt").read_text()
     assert "attempt 1 claimed by w1@test" in logs and "attempt ends succeeded" in logs
+    assert "data.train: " in logs and "box sizes at the model's input" in logs
+    assert "iteration 4/4  loss " in logs and "evaluation at iteration 4: AP " in logs
     with session_scope(service_settings.database_url) as session:
         row = session.get(Worker, "w1@test")
         assert row is not None and row.queues == [service_settings.default_queue]

@@ -1,0 +1,140 @@
+"""What a COCO split holds, checked the way the loader checks it, without reading a pixel.
+
+The service runs this when a job is submitted (so a spec whose images do not match its
+annotations is refused at once, not after its turn in the queue), and a job's log and
+`hmkd datasets show` print it. Box sizes are counted in COCO's area ranges at the images'
+native size, which is what AP_S and friends measure, and at the size the model sees after
+`min_size`/`max_size` resizing, which is what "small" means to the detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hmkd_core.data.coco import (
+    DatasetError,
+    build_records,
+    check_files_exist,
+    read_annotation_file,
+)
+
+# COCO's area ranges (side of an equal-area square, in pixels), with the two finer ranges
+# under small that the evaluation reports too.
+SIZE_BINS: tuple[tuple[str, float, float], ...] = (
+    ("tiny", 0, 8),
+    ("xsmall", 8, 16),
+    ("small", 16, 32),
+    ("medium", 32, 96),
+    ("large", 96, math.inf),
+)
+
+
+def size_bin(area: float) -> str:
+    side = math.sqrt(max(area, 0.0))
+    for name, low, high in SIZE_BINS:
+        if low <= side < high:
+            return name
+    return SIZE_BINS[-1][0]
+
+
+def resize_scale(width: float, height: float, min_size: int, max_size: int) -> float:
+    """The factor torchvision's GeneralizedRCNNTransform resizes an image by."""
+    short, long = min(width, height), max(width, height)
+    return min(min_size / short, max_size / long)
+
+
+@dataclass(frozen=True)
+class CategoryCount:
+    id: int
+    name: str
+    boxes: int
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    images: int
+    boxes: int  # non-crowd boxes the detector trains on
+    crowd: int
+    categories: list[CategoryCount]
+    native_sizes: dict[str, int]  # boxes per size bin at native resolution
+    input_sizes: dict[str, int] = field(default_factory=dict)  # at the model's input size
+    images_without_boxes: int = 0
+
+    @property
+    def empty_categories(self) -> list[CategoryCount]:
+        return [c for c in self.categories if c.boxes == 0]
+
+    def warnings(self, split: str) -> list[str]:
+        """What a user should know before training on this split (nothing fatal)."""
+        found = []
+        for c in self.empty_categories:
+            found.append(
+                f"data.{split}: category {c.id} {c.name!r} has no boxes; it is still a class "
+                "the detector learns (and its AP is undefined): remove it from the annotation "
+                "file if it is a placeholder"
+            )
+        if self.images and self.boxes == 0:
+            found.append(f"data.{split}: no boxes at all; the detector learns only background")
+        return found
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_split(
+    images: Path | str,
+    annotations: Path | str,
+    *,
+    input_size: tuple[int, int] | None = None,
+) -> SplitSummary:
+    """Check a split as `CocoDetectionDataset` does (DatasetError naming the file and entry)
+    and count what it holds. `input_size` is `(min_size, max_size)` of the model's resize."""
+    images_dir, source = Path(images), Path(annotations)
+    data = read_annotation_file(source)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    records, report = build_records(data, images_dir, label_of)
+    check_files_exist(records, images_dir, source)
+    per_category: Counter[int] = Counter()
+    native: Counter[str] = Counter()
+    at_input: Counter[str] = Counter()
+    boxed_images: set[int] = set()
+    sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
+    for ann in data["annotations"]:
+        if ann["iscrowd"]:
+            continue
+        per_category[ann["category_id"]] += 1
+        boxed_images.add(ann["image_id"])
+        native[size_bin(ann["area"])] += 1
+        if input_size is not None:
+            scale = resize_scale(*sizes[ann["image_id"]], *input_size)
+            at_input[size_bin(ann["area"] * scale * scale)] += 1
+    order = [name for name, _, _ in SIZE_BINS]
+    return SplitSummary(
+        images=len(records),
+        boxes=sum(per_category.values()),
+        crowd=report["crowd"],
+        categories=[
+            CategoryCount(c["id"], str(c.get("name", c["id"])), per_category[c["id"]])
+            for c in categories
+        ],
+        native_sizes={name: native[name] for name in order},
+        input_sizes={name: at_input[name] for name in order} if input_size else {},
+        images_without_boxes=len(records) - len(boxed_images),
+    )
+
+
+def check_same_categories(train: SplitSummary, val: SplitSummary, val_file: Path | str) -> None:
+    """Evaluation maps the detector's labels to category ids through the training split's
+    categories: a validation file listing others would be scored against the wrong classes."""
+    ours = [(c.id, c.name) for c in train.categories]
+    theirs = [(c.id, c.name) for c in val.categories]
+    if ours != theirs:
+        raise DatasetError(
+            f"{val_file}: categories {theirs} differ from the training split's {ours}; "
+            "both splits must list the same categories (ids and names)"
+        )

@@ -1,0 +1,81 @@
+"""The dataset checks a job's spec gets when it is submitted, not when its turn comes.
+
+Each split is summarised with the loader's own checks (`hmkd_core.data.summary`): annotations
+that do not parse, images missing from the folder, file names leading out of it, and a
+validation split whose categories differ from training's are refused with the field at fault.
+What is legal but likely a mistake (a category without boxes) comes back as warnings.
+Summaries are cached by the files' size and modification time: users submit many jobs over one
+dataset, and a large annotation file takes seconds to parse.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from hmkd_core.data.coco import DatasetError
+from hmkd_core.data.summary import SplitSummary, check_same_categories, summarize_split
+from hmkd_core.spec import TrainSpec
+
+
+class DataFieldError(ValueError):
+    """A split that cannot be trained on; `field` is its dotted path in the spec."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(
+    images: str,
+    annotations: str,
+    input_size: tuple[int, int],
+    _stamps: tuple[tuple[int, int], tuple[int, int]],
+) -> SplitSummary:
+    return summarize_split(images, annotations, input_size=input_size)
+
+
+def summary_of(
+    images: Path | str, annotations: Path | str, input_size: tuple[int, int]
+) -> SplitSummary:
+    """`summarize_split`, cached until either path changes."""
+    stamps = (_stamp(Path(images)), _stamp(Path(annotations)))
+    return _cached(str(images), str(annotations), input_size, stamps)
+
+
+def _field_of(err: DatasetError, split: str) -> str:
+    """Missing or misplaced image files are the images folder's fault; the rest the file's."""
+    text = str(err)
+    image_side = "not found" in text or "points outside" in text or "images folder" in text
+    return f"data.{split}.{'images' if image_side else 'annotations'}"
+
+
+def check_data(spec: TrainSpec) -> list[str]:
+    """Summarise every split of `spec` (DataFieldError for one that would fail the job);
+    returns the warnings worth showing the user."""
+    input_size = (spec.student.min_size, spec.student.max_size)
+    summaries: dict[str, SplitSummary] = {}
+    for split in ("train", "val"):
+        paths = getattr(spec.data, split)
+        if paths is None:
+            continue
+        try:
+            summaries[split] = summary_of(paths.images, paths.annotations, input_size)
+        except DatasetError as err:
+            raise DataFieldError(_field_of(err, split), str(err)) from None
+    if "train" in summaries and "val" in summaries and spec.data.val is not None:
+        try:
+            check_same_categories(summaries["train"], summaries["val"], spec.data.val.annotations)
+        except DatasetError as err:
+            raise DataFieldError("data.val.annotations", str(err)) from None
+    return [w for split, s in summaries.items() for w in s.warnings(split)]

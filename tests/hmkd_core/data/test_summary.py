@@ -1,0 +1,57 @@
+"""Split summaries: the loader's checks without pixels, and box sizes at two scales."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hmkd_core.data import DatasetError
+from hmkd_core.data.summary import resize_scale, size_bin, summarize_split
+
+
+def _split(
+    tmp_path: Path, boxes: list[list[float]], *, width: int = 640, height: int = 512
+) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    anns = [
+        {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box} for i, box in enumerate(boxes)
+    ]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": width, "height": height}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "empty"}],
+    }
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(coco))
+    return images, path
+
+
+def test_size_bins_are_cocos_with_two_finer_small_ranges() -> None:
+    assert [size_bin(side * side) for side in (7.9, 8, 15.9, 16, 31.9, 32, 95.9, 96)] == [
+        "tiny", "xsmall", "xsmall", "small", "small", "medium", "medium", "large",
+    ]  # fmt: skip
+    assert resize_scale(640, 512, 256, 320) == pytest.approx(0.5)  # capped by the long side
+    assert resize_scale(640, 512, 800, 1333) == pytest.approx(800 / 512)
+
+
+def test_a_summary_counts_boxes_at_native_and_input_size(tmp_path: Path) -> None:
+    images, annotations = _split(tmp_path, [[0, 0, 20, 20], [0, 0, 40, 40], [0, 0, 10, 10]])
+    summary = summarize_split(images, annotations, input_size=(256, 320))
+    assert (summary.images, summary.boxes, summary.images_without_boxes) == (1, 3, 0)
+    assert summary.native_sizes == {"tiny": 0, "xsmall": 1, "small": 1, "medium": 1, "large": 0}
+    # at half size every side halves: 10 -> 5 (tiny), 20 -> 10 (xsmall), 40 -> 20 (small)
+    assert summary.input_sizes == {"tiny": 1, "xsmall": 1, "small": 1, "medium": 0, "large": 0}
+    assert [c.boxes for c in summary.categories] == [3, 0]
+    (warning,) = summary.warnings("train")
+    assert "category 2 'empty' has no boxes" in warning
+
+
+def test_a_summary_refuses_what_the_loader_refuses(tmp_path: Path) -> None:
+    images, annotations = _split(tmp_path, [[0, 0, 20, 20]])
+    (images / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"a\.png not found"):
+        summarize_split(images, annotations)
