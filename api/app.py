@@ -236,7 +236,7 @@ def document_common_errors(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API over `settings` (default: from `HMKD_*` variables)."""
     from api.metrics import install_metrics
-    from api.routes import admin, artifacts, downloads, health, jobs, me, queue
+    from api.routes import admin, artifacts, downloads, health, jobs, me, methods, queue
     from api.routes.dashboard import install_dashboard
 
     settings = settings or get_settings()
@@ -268,7 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(InvalidJob, _invalid_job)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
-    for module in (jobs, artifacts, downloads, queue, me, admin, health):
+    for module in (jobs, methods, artifacts, downloads, queue, me, admin, health):
         app.include_router(module.router, prefix="/v1")
     install_dashboard(app)
     document_common_errors(app)

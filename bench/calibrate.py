@@ -21,6 +21,7 @@ from bench.diagnose import preset_specs
 from bench.presets import ROWS
 from bench.probe import format_probe, probe
 from bench.records import RESULTS
+from hmkd_core.spec import METHODS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--write", action="store_true", help="store the weights for the preset")
     args = p.parse_args(argv)
-    methods = [r for r in ("mimic", "fgd", "mgd", "hmkd") if r in ROWS]
+    methods = [m for m in METHODS if m != "none" and m in ROWS]
     specs = preset_specs(args.preset, args.work.resolve(), methods)
     weights, blocks = {}, []
     for method, spec in specs.items():

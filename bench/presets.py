@@ -24,17 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from hmkd_core.spec import TrainSpec
+from hmkd_core.spec import METHODS, TrainSpec
 
 # Rows of the table: the method, then the options that make the row. Every row of a preset
 # gets that preset's calibrated `weight` for its method on top.
 ROWS: dict[str, dict[str, Any]] = {
-    "none": {"method": "none"},
-    "mimic": {"method": "mimic"},
+    **{method: {"method": method} for method in METHODS},  # one row per method, as declared
     # FGD's official Faster R-CNN configuration distils P2..P5 (HMKD's levels are P2..P4).
     "fgd": {"method": "fgd", "levels": ["p2", "p3", "p4", "p5"]},
-    "mgd": {"method": "mgd"},
-    "hmkd": {"method": "hmkd"},
     "hmkd: norm attention": {"method": "hmkd", "hmkd": {"sdm": {"normalize": True}}},
     "hmkd: deep query": {"method": "hmkd", "hmkd": {"hm": {"query_levels": "deep"}}},
     "hmkd: warm-up": {"method": "hmkd", "warmup_iters": 100},

@@ -24,6 +24,7 @@ import torch
 from bench.presets import Preset, Splits, row_distill
 from bench.records import read_record, record_path, slug
 from bench.stats import Paired, paired
+from hmkd_core.spec import BASELINE_METHODS
 
 METRICS = ("AP", "AP50", "AP_S", "AP_tiny", "AP_xsmall", "AP_small16_32")
 GOAL_GAIN = 3.0  # AP_S points over `none`
@@ -256,9 +257,7 @@ def _goal(summary: dict[str, Any]) -> str:
         return "HMKD has fewer than two paired seeds here: no verdict on the goal."
     gain_ok = h["delta_ap_s"] >= GOAL_GAIN and h["ci95"][0] > 0
     others = {
-        r: v["ap_s"]
-        for r, v in rows.items()
-        if r in ("mimic", "fgd", "mgd") and v["ap_s"] is not None
+        r: v["ap_s"] for r, v in rows.items() if r in BASELINE_METHODS and v["ap_s"] is not None
     }
     beats = bool(others) and all(h["ap_s"] > v for v in others.values())
     step_ok = h["step_over_floor"] is not None and h["step_over_floor"] <= GOAL_STEP

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -218,8 +218,24 @@ class MGDOptions(_Strict):
     weight: float = Field(2e-7, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
+# The distillation methods: the one list the spec, the distiller registry, the API's filter,
+# the dashboard (through GET /v1/methods) and the benchmark's rows all read. A method is added
+# here, with its options block on DistillSpec and its class in hmkd_core.distill.registry.
+Method = Literal["none", "mimic", "fgd", "mgd", "hmkd"]
+METHODS: tuple[str, ...] = get_args(Method)
+BASELINE_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ("none", "hmkd"))
+METHOD_SUMMARIES: dict[str, str] = {
+    "none": "the student trained alone, without a teacher",
+    "mimic": "mean squared error between the aligned student and teacher features",
+    "fgd": "Focal and Global Distillation (Yang et al., CVPR 2022)",
+    "mgd": "Masked Generative Distillation (Yang et al., ECCV 2022)",
+    "hmkd": "Hierarchical Matching KD for small objects (Ma et al., JCST 2024)",
+}
+assert tuple(METHOD_SUMMARIES) == METHODS
+
+
 class DistillSpec(_Strict):
-    method: Literal["none", "mimic", "fgd", "mgd", "hmkd"] = "none"
+    method: Method = "none"
     levels: list[str] | None = Field(
         None, description="Distilled levels; default p2,p3,p4 (the three finest the detector has)."
     )

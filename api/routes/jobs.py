@@ -23,7 +23,7 @@ from api.app import celery_of
 from api.deps import CurrentUser, SessionDep, SettingsDep, VisibleJob
 from api.queries import BadCursor, list_jobs, metric_series
 from api.schemas import Deleted, EvaluationPublic, JobList, JobPublic, MetricSeries, Problem
-from hmkd_core.spec import MAX_ITERATIONS
+from hmkd_core.spec import MAX_ITERATIONS, Method
 from jobs.db import session_scope
 from jobs.lifecycle import (
     Conflict,
@@ -186,7 +186,7 @@ def get_jobs(
     state: Annotated[list[JobState] | None, Query(description="Repeat to match several.")] = None,
     kind: Literal["train", "distill", "evaluate"] | None = None,
     method: Annotated[
-        Literal["none", "mimic", "fgd", "mgd", "hmkd"] | None,
+        Method | None,
         Query(description="Distillation method (`none` for plain training)."),
     ] = None,
     queue: Annotated[str | None, Query(max_length=100)] = None,

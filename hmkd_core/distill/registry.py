@@ -13,7 +13,7 @@ from hmkd_core.distill.fgd import FGDDistiller
 from hmkd_core.distill.hmkd import HMKDDistiller
 from hmkd_core.distill.mgd import MGDDistiller
 from hmkd_core.distill.mimic import MimicDistiller
-from hmkd_core.spec import DistillSpec
+from hmkd_core.spec import METHODS, DistillSpec
 
 DISTILLERS: dict[str, type[Distiller]] = {
     "none": NoDistiller,
@@ -22,6 +22,7 @@ DISTILLERS: dict[str, type[Distiller]] = {
     "mgd": MGDDistiller,
     "hmkd": HMKDDistiller,
 }
+assert tuple(DISTILLERS) == METHODS, "hmkd_core.spec.METHODS and DISTILLERS must agree"
 
 
 def build_distiller(
@@ -40,12 +41,7 @@ def build_distiller(
         return NoDistiller(levels)
     if not levels:
         raise ValueError(f"{spec.method} needs at least one level to distil")
-    opts = {
-        "mimic": spec.mimic,
-        "fgd": spec.fgd,
-        "mgd": spec.mgd,
-        "hmkd": spec.hmkd,
-    }[spec.method]
+    opts = getattr(spec, spec.method)  # each method's options block is named after it
     cls = DISTILLERS[spec.method]
     return cls(
         levels,

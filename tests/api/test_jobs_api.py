@@ -516,3 +516,18 @@ def test_a_category_without_boxes_is_a_warning_on_the_job(
     assert train.startswith("data.train: category 0 'placeholder' has no boxes")
     assert val.startswith("data.val: category 0 'placeholder' has no boxes")
     assert client.get(f"/v1/jobs/{made['id']}").json()["warnings"] == [train, val]
+
+
+def test_methods_are_listed_from_the_one_list_the_spec_validates_against(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    from hmkd_core.distill.registry import DISTILLERS
+    from hmkd_core.spec import METHODS
+
+    listed = client.get("/v1/methods").json()
+    assert [m["name"] for m in listed] == list(METHODS) == list(DISTILLERS)
+    assert all(m["summary"] for m in listed)
+    r = client.get("/v1/jobs", params={"method": "nosuch"})
+    assert r.status_code == 422
+    spec = job_spec(dataset, kind="distill", distill={"method": "nosuch"})
+    assert client.post("/v1/jobs", json=spec).json()["detail"][0]["field"] == "distill.method"

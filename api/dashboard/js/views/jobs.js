@@ -7,7 +7,12 @@ import { every } from "../poll.js";
 
 const STATES = ["waiting", "queued", "running", "succeeded", "failed", "cancelled"];
 const KINDS = ["train", "distill", "evaluate"];
-const METHODS = ["none", "hmkd", "mimic", "fgd", "mgd"];
+let methods = null; // the server's one list of methods (GET /v1/methods), read once
+
+function methodNames() {
+  if (!methods) methods = request("/v1/methods").then((list) => list.map((m) => m.name));
+  return methods;
+}
 const PAGE = 25;
 
 function select(name, label, options, value) {
@@ -35,10 +40,17 @@ function filterForm(filters, onChange) {
     { class: "filters", id: "job-filters" },
     h("fieldset", { class: "states" }, h("legend", {}, "State"), STATES.map((s) => h("label", { class: "check" }, h("input", { type: "checkbox", name: "state", value: s, checked: filters.state.includes(s) }), ` ${s}`))),
     select("kind", "Kind ", KINDS, filters.kind),
-    select("method", "Method ", METHODS, filters.method),
+    select("method", "Method ", filters.method ? [filters.method] : [], filters.method),
     h("label", {}, "Queue ", h("input", { name: "queue", value: filters.queue, size: 10, placeholder: "any" })),
     h("label", {}, "Name ", h("input", { type: "search", name: "name", value: filters.name, placeholder: "contains…" })),
   );
+  methodNames()
+    .then((names) => {
+      const menu = form.querySelector("select[name=method]");
+      const chosen = menu.value;
+      menu.replaceChildren(h("option", { value: "" }, "any"), names.map((o) => h("option", { value: o, selected: o === chosen }, o)));
+    })
+    .catch(() => { methods = null; }); // tried again with the next form
   let debounce = null;
   const read = () => {
     const data = new FormData(form);
