@@ -6,6 +6,7 @@ an API answering 500s on every request is worse than one that says what to run.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ path, e.g. `data.train.images`.
 TAGS = [
     {"name": "jobs", "description": "Submit, list, follow, cancel and retry training jobs."},
     {"name": "artifacts", "description": "Checkpoints, `student.pt`, `eval.json`: streamed."},
+    {"name": "datasets", "description": "Upload COCO exports, register server folders, stats."},
     {"name": "queue", "description": "Queued and running jobs per queue, workers and GPUs."},
     {"name": "users", "description": "Who a token belongs to."},
     {"name": "health", "description": "Liveness and readiness probes (no token needed)."},
@@ -58,23 +60,28 @@ class BodySizeLimit:
     refused when it passes the limit (the route is still reading it, so nothing was sent yet).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    # a dataset upload's chunk (PUT /v1/datasets/uploads/<id>) has its own, larger limit
+    CHUNK_PATH = re.compile(r"^/v1/datasets/uploads/[^/]+$")
+
+    def __init__(self, app: ASGIApp, max_bytes: int, chunk_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.chunk_bytes = chunk_bytes or max_bytes
 
-    def _message(self) -> str:
-        return (
-            f"request body over {self.max_bytes} bytes; send a smaller spec "
-            "(or raise HMKD_MAX_BODY_BYTES on the server)"
-        )
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        if scope.get("method") == "PUT" and self.CHUNK_PATH.match(scope.get("path", "")):
+            return self.chunk_bytes, "send smaller chunks (HMKD_UPLOAD_CHUNK_BYTES on the server)"
+        return self.max_bytes, "send a smaller spec (or raise HMKD_MAX_BODY_BYTES on the server)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, advice = self._limit(scope)
+        message_text = f"request body over {limit} bytes; {advice}"
         for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = JSONResponse({"detail": self._message()}, status_code=413)
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                response = JSONResponse({"detail": message_text}, status_code=413)
                 await response(scope, receive, send)
                 return
         seen = 0
@@ -84,8 +91,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._message())
+                if seen > limit:
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, message_text)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -236,7 +243,7 @@ def document_common_errors(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API over `settings` (default: from `HMKD_*` variables)."""
     from api.metrics import install_metrics
-    from api.routes import admin, artifacts, downloads, health, jobs, me, methods, queue
+    from api.routes import admin, artifacts, datasets, downloads, health, jobs, me, methods, queue
     from api.routes.dashboard import install_dashboard
 
     settings = settings or get_settings()
@@ -261,14 +268,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery = None
     app.state.sse_poll_seconds = 0.5
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        chunk_bytes=settings.upload_chunk_bytes,
+    )
     app.add_middleware(RejectControlCharacters)
     install_metrics(app, settings)  # outermost middleware: 413s are timed too
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidJob, _invalid_job)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
-    for module in (jobs, methods, artifacts, downloads, queue, me, admin, health):
+    for module in (jobs, methods, datasets, artifacts, downloads, queue, me, admin, health):
         app.include_router(module.router, prefix="/v1")
     install_dashboard(app)
     document_common_errors(app)

@@ -75,7 +75,9 @@ def _confine_data(spec: JobSpec, settings: Settings) -> None:
             field = f"data.{split_name}.{attr}"
             try:
                 setattr(
-                    split, attr, confine(getattr(split, attr), settings.dataset_roots, field=field)
+                    split,
+                    attr,
+                    confine(getattr(split, attr), settings.dataset_roots, field=field),
                 )
             except PathNotAllowed as err:
                 raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
@@ -230,7 +232,17 @@ def submit_job(
         if existing is not None:
             return existing, False
     resolved = spec.model_copy(deep=True)
-    _confine_data(resolved, settings)
+    if spec.dataset is not None:  # the team's dataset, read again: the body's paths are not trusted
+        from jobs.datasets import find
+
+        try:
+            dataset = find(session, user, spec.dataset)
+        except NotFound as err:
+            raise InvalidJob("dataset", str(err)) from None
+        splits = {k: dataset.splits.get(k) for k in ("train", "val")}
+        resolved.data = resolved.data.model_validate({**resolved.data.model_dump(), **splits})
+    else:
+        _confine_data(resolved, settings)
     warnings = _check_data(resolved)
     teacher_job = None
     if resolved.teacher is not None:

@@ -192,3 +192,44 @@ class Worker(Base):
     current_job_id: Mapped[str | None] = mapped_column(String(32))
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Dataset(Base):
+    """One version of a team's dataset: COCO splits with what they hold.
+
+    Uploaded datasets live in the dataset store under their archive's sha256 (`root`);
+    registered ones are server folders under the dataset roots (`root` None, absolute paths in
+    `splits`). Specs name them `dataset: <name>[@<version>]`.
+    """
+
+    __tablename__ = "datasets"
+    __table_args__ = (
+        UniqueConstraint("team_id", "name", "version", name="uq_datasets_team_name_version"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(20))  # upload | path
+    splits: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"train": {"images", "annotations"}}
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON)  # per split: SplitSummary.as_dict()
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes on the server
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DatasetUpload(Base):
+    """An archive arriving in chunks; the next chunk must start at `received`."""
+
+    __tablename__ = "dataset_uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(BigInteger)
+    received: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )

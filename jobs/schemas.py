@@ -84,6 +84,12 @@ class JobSpec(TrainSpec):
     name: str = Field(..., min_length=1, max_length=200)
     kind: Literal["train", "distill", "evaluate"] = "train"
     resources: Resources = Field(default_factory=Resources)
+    dataset: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}(@[0-9]{1,9})?$",
+        description="A dataset of your team, `name` (its newest version) or `name@version`, in "
+        "place of data.train/data.val. The stored spec pins the version and its paths.",
+    )
     retention: Retention | None = Field(
         None,
         description="What to keep of the checkpoints after success. None: the team's policy, "
@@ -128,7 +134,7 @@ class JobSpec(TrainSpec):
         `gpus: N` runs N processes on N GPUs (NCCL); `gpus: 0` runs on the CPU with the spec's
         own `runtime.nproc` processes (gloo).
         """
-        data = self.model_dump(exclude={"name", "kind", "resources", "retention"})
+        data = self.model_dump(exclude={"name", "kind", "resources", "retention", "dataset"})
         runtime = data["runtime"]
         if self.resources.gpus > 0:
             runtime["nproc"] = self.resources.gpus

@@ -26,6 +26,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Folders job datasets must lie under. Default: <data_dir>/datasets.",
     )
+    dataset_store: Path | None = Field(
+        None,
+        description="Where uploaded datasets are unpacked, one folder per archive sha256. "
+        "Default: <data_dir>/dataset-store. Specs reach it only by `dataset: <name>`.",
+    )
+    max_dataset_bytes: int = Field(
+        50 * 2**30, gt=0, description="Largest dataset archive, packed and unpacked."
+    )
+    upload_chunk_bytes: int = Field(
+        16 * 2**20, gt=0, description="Largest chunk of a dataset upload in one request."
+    )
     default_queue: str = "default"
     lease_seconds: float = Field(
         60.0, gt=0, description="A claimed job's lease; renewed by heartbeat."
@@ -75,6 +86,9 @@ class Settings(BaseSettings):
         if not self.dataset_roots:
             self.dataset_roots = [self.data_dir / "datasets"]
         self.dataset_roots = [p.expanduser().resolve() for p in self.dataset_roots]
+        if self.dataset_store is None:
+            self.dataset_store = self.data_dir / "dataset-store"
+        self.dataset_store = self.dataset_store.expanduser().resolve()
         return self
 
     @property

@@ -24,6 +24,7 @@ from api.deps import CurrentUser, SessionDep, SettingsDep, VisibleJob
 from api.queries import BadCursor, list_jobs, metric_series
 from api.schemas import Deleted, EvaluationPublic, JobList, JobPublic, MetricSeries, Problem
 from hmkd_core.spec import MAX_ITERATIONS, Method
+from jobs.datasets import complete_dataset
 from jobs.db import session_scope
 from jobs.lifecycle import (
     Conflict,
@@ -156,6 +157,7 @@ def create_job(
     ] = None,
 ) -> JobPublic:
     """Validate the spec, check its dataset paths and teacher, queue it and publish it."""
+    body = complete_dataset(session, user, body)
     spec = _spec_of(complete_teacher(session, user, body, settings))
     try:
         job, created = submit_job(

@@ -211,7 +211,7 @@ def build_records(
         report["dropped"] += int((~keep).sum())
         records[img["id"]] = _ImageRecord(
             image_id=img["id"],
-            path=_inside(images_dir, img["file_name"], img["id"]),
+            path=image_path(images_dir, img["file_name"], img["id"]),
             width=img["width"],
             height=img["height"],
             boxes=xyxy[keep],
@@ -220,7 +220,7 @@ def build_records(
     return records, report
 
 
-def _inside(images_dir: Path, file_name: str, image_id: int) -> Path:
+def image_path(images_dir: Path, file_name: str, image_id: int) -> Path:
     """The image's path, refused when `file_name` leads out of the image folder: a dataset
     confined to allowed roots must not reach files elsewhere through its annotations."""
     root = images_dir.resolve()
