@@ -337,6 +337,73 @@ class Client:
                 0, f"download of {name} interrupted ({err}); run it again to resume"
             ) from err
 
+    # datasets
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/datasets").json()
+
+    def dataset(
+        self, ref: str, *, min_size: int | None = None, max_size: int | None = None
+    ) -> dict[str, Any]:
+        params = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v}
+        return self._call("GET", f"/v1/datasets/{ref}", params=params).json()
+
+    def upload_dataset(
+        self,
+        name: str,
+        archive: str | Path,
+        *,
+        chunk_bytes: int = 8 << 20,
+        resume_from: str | None = None,
+        on_start: Callable[[str], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Upload a zip/tar of a COCO export as the next version of dataset `name`.
+
+        `resume_from` is the id of an earlier, interrupted upload of the same file: sending
+        continues at the offset the server holds. `on_start` gets the upload's id as soon as
+        there is one, for the caller to keep. Returns the dataset the server made.
+        """
+        archive = Path(archive)
+        size = archive.stat().st_size
+        upload = None
+        if resume_from is not None:
+            try:
+                upload = self._call("GET", f"/v1/datasets/uploads/{resume_from}").json()
+            except ApiError as err:
+                if err.status != 404:
+                    raise
+            if upload is not None and upload["size"] != size:
+                upload = None  # the file changed since: start over
+        if upload is None:
+            upload = self._call(
+                "POST", "/v1/datasets/uploads", json={"name": name, "size": size}
+            ).json()
+        if on_start is not None:
+            on_start(upload["id"])
+        offset = upload["offset"]
+        url = f"/v1/datasets/uploads/{upload['id']}"
+        with open(archive, "rb") as f:
+            while offset < size:
+                f.seek(offset)
+                chunk = f.read(chunk_bytes)
+                try:
+                    offset = self._call(
+                        "PUT",
+                        url,
+                        params={"offset": offset},
+                        content=chunk,
+                        headers={"content-type": "application/octet-stream"},
+                        timeout=httpx.Timeout(30.0, write=300.0),
+                    ).json()["offset"]
+                except ApiError as err:
+                    if err.status != 409:  # 409: the server holds another offset; go there
+                        raise
+                    offset = self._call("GET", url).json()["offset"]
+                if progress is not None:
+                    progress(offset, size)
+        timeout = httpx.Timeout(30.0, read=3600.0)  # unpacking and checking take a while
+        return self._call("POST", f"{url}/complete", timeout=timeout).json()
+
     # queue and health
     def queue(self) -> dict[str, Any]:
         return self._call("GET", "/v1/queue").json()

@@ -217,3 +217,52 @@ def test_serve_refuses_an_unmigrated_team_database(
     monkeypatch.setenv("HMKD_DATA_DIR", str(tmp_path))
     res = runner.invoke(app, ["serve", "--no-worker", "--port", "1"])
     assert res.exit_code == 2 and "hmkd db upgrade" in res.output
+
+
+def test_datasets_upload_list_show_and_resume(
+    cli_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.cli import _pack
+    from client.cli import app as main_app
+    from client.sdk import ApiError, Client
+    from tests.api.test_datasets_api import _files
+
+    monkeypatch.setenv("HMKD_DATA_DIR", str(tmp_path / "home"))
+    folder = tmp_path / "export"
+    for name, data in _files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    res = runner.invoke(main_app, ["datasets", "upload", "drones", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert "dataset: drones@1" in res.stdout and "person 1, car 2" in res.stdout
+
+    # an upload interrupted after its first chunk resumes from the server's offset
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    archive = _pack(folder, packed)
+    with Client() as client:
+        upload = client._call(
+            "POST", "/v1/datasets/uploads", json={"name": "drones", "size": archive.stat().st_size}
+        ).json()
+        client._call(
+            "PUT",
+            f"/v1/datasets/uploads/{upload['id']}",
+            params={"offset": 0},
+            content=archive.read_bytes()[:1000],
+        )
+    key = f"{archive.resolve()}|{archive.stat().st_size}|drones"
+    (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "home" / "uploads.json").write_text(json.dumps({key: upload["id"]}))
+    res = runner.invoke(main_app, ["datasets", "upload", "drones", str(archive)])
+    assert res.exit_code == 0 and "drones@2" in res.stdout, res.output
+    with Client() as client, pytest.raises(ApiError) as gone:
+        client._call("GET", f"/v1/datasets/uploads/{upload['id']}")
+    assert gone.value.status == 404  # the upload became drones@2
+    assert json.loads((tmp_path / "home" / "uploads.json").read_text()) == {}
+
+    res = runner.invoke(main_app, ["datasets", "list"])
+    assert res.exit_code == 0 and "drones@2" in res.stdout and "drones@1" in res.stdout
+    res = runner.invoke(main_app, ["datasets", "show", "drones@1", "--min-size", "256"])
+    assert res.exit_code == 0 and "at input" in res.stdout, res.output
+    res = runner.invoke(main_app, ["datasets", "show", "nothing"])
+    assert res.exit_code == 2 and "no dataset 'nothing'" in res.output
