@@ -24,6 +24,7 @@ _KINDS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^run/checkpoints/(attempt-\d+/)?best\.pt$"), "best"),
     (re.compile(r"^run/checkpoints/(attempt-\d+/)?ckpt_\d+\.pt$"), "checkpoint"),
     (re.compile(r"^run/eval\.json$"), "eval"),
+    (re.compile(r"^run/predictions\.json$"), "predictions"),
     (re.compile(r"^run/metrics\.jsonl$"), "metrics"),
     (re.compile(r"^run/spec\.yaml$"), "spec"),
     (re.compile(r"^logs\.txt$|\.log$"), "logs"),

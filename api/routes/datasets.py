@@ -289,10 +289,15 @@ def image(
     split: Annotated[str, Query(pattern="^(train|val)$")] = "train",
 ) -> FileResponse:
     """The image file as stored, for drawing its boxes over it."""
+    return image_response(_split(_get(session, user, ref), split), image_id, split)
+
+
+def image_response(paths: dict[str, str], image_id: int, split: str) -> FileResponse:
+    """Image `image_id` of a split (its `images` folder and `annotations` file), looked up in
+    the annotations and kept inside the folder the way the loader keeps it."""
     from hmkd_core.data import read_annotation_file
     from hmkd_core.data.coco import DatasetError, image_path
 
-    paths = _split(_get(session, user, ref), split)
     data = read_annotation_file(paths["annotations"])
     entry = next((img for img in data["images"] if img["id"] == image_id), None)
     if entry is None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -28,6 +28,7 @@ from jobs.datasets import complete_dataset
 from jobs.db import session_scope
 from jobs.lifecycle import (
     Conflict,
+    NotFound,
     complete_teacher,
     mark_dispatched,
     queue_position,
@@ -386,3 +387,20 @@ def delete_job(job: VisibleJob, session: SessionDep, settings: SettingsDep) -> D
     job_id = job.id
     freed = remove(session, ArtifactStore(Path(settings.artifacts_dir)), job)
     return Deleted(id=job_id, freed_bytes=freed)
+
+
+@router.get(
+    "/{job_id}/images/{image_id}",
+    response_class=FileResponse,
+    summary="An image of the job's validation split",
+    responses={**_ERRORS, 200: {"content": {"image/*": {}}, "description": "The image file."}},
+)
+def job_image(job: VisibleJob, image_id: int) -> FileResponse:
+    """For drawing `run/predictions.json` (the student's detections and the true boxes of the
+    first validation images) over the images themselves."""
+    from api.routes.datasets import image_response
+
+    val = ((job.resolved_spec or {}).get("data") or {}).get("val")
+    if not val:
+        raise NotFound(f"job {job.id} has no validation split")
+    return image_response(val, image_id, "val")

@@ -6,12 +6,14 @@ scores them, so evaluation costs 1/world of the time and gives the same numbers 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from hmkd_core.atomic import atomic_write
 from hmkd_core.data import CocoDetectionDataset
 from hmkd_core.engine.distributed import DistContext, gather_objects
 from hmkd_core.engine.reporter import Reporter
@@ -30,8 +32,13 @@ def evaluate_detector(
     batch_size: int = 4,
     extra_area_ranges: dict[str, tuple[float, float]] | None = None,
     ctx: DistContext | None = None,
+    predictions_path: Path | None = None,
 ) -> dict[str, Any] | None:
-    """COCO metrics on rank 0 (None elsewhere). Restores the model's train/eval mode."""
+    """COCO metrics on rank 0 (None elsewhere). Restores the model's train/eval mode.
+
+    With `predictions_path`, rank 0 also writes what the detector found on the first few
+    images, beside their ground truth (`write_predictions`): the picture a user checks when a
+    metric looks wrong."""
     ctx = ctx or _SINGLE
     was_training = model.training
     model.eval()
@@ -51,10 +58,63 @@ def evaluate_detector(
     if not ctx.is_main:
         return None
     others = [part for rank, part in enumerate(gathered) if rank != ctx.rank]
+    extra = [r for results, _ in others for r in results]
+    if predictions_path is not None:
+        write_predictions(dataset, evaluator.results() + extra, predictions_path)
     return evaluator.evaluate(
-        extra_results=[r for results, _ in others for r in results],
+        extra_results=extra,
         extra_image_ids=[i for _, ids in others for i in ids],
     )
+
+
+PREDICTION_IMAGES = 8
+MIN_SCORE = 0.3
+MAX_DETECTIONS = 100
+
+
+def write_predictions(
+    dataset: CocoDetectionDataset, results: list[dict[str, Any]], path: Path
+) -> Path:
+    """The first PREDICTION_IMAGES images that have ground truth, each with its true boxes and
+    the detections scoring at least MIN_SCORE (COCO [x, y, w, h] in the image's own pixels)."""
+    names = {c["id"]: str(c.get("name", c["id"])) for c in dataset.categories}
+    with_truth = sorted({a["image_id"] for a in dataset.coco.dataset["annotations"]})
+    chosen = with_truth[:PREDICTION_IMAGES]
+    found: dict[int, list[dict[str, Any]]] = {i: [] for i in chosen}
+    for r in results:
+        if r["image_id"] in found and r["score"] >= MIN_SCORE:
+            found[r["image_id"]].append(r)
+    images = []
+    for image_id in chosen:
+        info = dataset.coco.imgs[image_id]
+        truth = dataset.coco.imgToAnns.get(image_id, [])
+        detections = sorted(found[image_id], key=lambda r: -r["score"])[:MAX_DETECTIONS]
+        images.append(
+            {
+                "image_id": image_id,
+                "file_name": info["file_name"],
+                "width": info["width"],
+                "height": info["height"],
+                "truth": [
+                    {
+                        "bbox": [round(float(v), 1) for v in a["bbox"]],
+                        "category": names[a["category_id"]],
+                    }
+                    for a in truth
+                ],
+                "detections": [
+                    {
+                        "bbox": [round(float(v), 1) for v in d["bbox"]],
+                        "category": names.get(d["category_id"], str(d["category_id"])),
+                        "score": round(float(d["score"]), 3),
+                    }
+                    for d in detections
+                ],
+            }
+        )
+    payload = json.dumps({"min_score": MIN_SCORE, "images": images}).encode()
+    atomic_write(path, lambda f: f.write(payload))
+    return path
 
 
 def evaluate_spec(

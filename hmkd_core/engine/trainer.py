@@ -319,7 +319,7 @@ class Trainer:
         )
 
     # ---- collaborators ------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any] | None:
+    def evaluate(self, *, predictions: bool = False) -> dict[str, Any] | None:
         if self.val_set is None:
             return None
         metrics = evaluate_detector(
@@ -329,7 +329,10 @@ class Trainer:
             batch_size=self.spec.eval.batch_size,
             extra_area_ranges=self.spec.eval.extra_area_ranges,
             ctx=self.ctx,
+            predictions_path=self.out_dir / "predictions.json" if predictions else None,
         )
+        if predictions and self.ctx.is_main:
+            self.reporter.on_artifact("predictions", self.out_dir / "predictions.json")
         self.model.train()
         if metrics is None:  # not rank 0
             return None
@@ -359,7 +362,7 @@ class Trainer:
             self.reporter.on_artifact("checkpoint", path)
 
     def finish(self) -> None:
-        metrics = self.evaluate()
+        metrics = self.evaluate(predictions=True)
         self.save_checkpoint()
         if not self.ctx.is_main:
             return

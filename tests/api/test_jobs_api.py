@@ -531,3 +531,15 @@ def test_methods_are_listed_from_the_one_list_the_spec_validates_against(
     assert r.status_code == 422
     spec = job_spec(dataset, kind="distill", distill={"method": "nosuch"})
     assert client.post("/v1/jobs", json=spec).json()["detail"][0]["field"] == "distill.method"
+
+
+def test_a_jobs_validation_images_are_served_to_its_team_only(
+    client: TestClient, dataset: dict[str, Path], other_team_user: tuple[Any, str]
+) -> None:
+    (dataset["val_images"] / "0.png").write_bytes(b"\x89PNG val")
+    job = submit(client, job_spec(dataset))
+    r = client.get(f"/v1/jobs/{job['id']}/images/1")
+    assert r.status_code == 200 and r.content == b"\x89PNG val"
+    assert client.get(f"/v1/jobs/{job['id']}/images/2").status_code == 404
+    theirs = client.get(f"/v1/jobs/{job['id']}/images/1", headers=bearer(other_team_user[1]))
+    assert theirs.status_code == 404

@@ -6,6 +6,7 @@ import { request } from "./api.js";
 import { currentToken, forgetToken } from "./auth.js";
 import { h } from "./dom.js";
 import { compareView } from "./views/compare.js";
+import { datasetView, datasetsView } from "./views/datasets.js";
 import { jobView } from "./views/job.js";
 import { jobsView } from "./views/jobs.js";
 import { queueView } from "./views/queue.js";
@@ -17,6 +18,8 @@ const ROUTES = [
   [/^\/jobs$/, "jobs", jobsView],
   [/^\/jobs\/([0-9a-f]{32})$/, "jobs", jobView],
   [/^\/compare$/, "compare", compareView],
+  [/^\/datasets$/, "datasets", datasetsView],
+  [/^\/datasets\/([^/?]+)$/, "datasets", datasetView],
 ];
 
 const view = document.getElementById("view");

@@ -32,6 +32,30 @@ def test_plain_training_writes_the_run_directory(tiny_digits: dict, tmp_path: Pa
     assert all(k.startswith("student.") for k in losses[0]["losses"])
     _model, header = load_student(tmp_path / "student.pt")
     assert header.metrics["AP"] == ev["AP"]
+    shown = json.loads((tmp_path / "predictions.json").read_text())
+    assert 0 < len(shown["images"]) <= 8 and all(i["truth"] for i in shown["images"])
+
+
+def test_predictions_keep_the_confident_detections_of_the_first_images(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    from hmkd_core.data import CocoDetectionDataset
+    from hmkd_core.engine.evaluate import write_predictions
+
+    val = CocoDetectionDataset(tiny_digits["val_images"], tiny_digits["val_annotations"])
+    first = min(a["image_id"] for a in val.coco.dataset["annotations"])
+    category = val.categories[0]["id"]
+    results = [
+        {"image_id": first, "category_id": category, "bbox": [1, 2, 3, 4], "score": 0.9},
+        {"image_id": first, "category_id": category, "bbox": [5, 6, 7, 8], "score": 0.1},
+    ]
+    shown = json.loads(write_predictions(val, results, tmp_path / "p.json").read_text())
+    image = shown["images"][0]
+    assert image["image_id"] == first
+    assert image["detections"] == [
+        {"bbox": [1.0, 2.0, 3.0, 4.0], "category": val.categories[0]["name"], "score": 0.9}
+    ]
+    assert len(image["truth"]) == len(val.coco.imgToAnns[first])
 
 
 def test_existing_run_needs_resume(tiny_digits: dict, tmp_path: Path) -> None:

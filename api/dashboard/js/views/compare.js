@@ -7,6 +7,45 @@ import { code, emptyState, errorBox, h, percent, shortId, stateBadge } from "../
 
 const METRICS = ["AP_S", "AP", "AP50", "AP75", "AP_M", "AP_L", "AR@100", "AP_tiny", "AP_xsmall", "AP_small16_32"];
 
+const FINAL = ["AP", "AP50", "AP_S", "AP_tiny", "AP_xsmall"];
+
+function lastEvaluation(m) {
+  return m.evaluations.length ? m.evaluations[m.evaluations.length - 1].metrics : {};
+}
+
+function signed(value) {
+  if (typeof value !== "number") return "–";
+  const text = (100 * value).toFixed(2);
+  return value > 0 ? `+${text}` : text;
+}
+
+/** Every job's final AP, AP50, AP_S, AP_tiny, AP_xsmall and AP per category, each with its
+ *  difference from the first job picked (the reference: a teacher, or a `none` baseline). */
+function finalTable(loaded) {
+  const finals = loaded.map(([, m]) => lastEvaluation(m));
+  const categories = [...new Set(finals.flatMap((f) => Object.keys(f.per_category || {})))];
+  const columns = [...FINAL.map((k) => [k, (f) => f[k]]), ...categories.map((c) => [`AP ${c}`, (f) => (f.per_category || {})[c]])];
+  const reference = finals[0];
+  const cell = (f, get, i) => {
+    const value = get(f);
+    const base = get(reference);
+    const delta = i > 0 && typeof value === "number" && typeof base === "number" ? value - base : null;
+    return h(
+      "td",
+      { class: "num" },
+      percent(value, 2),
+      delta === null ? "" : h("span", { class: delta > 0 ? "delta up" : delta < 0 ? "delta down" : "delta" }, ` (${signed(delta)})`),
+    );
+  };
+  return h(
+    "table",
+    { class: "table", id: "compare-final" },
+    h("caption", {}, `Final evaluation (%); in brackets, the difference from ${loaded[0][0].name}`),
+    h("thead", {}, h("tr", {}, h("th", {}, "job"), columns.map(([name]) => h("th", {}, name)))),
+    h("tbody", {}, finals.map((f, i) => h("tr", { dataset: { jobId: loaded[i][0].id } }, h("td", {}, `${loaded[i][0].name} (${loaded[i][0].method})`), columns.map(([, get]) => cell(f, get, i))))),
+  );
+}
+
 function idsFrom(params) {
   return (params.get("ids") || "").split(",").filter((id) => /^[0-9a-f]{32}$/.test(id));
 }
@@ -86,6 +125,7 @@ export function compareView(root, { params }) {
         ),
       ),
     );
+    summary.append(finalTable(loaded));
     for (const swatch of summary.querySelectorAll(".swatch")) swatch.style.background = swatch.dataset.colour;
   }
 

@@ -3,6 +3,7 @@
 // download links, the log's tail, cancel and retry.
 
 import { ApiError, request } from "../api.js";
+import { boxedImage } from "../boxes.js";
 import { LineChart } from "../charts.js";
 import { confirmAction } from "../confirm.js";
 import { emptyState, errorBox, h, sizeBars } from "../dom.js";
@@ -35,6 +36,10 @@ export function jobView(root, { match }) {
     actionError: h("div", { id: "action-error" }),
     failure: h("div"),
     lossChart: h("div", { class: "chart", id: "loss-chart" }),
+    lossDetail: h("input", { type: "checkbox", id: "loss-detail" }),
+    warnings: h("div", { id: "job-warnings" }),
+    resubmit: h("div", { id: "resubmit" }),
+    predictions: h("div", { id: "predictions" }),
     lrChart: h("div", { class: "chart", id: "lr-chart" }),
     evalChart: h("div", { class: "chart", id: "eval-chart" }),
     evalTable: h("div"),
@@ -48,6 +53,7 @@ export function jobView(root, { match }) {
   let charts = [];
   let following = false;
   let logOffset = null;
+  const imageUrls = []; // blob: URLs of the prediction images, revoked when the view goes
 
   root.replaceChildren(h("p", { class: "muted" }, "Loading the job…"));
 
@@ -58,7 +64,46 @@ export function jobView(root, { match }) {
     sizeBars(el.progress);
     el.failure.replaceChildren(job.error ? h("div", { class: "error", id: "job-error" }, h("strong", {}, `${job.state}: `), h("pre", {}, job.error)) : "");
     el.final.replaceChildren(finalMetrics(job));
+    if (job.warnings) el.warnings.replaceChildren(...job.warnings.map((w) => h("div", { class: "warning" }, w)));
     renderActions();
+  }
+
+  // A failed job whose spec was wrong only fails again on retry: edit a copy and submit it.
+  function openResubmit() {
+    const text = h("textarea", { id: "resubmit-spec", rows: 18, spellcheck: false });
+    const copy = structuredClone({ ...job.spec, name: `${job.name} (edited)` });
+    if (copy.dataset && copy.data) {
+      delete copy.data.train; // filled from the dataset at submit: named once, by `dataset`
+      delete copy.data.val;
+    }
+    text.value = JSON.stringify(copy, null, 2);
+    const problem = h("div", { id: "resubmit-error" });
+    const send = async () => {
+      problem.replaceChildren();
+      let spec;
+      try {
+        spec = JSON.parse(text.value);
+      } catch (err) {
+        problem.replaceChildren(errorBox(`Not valid JSON: ${err.message}`));
+        return;
+      }
+      try {
+        const made = await request("/v1/jobs", { method: "POST", body: spec, signal });
+        location.hash = `#/jobs/${made.id}`;
+      } catch (err) {
+        if (err.name !== "AbortError") problem.replaceChildren(errorBox(err.message));
+      }
+    };
+    el.resubmit.replaceChildren(
+      section(
+        "Edit and resubmit",
+        "resubmit-card",
+        h("p", { class: "muted" }, "A new job from this spec; the failed one stays as it is."),
+        text,
+        problem,
+        h("div", { class: "actions" }, h("button", { type: "button", class: "primary", id: "resubmit-send", onclick: send }, "Submit as a new job"), h("button", { type: "button", onclick: () => el.resubmit.replaceChildren() }, "Close")),
+      ),
+    );
   }
 
   function renderActions() {
@@ -68,13 +113,14 @@ export function jobView(root, { match }) {
     }
     if (job.state === "failed" || job.state === "cancelled") {
       buttons.push(h("button", { type: "button", class: "primary", id: "retry-job", onclick: retry }, "Retry"));
+      buttons.push(h("button", { type: "button", id: "edit-resubmit", onclick: openResubmit }, "Edit and resubmit"));
     }
     el.actions.replaceChildren(...buttons);
   }
 
   function renderSeries() {
     const [loss, lr, evals] = charts;
-    loss.set(series.iteration, series.lossColumns());
+    loss.set(series.iteration, el.lossDetail.checked ? series.lossColumns() : series.lossGroups());
     lr.set(series.iteration, [["lr", series.lr]]);
     evals.set(series.evaluations.map((e) => e.iteration), series.evaluationColumns(["AP", "AP_S"]));
     el.evalTable.replaceChildren(evaluationTable(series.evaluations));
@@ -127,6 +173,30 @@ export function jobView(root, { match }) {
   async function loadArtifacts() {
     const artifacts = await request(`/v1/jobs/${id}/artifacts`, { signal });
     el.artifacts.replaceChildren(artifactList(artifacts, { onDownload: (a) => download(a, false), onCopy: (a) => download(a, true) }));
+    if (artifacts.some((a) => a.name === "run/predictions.json") && !el.predictions.childElementCount) await loadPredictions();
+  }
+
+  // What the student detects on the first validation images (red), over their true boxes (green).
+  async function loadPredictions() {
+    const response = await request(`/v1/jobs/${id}/artifacts/run/predictions.json`, { signal, raw: true, accept: "application/octet-stream" });
+    const found = JSON.parse(await response.text());
+    const frames = [];
+    for (const image of found.images) {
+      const boxes = [...image.truth.map((b) => ({ ...b, kind: "truth" })), ...image.detections.map((b) => ({ ...b, kind: "detection" }))];
+      const { frame, url } = await boxedImage(`/v1/jobs/${id}/images/${image.image_id}`, {
+        width: image.width,
+        height: image.height,
+        boxes,
+        caption: `${image.file_name}: ${image.detections.length} detection(s), ${image.truth.length} true box(es)`,
+        signal,
+      });
+      imageUrls.push(url);
+      frames.push(frame);
+    }
+    el.predictions.replaceChildren(
+      h("p", { class: "muted" }, `Green: true boxes. Red: the student's detections scoring at least ${(100 * found.min_score).toFixed(0)}%.`),
+      h("div", { class: "samples" }, frames),
+    );
   }
 
   async function loadLog() {
@@ -153,7 +223,7 @@ export function jobView(root, { match }) {
       series.addEvaluation(data);
       renderSeries();
     } else if (event === "state" || event === "progress") {
-      job = { ...data, spec: job.spec };
+      job = { ...data, spec: job.spec, warnings: job.warnings };
       renderJob();
       if (series.addProgress(job)) renderSeries();
     }
@@ -197,19 +267,23 @@ export function jobView(root, { match }) {
       return;
     }
     el.spec.textContent = JSON.stringify(job.spec, null, 2);
+    el.lossDetail.addEventListener("change", () => renderSeries());
     root.replaceChildren(
       el.header,
       h("div", { class: "toolbar" }, el.progress, el.actions),
       el.actionError,
       el.failure,
+      el.warnings,
+      el.resubmit,
       h(
         "div",
         { class: "grid charts" },
-        section("Losses", "losses", el.lossChart),
+        section("Losses", "losses", h("label", { class: "check" }, el.lossDetail, " every term (else summed per module)"), el.lossChart),
         section("Learning rate", "lr", el.lrChart),
         section("Evaluation (%)", "evaluation", el.evalChart, el.evalTable),
         section("Final metrics", "final", el.final),
       ),
+      section("What the student detects", "predictions-card", el.predictions),
       section("Files", "files", el.artifacts),
       section("Log (tail)", "logs", el.log),
       h("details", { class: "card" }, h("summary", {}, "Spec as submitted"), el.spec),
@@ -232,5 +306,6 @@ export function jobView(root, { match }) {
     controller.abort();
     document.title = "HMKD dashboard";
     for (const chart of charts) chart.destroy();
+    imageUrls.forEach((u) => URL.revokeObjectURL(u));
   };
 }

@@ -36,6 +36,28 @@ export class JobSeries {
     return [...this.losses.keys()].sort().map((name) => [name, this.losses.get(name)]);
   }
 
+  /** The total, the detector's own terms summed, and each distillation module's terms summed
+   *  (`loss_hm_p2` + `loss_hm_p3` ... -> `hm`): a handful of lines instead of one per term. */
+  lossGroups() {
+    const groups = new Map([["total", null], ["detection", null]]);
+    for (const name of this.losses.keys()) {
+      const m = /^loss_(hm|sdm|fgd|mgd|mimic)_/.exec(name);
+      const group = m ? m[1] : "detection";
+      if (!groups.get(group)) groups.set(group, []);
+      groups.get(group).push(name);
+    }
+    groups.set("total", [...this.losses.keys()]);
+    const sum = (names) => this.iteration.map((_, i) => {
+      let total = null;
+      for (const name of names) {
+        const v = this.losses.get(name)[i];
+        if (typeof v === "number") total = (total ?? 0) + v;
+      }
+      return total;
+    });
+    return [...groups].filter(([, names]) => names && names.length).map(([group, names]) => [group, sum(names)]);
+  }
+
   evaluationColumns(metrics) {
     return metrics.map((m) => [m, this.evaluations.map((e) => (typeof e.metrics[m] === "number" ? 100 * e.metrics[m] : null))]);
   }
