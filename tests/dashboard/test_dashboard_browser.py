@@ -100,7 +100,14 @@ def test_job_page_draws_curves_and_the_database_metrics(
     page.goto(f"{live_service.url}/#/jobs/{job_id}")
     page.wait_for_selector("#final-metrics")
     page.wait_for_selector("#loss-chart canvas")
-    assert page.get_attribute("#loss-chart", "data-series") == str(len(metrics["losses"]))
+    # summed per module: total, detection, hm, sdm; every term behind a checkbox
+    assert page.get_attribute("#loss-chart", "data-series") == "4"
+    legend = page.locator("#loss-chart .u-legend .u-series").all_inner_texts()
+    assert [t.split()[0].rstrip("-") for t in legend[1:]] == ["total", "detection", "hm", "sdm"]
+    page.check("#loss-detail")
+    page.wait_for_function(
+        f"() => document.querySelector('#loss-chart').dataset.series === '{len(metrics['losses'])}'"
+    )
     assert len(metrics["losses"]) > 3  # detection and HM/SDM components
     assert page.get_attribute("#loss-chart", "data-points") == str(len(metrics["iteration"]))
     assert page.evaluate(COUNT_COLOUR, ["#loss-chart", BLUE]) > 50  # a drawn line, not a grid
@@ -121,6 +128,13 @@ def test_job_page_draws_curves_and_the_database_metrics(
     assert "100.0%" in page.inner_text("#job-progress")
     assert "training succeeded" in page.inner_text("#log")
     assert page.locator("#retry-job").count() == 0 and page.locator("#cancel-job").count() == 0
+    # the student's detections over the first validation images, their true boxes in green
+    page.wait_for_selector("#predictions figure img")
+    assert page.locator("#predictions .sample-box.truth").count() >= 1
+    loaded = "i => i.complete && i.naturalWidth > 0"
+    assert page.evaluate(
+        f"() => [...document.querySelectorAll('#predictions img')].every({loaded})"
+    )
     no_csp_or_script_errors(page)
 
 
@@ -164,6 +178,9 @@ def test_compare_overlays_two_jobs(
     # Tiny jobs score the same AP_S, so the second (red) line lies over the first.
     assert page.evaluate(COUNT_COLOUR, ["#compare-chart", RED]) > 20
     assert "metric=AP_S" in page.url and finished_jobs["hmkd"] in page.url
+    final = page.locator("#compare-final tbody tr")
+    assert final.count() == 2 and "(" in final.nth(1).inner_text()  # differences from the first
+    assert "AP_TINY" in page.inner_text("#compare-final thead").upper()
     page.select_option("#compare-metric", "AP")
     page.wait_for_function("() => document.querySelector('#compare-table th:nth-child(6)')"
                            ".textContent === 'final AP (%)'")  # fmt: skip
@@ -218,3 +235,28 @@ def test_unknown_and_foreign_jobs_are_not_found_and_network_errors_show(
     assert "Cannot reach" in page.inner_text("#banner")
     page.unroute("**/v1/**")
     page.wait_for_selector("#banner", state="hidden")  # the next refresh heals it
+
+
+def test_a_dataset_page_shows_its_sizes_and_samples_with_boxes(
+    page: Any, live_service: LiveService, finished_jobs: dict[str, str]
+) -> None:
+    splits = {
+        "train": {
+            "images": str(live_service.digits["train_images"]),
+            "annotations": str(live_service.digits["train_annotations"]),
+        }
+    }
+    with live_service.client() as c:
+        made = c.post("/v1/datasets", json={"name": "digits", **splits})
+        assert made.status_code == 201, made.text
+    sign_in(page, live_service)
+    page.goto(f"{live_service.url}/#/datasets")
+    page.click("text=digits@1")
+    page.wait_for_selector("#split-train .histogram")
+    assert "AT THE MODEL'S INPUT" in page.inner_text("#split-train .histogram").upper()
+    page.wait_for_selector("#samples figure img")
+    assert page.locator("#samples .sample-box").count() >= 1
+    page.fill("#input-size input[name=min_size]", "64")
+    page.click("#input-size button")
+    page.wait_for_function("() => location.hash.includes('min_size=64')")
+    no_csp_or_script_errors(page)

@@ -101,7 +101,7 @@ export function datasetView(root, { match, params }) {
     .then((d) => {
       body.replaceChildren(
         h("p", { class: "muted" }, `${d.source === "upload" ? `uploaded, ${bytes(d.size)}` : "server folder"} · sha256 ${d.sha256.slice(0, 16)}… · name it in a spec as `, code(`dataset: ${d.ref}`)),
-        Object.entries(d.stats).map(([name, stats]) => splitSection(name, stats)),
+        ...Object.entries(d.stats).map(([name, stats]) => splitSection(name, stats)),
       );
       return request(`/v1/datasets/${encodeURIComponent(ref)}/samples?n=6`, { signal: controller.signal });
     })

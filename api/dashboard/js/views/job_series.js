@@ -36,13 +36,14 @@ export class JobSeries {
     return [...this.losses.keys()].sort().map((name) => [name, this.losses.get(name)]);
   }
 
-  /** The total, the detector's own terms summed, and each distillation module's terms summed
-   *  (`loss_hm_p2` + `loss_hm_p3` ... -> `hm`): a handful of lines instead of one per term. */
+  /** The total, the detector's own terms summed (`student.*`), and each distillation
+   *  module's terms summed (`distill.loss_hm_p2` + `distill.loss_hm_p3` ... -> `hm`): a
+   *  handful of lines instead of one per term. */
   lossGroups() {
     const groups = new Map([["total", null], ["detection", null]]);
     for (const name of this.losses.keys()) {
-      const m = /^loss_(hm|sdm|fgd|mgd|mimic)_/.exec(name);
-      const group = m ? m[1] : "detection";
+      const m = /^distill\.loss_([a-z0-9]+)_/.exec(name);
+      const group = name.startsWith("student.") ? "detection" : m ? m[1] : name;
       if (!groups.get(group)) groups.set(group, []);
       groups.get(group).push(name);
     }

@@ -48,7 +48,7 @@ function filterForm(filters, onChange) {
     .then((names) => {
       const menu = form.querySelector("select[name=method]");
       const chosen = menu.value;
-      menu.replaceChildren(h("option", { value: "" }, "any"), names.map((o) => h("option", { value: o, selected: o === chosen }, o)));
+      menu.replaceChildren(h("option", { value: "" }, "any"), ...names.map((o) => h("option", { value: o, selected: o === chosen }, o)));
     })
     .catch(() => { methods = null; }); // tried again with the next form
   let debounce = null;
