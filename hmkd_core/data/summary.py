@@ -138,3 +138,28 @@ def check_same_categories(train: SplitSummary, val: SplitSummary, val_file: Path
             f"{val_file}: categories {theirs} differ from the training split's {ours}; "
             "both splits must list the same categories (ids and names)"
         )
+
+
+INPUT_SUFFIX = "_input"
+
+
+def input_area_ranges(
+    sizes: list[tuple[float, float]], min_size: int, max_size: int
+) -> dict[str, tuple[float, float]]:
+    """COCO's small range and the two finer ones under it, measured at the model's input:
+    `{"S_input": (0, (32/s)^2), "tiny_input": ..., "xsmall_input": ...}` in native pixels^2,
+    where s is the factor every image is resized by. Reported as AP_S_input etc. beside COCO's
+    native-size AP_S. Empty when the images are resized by different factors (COCOeval's area
+    ranges cannot vary per image)."""
+    if not sizes:
+        return {}
+    scales = [resize_scale(w, h, min_size, max_size) for w, h in sizes]
+    low, high = min(scales), max(scales)
+    if high > low * 1.01:
+        return {}
+    s = (low + high) / 2
+    return {
+        f"S{INPUT_SUFFIX}": (0.0, (32.0 / s) ** 2),
+        f"tiny{INPUT_SUFFIX}": (0.0, (8.0 / s) ** 2),
+        f"xsmall{INPUT_SUFFIX}": ((8.0 / s) ** 2, (16.0 / s) ** 2),
+    }

@@ -117,6 +117,19 @@ def write_predictions(
     return path
 
 
+def evaluation_ranges(
+    spec: TrainSpec, dataset: CocoDetectionDataset
+) -> dict[str, tuple[float, float]]:
+    """The spec's extra area ranges, plus COCO's small/tiny/xsmall at the student's input
+    size when every image of `dataset` is resized by one factor: AP_S counts boxes small at
+    native size (COCO's rule), AP_S_input those small as the detector sees them."""
+    from hmkd_core.data.summary import input_area_ranges
+
+    sizes = [(img["width"], img["height"]) for img in dataset.coco.dataset["images"]]
+    at_input = input_area_ranges(sizes, spec.student.min_size, spec.student.max_size)
+    return {**spec.eval.extra_area_ranges, **at_input}
+
+
 def evaluate_spec(
     spec: TrainSpec, out_dir: Path, reporter: Reporter | None = None
 ) -> dict[str, Any]:
@@ -139,7 +152,7 @@ def evaluate_spec(
         dataset,
         device=device,
         batch_size=spec.eval.batch_size,
-        extra_area_ranges=spec.eval.extra_area_ranges,
+        extra_area_ranges=evaluation_ranges(spec, dataset),
     )
     assert metrics is not None
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from hmkd_core.data import CocoDetectionDataset, DatasetError, collate_detection
 from hmkd_core.distill import build_distiller
 from hmkd_core.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from hmkd_core.engine.distributed import DistContext, any_true, gather_objects
-from hmkd_core.engine.evaluate import evaluate_detector
+from hmkd_core.engine.evaluate import evaluate_detector, evaluation_ranges
 from hmkd_core.engine.module import FrozenTeacher, TrainModule, check_pair
 from hmkd_core.engine.optim import build_optimizer, build_scheduler, param_groups
 from hmkd_core.engine.reporter import MultiReporter, Progress, Reporter
@@ -327,7 +327,7 @@ class Trainer:
             self.val_set,
             device=self.ctx.device,
             batch_size=self.spec.eval.batch_size,
-            extra_area_ranges=self.spec.eval.extra_area_ranges,
+            extra_area_ranges=evaluation_ranges(self.spec, self.val_set),
             ctx=self.ctx,
             predictions_path=self.out_dir / "predictions.json" if predictions else None,
         )

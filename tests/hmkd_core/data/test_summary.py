@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hmkd_core.data import DatasetError
-from hmkd_core.data.summary import resize_scale, size_bin, summarize_split
+from hmkd_core.data.summary import input_area_ranges, resize_scale, size_bin, summarize_split
 
 
 def _split(
@@ -55,3 +55,10 @@ def test_a_summary_refuses_what_the_loader_refuses(tmp_path: Path) -> None:
     (images / "a.png").unlink()
     with pytest.raises(DatasetError, match=r"a\.png not found"):
         summarize_split(images, annotations)
+
+
+def test_input_ranges_scale_cocos_small_by_the_resize_factor() -> None:
+    ranges = input_area_ranges([(640, 512)] * 3, 256, 320)  # halved
+    assert ranges["S_input"] == (0.0, 64.0**2)  # small at input: under 32 px, 64 native
+    assert ranges["xsmall_input"] == (16.0**2, 32.0**2)
+    assert input_area_ranges([(640, 512), (320, 256)], 256, 320) == {}  # two factors

@@ -26,6 +26,7 @@ def test_plain_training_writes_the_run_directory(tiny_digits: dict, tmp_path: Pa
     assert list((tmp_path / "checkpoints").glob("ckpt_*.pt"))
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert {"AP", "AP_S", "AP50", "AP75", "AP_M", "AP_L", "AR@100", "per_category"} <= set(ev)
+    assert {"AP_S_input", "AP_tiny_input", "AP_xsmall_input"} <= set(ev)  # one resize factor
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [x for x in lines if "losses" in x]
     assert [x["iteration"] for x in losses] == [1, 2, 3, 4]

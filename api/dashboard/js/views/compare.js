@@ -7,7 +7,7 @@ import { code, emptyState, errorBox, h, percent, shortId, stateBadge } from "../
 
 const METRICS = ["AP_S", "AP", "AP50", "AP75", "AP_M", "AP_L", "AR@100", "AP_tiny", "AP_xsmall", "AP_small16_32"];
 
-const FINAL = ["AP", "AP50", "AP_S", "AP_tiny", "AP_xsmall"];
+const FINAL = ["AP", "AP50", "AP_S", "AP_tiny", "AP_xsmall", "AP_S_input"];
 
 function lastEvaluation(m) {
   return m.evaluations.length ? m.evaluations[m.evaluations.length - 1].metrics : {};
