@@ -26,6 +26,7 @@ from api.schemas import (
 )
 from jobs.models import Evaluation, Job, JobState, MetricPoint, User, Worker, utcnow
 from jobs.retention import disk_by_team
+from jobs.scheduling import queued_order
 
 
 class BadCursor(ValueError):
@@ -50,23 +51,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise BadCursor(
             "cursor is not one this API handed out; pass next_cursor unchanged"
         ) from err
-
-
-def queued_order(session: Session, queues: Sequence[str]) -> dict[str, int]:
-    """Job id -> 1-based position among the queued jobs of its queue (priority, then age)."""
-    if not queues:
-        return {}
-    rows = session.execute(
-        select(Job.id, Job.queue)
-        .where(Job.state == JobState.queued.value, Job.queue.in_(set(queues)))
-        .order_by(Job.queue, Job.priority.desc(), Job.created_at, Job.id)
-    )
-    positions: dict[str, int] = {}
-    counters: dict[str, int] = {}
-    for job_id, queue in rows:
-        counters[queue] = counters.get(queue, 0) + 1
-        positions[job_id] = counters[queue]
-    return positions
 
 
 def list_jobs(

@@ -481,6 +481,70 @@ def teams_retention(
     err_console.print(escape(f"team {name}: succeeded jobs keep {kept}"))
 
 
+@teams_app.command("set")
+def teams_set(
+    name: Annotated[str, typer.Argument(help="Team name.")],
+    share: Annotated[
+        float | None, typer.Option("--share", min=0.001, help="Weight in fair share (default 1).")
+    ] = None,
+    gpu_quota: Annotated[
+        int | None, typer.Option("--gpu-quota", min=0, help="Most GPUs its jobs hold at once.")
+    ] = None,
+    no_gpu_quota: Annotated[
+        bool, typer.Option("--no-gpu-quota", help="Remove the team's GPU quota.")
+    ] = False,
+) -> None:
+    """Set a team's fair share and GPU quota: queued jobs start by each team's GPU use over its
+    share, then priority within the team."""
+    from jobs.admin import UnknownTeam, set_team
+    from jobs.migrate import DatabaseNotMigrated
+    from jobs.settings import Settings
+
+    changes: dict[str, Any] = {}
+    if share is not None:
+        changes["share"] = share
+    if gpu_quota is not None and no_gpu_quota:
+        _fail("give --gpu-quota N or --no-gpu-quota, not both")
+    if gpu_quota is not None or no_gpu_quota:
+        changes["gpu_quota"] = None if no_gpu_quota else gpu_quota
+    if not changes:
+        _fail("give --share, --gpu-quota N or --no-gpu-quota")
+    try:
+        info = set_team(Settings(), name, **changes)
+    except (UnknownTeam, DatabaseNotMigrated, ValueError) as err:
+        _fail(str(err))
+    quota = "no GPU quota" if info.gpu_quota is None else f"GPU quota {info.gpu_quota}"
+    err_console.print(escape(f"team {name}: share {info.share:g}, {quota}"))
+
+
+@teams_app.command("list")
+def teams_list() -> None:
+    """Every team with its share, quotas and the GPUs it holds now."""
+    from rich.table import Table
+
+    from jobs.admin import list_teams
+    from jobs.db import session_scope
+    from jobs.migrate import DatabaseNotMigrated, check_current
+    from jobs.settings import Settings
+
+    settings = Settings()
+    try:
+        check_current(settings.database_url)
+    except DatabaseNotMigrated as err:
+        _fail(str(err))
+    with session_scope(settings.database_url) as session:
+        teams = list_teams(session)
+    table = Table()
+    for column in ("team", "share", "GPU quota", "job cap", "GPUs held"):
+        table.add_column(column)
+    for t in teams:
+        table.add_row(
+            escape(t.name), f"{t.share:g}", "–" if t.gpu_quota is None else str(t.gpu_quota),
+            "default" if t.max_running is None else str(t.max_running), str(t.gpus_running),
+        )  # fmt: skip
+    console.print(table)
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",

@@ -1,5 +1,5 @@
 """What the admin commands do (`hmkd db upgrade`, `hmkd users create|disable`,
-`hmkd tokens create|list|revoke`, `hmkd teams limit|retention`).
+`hmkd tokens create|list|revoke`, `hmkd teams limit|retention|set|list`).
 
 They work on the database named by the settings, directly: they are run on the server by whoever
 holds its configuration, and the first user of a team deployment has no token to call the API
@@ -163,3 +163,77 @@ def set_team_retention(settings: Settings, team: str, changes: dict[str, object]
         policy = Retention.model_validate({**current.model_dump(), **given})
         row.retention = policy.model_dump()
         return policy
+
+
+@dataclass(frozen=True)
+class TeamInfo:
+    name: str
+    share: float
+    gpu_quota: int | None
+    max_running: int | None
+    gpus_running: int  # GPUs (CPU jobs as one) its live jobs hold now
+
+
+_UNSET: Any = object()
+
+
+def change_team(
+    session: Any,
+    name: str,
+    *,
+    share: float | None = None,
+    gpu_quota: int | None = _UNSET,
+    max_running: int | None = _UNSET,
+) -> TeamInfo:
+    """Set a team's fair share, GPU quota (None: none) or job cap (None: the default); what
+    is not given stays. The one implementation behind `hmkd teams set` and
+    `PUT /v1/admin/teams/{name}`. Running jobs are not stopped: a lower quota takes effect as
+    they end."""
+    from sqlalchemy import select
+
+    from jobs.models import Team
+
+    row = session.scalar(select(Team).where(Team.name == name))
+    if row is None:
+        raise UnknownTeam(f"no team {name!r}: teams are made by `hmkd users create --team`")
+    if share is not None:
+        if not 0 < share <= 1e6:
+            raise ValueError(f"share must be above 0 (and at most 1e6), got {share}")
+        row.share = float(share)
+    if gpu_quota is not _UNSET:
+        if gpu_quota is not None and gpu_quota < 0:
+            raise ValueError(f"gpu quota must be 0 or more, got {gpu_quota}")
+        row.gpu_quota = gpu_quota
+    if max_running is not _UNSET:
+        if max_running is not None and max_running < 1:
+            raise ValueError(f"max running must be at least 1, got {max_running}")
+        row.max_running = max_running
+    session.flush()
+    return team_info(session, row)
+
+
+def team_info(session: Any, row: Any) -> TeamInfo:
+    from jobs.scheduling import running_usage
+
+    return TeamInfo(
+        name=row.name,
+        share=row.share,
+        gpu_quota=row.gpu_quota,
+        max_running=row.max_running,
+        gpus_running=running_usage(session).get(row.id, 0),
+    )
+
+
+def list_teams(session: Any) -> list[TeamInfo]:
+    from sqlalchemy import select
+
+    from jobs.models import Team
+
+    return [team_info(session, row) for row in session.scalars(select(Team).order_by(Team.name))]
+
+
+def set_team(settings: Settings, name: str, **changes: Any) -> TeamInfo:
+    """`change_team` on the configured database, for `hmkd teams set`."""
+    migrate.check_current(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        return change_team(session, name, **changes)

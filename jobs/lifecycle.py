@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.db import db_clock
@@ -81,6 +81,28 @@ def _confine_data(spec: JobSpec, settings: Settings) -> None:
                 )
             except PathNotAllowed as err:
                 raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
+
+
+# A worker whose heartbeat is older than this no longer counts as serving its queues.
+WORKER_SEEN_S = 3600.0
+
+
+def _check_fits_a_worker(session: Session, queue: str, gpus: int, settings: Settings) -> None:
+    """A job asking for more GPUs than any worker of its queue has would wait forever:
+    refused at submit. A queue no worker has served recently is taken on trust (its workers
+    may not have started yet)."""
+    from jobs.scheduling import largest_worker
+
+    if gpus == 0:
+        return
+    since = db_clock(session) - timedelta(seconds=WORKER_SEEN_S)
+    largest = largest_worker(session, queue, since=since)
+    if largest is not None and gpus > largest:
+        raise InvalidJob(
+            "resources.gpus",
+            f"{gpus} GPUs, but the largest worker of queue {queue!r} has {largest}: ask for "
+            f"at most {largest}, or submit to a queue of bigger machines",
+        )
 
 
 def _check_data(spec: JobSpec) -> list[str]:
@@ -255,16 +277,19 @@ def submit_job(
         session, user, spec.student.weights, "student.weights", settings
     )
     waits = teacher_job is not None and teacher_job.state != JobState.succeeded
+    queue = (
+        spec.resources.queue
+        if "queue" in spec.resources.model_fields_set
+        else settings.default_queue
+    )
+    _check_fits_a_worker(session, queue, spec.resources.gpus, settings)
     job = Job(
         team_id=user.team_id,
         user_id=user.id,
         name=spec.name,
         kind=spec.kind,
         method=spec.distill.method,
-        # a spec that names no queue goes to this deployment's default queue
-        queue=spec.resources.queue
-        if "queue" in spec.resources.model_fields_set
-        else settings.default_queue,
+        queue=queue,  # a spec that names no queue goes to this deployment's default queue
         priority=spec.resources.priority,
         gpus=spec.resources.gpus,
         spec=spec.model_dump(mode="json"),
@@ -402,17 +427,22 @@ def claim_next(
     worker: str,
     lease_seconds: float,
     team_cap: int | None = None,
+    worker_gpus: int | None = None,
     look_ahead: int = 20,
 ) -> Job | None:
     """Take the job first in line in the queue of `job_id`, whose message was delivered.
 
     A message is a turn to run one job of its queue, not a ticket for one job: the worker takes
-    the queued job `queue_position` shows first (priority, then age). So jobs start in the order
-    shown on every broker, also kombu's SQLAlchemy transport, which has no priorities, and
-    Redis, which puts a re-published job at the back of its list. Every queued job has had a
-    message published, so there are never fewer turns than jobs; a turn left over finds nothing.
-    Jobs of a team at its cap are passed over. When nothing queued can be taken, the message's
-    own job is tried: it may be running on a lease that ran out."""
+    the queued job `queue_position` shows first (`jobs.scheduling.start_order`: fair share
+    between teams, then priority and age). So jobs start in the order shown on every broker,
+    also kombu's SQLAlchemy transport, which has no priorities, and Redis, which puts a
+    re-published job at the back of its list. Every queued job has had a message published, so
+    there are never fewer turns than jobs; a turn left over finds nothing. Jobs of a team at its
+    cap or GPU quota are passed over, and so are jobs needing more GPUs than `worker_gpus`
+    (None: any). When nothing queued can be taken, the message's own job is tried: it may be
+    running on a lease that ran out."""
+    from jobs.scheduling import start_order
+
     queue = session.scalar(select(Job.queue).where(Job.id == job_id))
     if queue is None:
         return None
@@ -421,14 +451,12 @@ def claim_next(
     # teams already at their cap are left out of the line, not merely skipped in it: a backlog
     # of theirs longer than `look_ahead` must not hide other teams' jobs
     capped = set(_teams_at_cap(session, teams, team_cap, db_clock(session)))
-    line = session.execute(
-        select(Job.id, Job.team_id)
-        .where(*waiting, Job.team_id.not_in(capped) if capped else true())
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-        .limit(look_ahead)
-    ).all()
-    for candidate, team_id in line:
-        if team_id in capped:
+    line = start_order(session, [queue], exclude_teams=capped, max_gpus=worker_gpus)[queue]
+    team_of = dict(
+        session.execute(select(Job.id, Job.team_id).where(Job.id.in_(line[:look_ahead]))).all()
+    )
+    for candidate in line[:look_ahead]:
+        if team_of[candidate] in capped:
             continue
         job = claim_job(
             session, candidate, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap
@@ -436,28 +464,40 @@ def claim_next(
         if job is not None:
             return job
         if session.scalar(select(Job.state).where(Job.id == candidate)) == JobState.queued:
-            capped.add(team_id)  # held by its team's cap: so are the team's others
+            capped.add(team_of[candidate])  # held by its team's cap: so are the team's others
+    own = session.get(Job, job_id)
+    if worker_gpus is not None and own is not None and own.gpus > worker_gpus:
+        if own.state == JobState.queued:  # its turn went to a worker too small: publish again
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.queued.value)
+                .values(dispatched=False)
+                .execution_options(synchronize_session=False)
+            )
+        return None
     return claim_job(session, job_id, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap)
 
 
 def _teams_at_cap(
     session: Session, team_ids: set[int], default: int | None, now: datetime
 ) -> dict[int, tuple[int, int]]:
-    """Of `team_ids`, the teams running as many jobs as their cap allows, each with
-    (running, cap). Without locks: `_team_at_cap` asks again under the team's lock."""
+    """Of `team_ids`, the teams that can start nothing now, each with (running, limit): those
+    running as many jobs as their cap allows, or holding all the GPUs of their quota. Without
+    locks: `_team_at_cap` asks again under the team's lock."""
     if not team_ids:
         return {}
-    caps = {
-        tid: own if own is not None else default
-        for tid, own in session.execute(
-            select(Team.id, Team.max_running).where(Team.id.in_(team_ids))
+    limits = {
+        tid: (own if own is not None else default, quota)
+        for tid, own, quota in session.execute(
+            select(Team.id, Team.max_running, Team.gpu_quota).where(Team.id.in_(team_ids))
         ).all()
     }
-    if all(cap is None for cap in caps.values()):
+    if all(cap is None and quota is None for cap, quota in limits.values()):
         return {}
-    running = dict(
-        session.execute(
-            select(Job.team_id, func.count())
+    running: dict[int, tuple[int, int]] = {
+        tid: (int(n), int(gpus or 0))
+        for tid, n, gpus in session.execute(
+            select(Job.team_id, func.count(), func.sum(Job.gpus))
             .where(
                 Job.team_id.in_(team_ids),
                 Job.state == JobState.running.value,
@@ -465,30 +505,49 @@ def _teams_at_cap(
             )
             .group_by(Job.team_id)
         ).all()
-    )
-    return {
-        tid: (running.get(tid, 0), cap)
-        for tid, cap in caps.items()
-        if cap is not None and running.get(tid, 0) >= cap
     }
+    capped = {}
+    for tid, (cap, quota) in limits.items():
+        jobs, gpus = running.get(tid, (0, 0))
+        if cap is not None and jobs >= cap:
+            capped[tid] = (jobs, cap)
+        elif quota is not None and gpus >= quota > 0:
+            capped[tid] = (gpus, quota)
+    return capped
 
 
 def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime) -> bool:
-    """Whether the job's team already runs as many jobs as it may. The team's row is locked
-    first (PostgreSQL; SQLite serialises writers anyway), so two workers claiming for one team
-    at once count one after the other. A job held back is published again by the next sweep."""
-    session.execute(select(Team.id).where(Team.id == job.team_id).with_for_update())
-    capped = _teams_at_cap(session, {job.team_id}, default, now)
-    if job.team_id not in capped:
+    """Whether the job's team already runs as many jobs as it may, or would pass its GPU
+    quota with this job. The team's row is locked first (PostgreSQL; SQLite serialises writers
+    anyway), so two workers claiming for one team at once count one after the other. A job held
+    back is published again by the next sweep."""
+    row = session.execute(
+        select(Team.max_running, Team.gpu_quota).where(Team.id == job.team_id).with_for_update()
+    ).one()
+    cap = row.max_running if row.max_running is not None else default
+    if cap is None and row.gpu_quota is None:
         return False
-    running, cap = capped[job.team_id]
+    jobs, gpus = session.execute(
+        select(func.count(), func.coalesce(func.sum(Job.gpus), 0)).where(
+            Job.team_id == job.team_id,
+            Job.state == JobState.running.value,
+            Job.lease_expires_at >= now,
+        )
+    ).one()
+    reason = None
+    if cap is not None and jobs >= cap:
+        reason = f"team runs {jobs} job(s), its cap is {cap}"
+    elif row.gpu_quota is not None and gpus + job.gpus > row.gpu_quota:
+        reason = f"team holds {gpus} GPU(s); {job.gpus} more pass its quota of {row.gpu_quota}"
+    if reason is None:
+        return False
     session.execute(  # the sweeper publishes it again; until then no message waits for it
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.queued.value)
         .values(dispatched=False)
         .execution_options(synchronize_session=False)
     )
-    add_event(session, job.id, "held", f"team runs {running} job(s), its cap is {cap}")
+    add_event(session, job.id, "held", reason)
     return True
 
 
@@ -697,20 +756,11 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """1-based position among queued jobs of its queue (priority first, then age): the order
-    in which `claim_next` starts them."""
+    """1-based position among queued jobs of its queue: the order in which `claim_next`
+    starts them (`jobs.scheduling.start_order`)."""
     if job.state != JobState.queued:
         return None
-    ahead = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.queue == job.queue,
-            Job.state == JobState.queued.value,
-            or_(
-                Job.priority > job.priority,
-                and_(Job.priority == job.priority, Job.created_at < job.created_at),
-            ),
-        )
-    )
-    return int(ahead or 0) + 1
+    from jobs.scheduling import start_order
+
+    line = start_order(session, [job.queue])[job.queue]
+    return line.index(job.id) + 1 if job.id in line else None

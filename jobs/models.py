@@ -60,6 +60,10 @@ class Team(Base):
     max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # what a succeeded job keeps of its checkpoints (a `Retention`); None: keep the default
     retention: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # fair share: the team's weight against the others' (jobs.scheduling), and the most GPUs
+    # its jobs may hold at once (None: no quota)
+    share: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    gpu_quota: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class User(Base):

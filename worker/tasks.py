@@ -11,6 +11,7 @@ the job is left to its new owner.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -55,12 +56,23 @@ OVERRUN_GRACE_S = 120.0
 def run_job(self: Any, job_id: str) -> str:
     """Run one job; returns what happened (`succeeded`, `duplicate`, `lease_lost`, ...)."""
     worker = f"{self.request.hostname or 'worker'}#{os.getpid()}"
-    return execute_job(get_settings(), job_id, worker)
+    return execute_job(get_settings(), job_id, worker, worker_gpus=_gpu_count())
 
 
-def execute_job(settings: Settings, job_id: str, worker: str) -> str:
+@functools.cache
+def _gpu_count() -> int:
+    """The GPUs this worker owns (what `hmkd worker` advertises in its heartbeat)."""
+    from worker.celery_app import list_gpus
+
+    return len(list_gpus())
+
+
+def execute_job(
+    settings: Settings, job_id: str, worker: str, worker_gpus: int | None = None
+) -> str:
     """Claim and run, as `worker`, the job first in line in the queue of `job_id` (whose
-    message was delivered; see `claim_next`); the body of the task, callable without Celery."""
+    message was delivered; see `claim_next`) that fits in `worker_gpus` GPUs (None: any); the
+    body of the task, callable without Celery."""
     with session_scope(settings.database_url) as session:
         job = claim_next(
             session,
@@ -68,6 +80,7 @@ def execute_job(settings: Settings, job_id: str, worker: str) -> str:
             worker=worker,
             lease_seconds=settings.lease_seconds,
             team_cap=settings.max_running_per_team,
+            worker_gpus=worker_gpus,
         )
         if job is None:
             state = session.scalar(select(Job.state).where(Job.id == job_id))

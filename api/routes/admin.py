@@ -1,4 +1,5 @@
-"""`/v1/admin`: revoke a token, disable a user, without SQL and without shell access.
+"""`/v1/admin`: revoke a token, disable a user, set a team's share and quotas, without SQL and
+without shell access.
 
 The same operations as `hmkd tokens revoke` and `hmkd users disable` (one implementation in
 `jobs.auth`); an administrator's token is required, and the effect is on the next request of
@@ -10,10 +11,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, status
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdminUser, SessionDep
 from api.schemas import Problem
+from jobs import admin as admin_commands
 from jobs import auth
 
 router = APIRouter(prefix="/admin", tags=["users"])
@@ -65,3 +67,51 @@ def disable_user(
     except auth.UnknownUser as err:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
     return Revoked(revoked=[r.prefix for r in auth.revoke_tokens(session, user=user)])
+
+
+class TeamPublic(BaseModel):
+    name: str
+    share: float = Field(description="Weight in fair share against the other teams.")
+    gpu_quota: int | None = Field(description="Most GPUs its jobs hold at once; null: none.")
+    max_running: int | None = Field(description="Most jobs running at once; null: default.")
+    gpus_running: int = Field(description="GPUs (CPU jobs as one) its live jobs hold now.")
+
+
+class TeamChange(BaseModel):
+    """Fields left out stay as they are; `null` clears a quota or cap."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    share: float | None = Field(None, gt=0, le=1e6)
+    gpu_quota: int | None = Field(None, ge=0, le=1_000_000)
+    max_running: int | None = Field(None, ge=1, le=1_000_000)
+
+
+@router.get(
+    "/teams", response_model=list[TeamPublic], summary="Teams and their shares", responses=_ERRORS
+)
+def get_teams(session: SessionDep, admin: AdminUser) -> list[TeamPublic]:
+    """Every team with its share, quotas and the GPUs it holds now."""
+    return [TeamPublic(**vars(t)) for t in admin_commands.list_teams(session)]
+
+
+@router.put(
+    "/teams/{name}",
+    response_model=TeamPublic,
+    summary="Set a team's share or quotas",
+    responses=_ERRORS,
+)
+def put_team(
+    session: SessionDep,
+    admin: AdminUser,
+    body: TeamChange,
+    name: Annotated[str, Path(min_length=1, max_length=100)],
+) -> TeamPublic:
+    """The same as `hmkd teams set`: share, GPU quota, job cap."""
+    given = {k: getattr(body, k) for k in body.model_fields_set}
+    if given.get("share", 1.0) is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "share cannot be null")
+    try:
+        info = admin_commands.change_team(session, name, **given)
+    except admin_commands.UnknownTeam as err:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
+    return TeamPublic(**vars(info))

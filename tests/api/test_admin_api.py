@@ -38,3 +38,22 @@ def test_admin_revokes_a_token_and_disables_a_user(
     assert client.get("/v1/jobs", headers=bearer(carol)).status_code == 401
     assert client.get(f"/v1/jobs/{job}").json()["id"] == job  # still the team's
     assert client.post("/v1/admin/users/nobody/disable").status_code == 404
+
+
+def test_admin_sets_a_teams_share_and_gpu_quota(
+    client: TestClient, other_team_user: tuple[Any, str]
+) -> None:
+    r = client.put("/v1/admin/teams/beta", json={"share": 3, "gpu_quota": 16})
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "name": "beta", "share": 3.0, "gpu_quota": 16, "max_running": None, "gpus_running": 0,
+    }  # fmt: skip
+    r = client.put("/v1/admin/teams/beta", json={"gpu_quota": None})  # cleared; share stays
+    assert r.json()["gpu_quota"] is None and r.json()["share"] == 3.0
+    assert {t["name"] for t in client.get("/v1/admin/teams").json()} == {"alpha", "beta"}
+    for bad in ({"share": 0}, {"share": None}, {"gpu_quota": -1}, {"colour": "red"}):
+        assert client.put("/v1/admin/teams/beta", json=bad).status_code == 422, bad
+    assert client.put("/v1/admin/teams/nobody", json={"share": 2}).status_code == 404
+    theirs = bearer(other_team_user[1])  # not an administrator
+    assert client.put("/v1/admin/teams/beta", json={"share": 9}, headers=theirs).status_code == 403
+    assert client.get("/v1/admin/teams", headers=theirs).status_code == 403

@@ -61,6 +61,15 @@ def test_admin_commands(empty_db_url: str, tmp_path: Path, monkeypatch: pytest.M
     res = runner.invoke(app, ["teams", "limit", "gamma"])
     assert res.exit_code == 2 and "--max-running N or --default" in res.output
 
+    res = runner.invoke(app, ["teams", "set", "gamma", "--share", "3", "--gpu-quota", "8"])
+    assert res.exit_code == 0 and "share 3, GPU quota 8" in res.output, res.output
+    res = runner.invoke(app, ["teams", "set", "gamma", "--no-gpu-quota"])
+    assert res.exit_code == 0 and "share 3, no GPU quota" in res.output
+    res = runner.invoke(app, ["teams", "set", "gamma"])
+    assert res.exit_code == 2 and "--share" in res.output
+    res = runner.invoke(app, ["teams", "list"])
+    assert res.exit_code == 0 and "gamma" in res.stdout
+
     res = runner.invoke(app, ["teams", "retention", "gamma", "--keep-latest", "3"])
     assert res.exit_code == 0 and "keep 3 checkpoint(s) and best.pt" in res.output, res.output
     res = runner.invoke(app, ["teams", "retention", "gamma", "--drop-best"])  # keeps the 3

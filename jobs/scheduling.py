@@ -1,0 +1,124 @@
+"""The order queued jobs start in: fair share between teams, priority within a team.
+
+One function, `start_order`, decides it; `claim_next` starts jobs in that order and
+`queue_position` / `queued_order` show it, so the place a user sees is the place the job has.
+
+Fair share is weighted fair queueing over GPUs. Each team has a share (`teams.share`,
+default 1). Its usage is the GPUs its jobs hold now, over every queue (a CPU job counts as one);
+the line is built by repeatedly giving the next place to the team whose usage, plus what it
+already has in the line, is smallest relative to its share, and that team's best job takes it
+(highest priority, then oldest). So two teams of equal share alternate, a 3:1 pair runs three
+GPUs to one, and a flood of one team's jobs does not stand in front of another team's first.
+A user's `priority` orders only their own team's jobs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from jobs.db import db_clock
+from jobs.models import Job, JobState, Team
+
+
+def demand(gpus: int) -> int:
+    """What a job weighs against its team's share: its GPUs, a CPU job one."""
+    return max(int(gpus or 0), 1)
+
+
+def running_usage(session: Session, now: datetime | None = None) -> dict[int, int]:
+    """GPUs (CPU jobs as one) each team's live jobs hold now, over every queue."""
+    now = now or db_clock(session)
+    usage: dict[int, int] = defaultdict(int)
+    for team_id, gpus in session.execute(
+        select(Job.team_id, Job.gpus).where(
+            Job.state == JobState.running.value, Job.lease_expires_at >= now
+        )
+    ):
+        usage[team_id] += demand(gpus)
+    return dict(usage)
+
+
+def shares(session: Session, team_ids: set[int]) -> dict[int, float]:
+    if not team_ids:
+        return {}
+    return {
+        tid: float(share) if share and share > 0 else 1.0
+        for tid, share in session.execute(
+            select(Team.id, Team.share).where(Team.id.in_(team_ids))
+        ).all()
+    }
+
+
+def start_order(
+    session: Session,
+    queues: Sequence[str],
+    *,
+    exclude_teams: set[int] | None = None,
+    max_gpus: int | None = None,
+) -> dict[str, list[str]]:
+    """Per queue, the ids of its queued jobs in the order they start.
+
+    `exclude_teams`: teams left out (at their cap or quota). `max_gpus`: only jobs a worker
+    with that many GPUs can hold (a bigger job waits for a bigger worker)."""
+    if not queues:
+        return {}
+    query = (
+        select(Job.id, Job.queue, Job.team_id, Job.gpus)
+        .where(Job.state == JobState.queued.value, Job.queue.in_(set(queues)))
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+    )
+    if exclude_teams:
+        query = query.where(Job.team_id.not_in(exclude_teams))
+    if max_gpus is not None:
+        query = query.where(Job.gpus <= max_gpus)
+    rows = session.execute(query).all()
+    if not rows:
+        return {q: [] for q in queues}
+    usage = running_usage(session)
+    weight = shares(session, {r.team_id for r in rows})
+    order: dict[str, list[str]] = {q: [] for q in queues}
+    by_queue: dict[str, dict[int, deque[tuple[str, int]]]] = defaultdict(lambda: defaultdict(deque))
+    for r in rows:  # already by priority, then age: each team's deque is its own order
+        by_queue[r.queue][r.team_id].append((r.id, r.gpus))
+    for queue, teams in by_queue.items():
+        lined = dict(usage)
+        # (usage / share, team id): the team with the least use of its share goes next
+        heap = [(lined.get(t, 0) / weight.get(t, 1.0), t) for t in teams]
+        heapq.heapify(heap)
+        line = order[queue]
+        while heap:
+            _, team = heapq.heappop(heap)
+            job_id, gpus = teams[team].popleft()
+            line.append(job_id)
+            lined[team] = lined.get(team, 0) + demand(gpus)
+            if teams[team]:
+                heapq.heappush(heap, (lined[team] / weight.get(team, 1.0), team))
+    return order
+
+
+def queued_order(session: Session, queues: Sequence[str]) -> dict[str, int]:
+    """Job id -> 1-based position among the queued jobs of its queue: `start_order`'s."""
+    positions: dict[str, int] = {}
+    for line in start_order(session, list(set(queues))).values():
+        positions.update({job_id: i + 1 for i, job_id in enumerate(line)})
+    return positions
+
+
+def largest_worker(session: Session, queue: str, *, since: datetime) -> int | None:
+    """The most GPUs one worker serving `queue` has (heartbeat after `since`); None when no
+    worker serves it (yet)."""
+    from jobs.models import Worker
+
+    found = None
+    for queues, gpus in session.execute(
+        select(Worker.queues, Worker.gpus).where(Worker.heartbeat_at >= since)
+    ):
+        if queue in (queues or []):
+            found = max(found or 0, len(gpus or []))
+    return found
