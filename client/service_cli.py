@@ -253,6 +253,14 @@ def cancel(job_id: JobArg) -> None:
 
 
 @app.command()
+def preempt(job_id: JobArg) -> None:
+    """Give a running job's worker back: it checkpoints, requeues and resumes later."""
+    with _client() as client:
+        job = _api(client.preempt, job_id)
+    console.print(f"job {job['id']} checkpoints at its next iteration and goes back to the queue")
+
+
+@app.command()
 def retry(job_id: JobArg) -> None:
     """Queue a failed or cancelled job again; it resumes from its checkpoint."""
     with _client() as client:

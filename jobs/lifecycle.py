@@ -410,6 +410,7 @@ def claim_job(
             attempt=Job.attempt + 1,
             started_at=func.coalesce(Job.started_at, now),
             error=None,
+            preempt_requested=False,
         )
         .execution_options(synchronize_session=False)
     )
@@ -655,6 +656,57 @@ def request_cancel(session: Session, job: Job) -> Job:
     session.flush()
     session.refresh(job)
     return job
+
+
+def request_preemption(session: Session, job: Job, reason: str) -> Job:
+    """Ask a running job to checkpoint at its next iteration and give its worker back; it
+    returns to the queue (`release_job`) without using one of its attempts. Used for fair
+    share, by a team freeing a worker, and by a worker shutting down."""
+    now = db_clock(session)
+    asked = session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.state == JobState.running.value,
+            Job.lease_expires_at >= now,
+            Job.cancel_requested.is_(False),
+        )
+        .values(preempt_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    if asked.rowcount != 1:
+        session.refresh(job)
+        raise Conflict(f"job {job.id} is {job.state}: only a running job can be preempted")
+    add_event(session, job.id, "preempt_requested", reason, attempt=job.attempt)
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def release_job(
+    session: Session, job_id: str, *, worker: str, attempt: int, iteration: int
+) -> bool:
+    """Put a preempted job back in the queue, resuming from the checkpoint it just wrote; its
+    attempt does not count against `max_attempts`. False when the lease was lost meanwhile."""
+    result = session.execute(
+        update(Job)
+        .where(held_by(job_id, worker, attempt))
+        .values(
+            state=JobState.queued.value,
+            dispatched=False,
+            lease_owner=None,
+            lease_expires_at=None,
+            preempt_requested=False,
+            max_attempts=Job.max_attempts + 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    add_event(
+        session, job_id, "preempted", f"checkpointed at iteration {iteration}", attempt=attempt
+    )
+    return True
 
 
 def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false as sa_false
 
 
 def utcnow() -> datetime:
@@ -117,6 +118,11 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # asked to checkpoint and give its worker back (preemption, a worker shutting down); the
+    # job returns to the queue without using one of its attempts
+    preempt_requested: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=sa_false()
+    )
 
     iteration: Mapped[int] = mapped_column(Integer, default=0)
     total_iterations: Mapped[int] = mapped_column(Integer, default=0)

@@ -122,3 +122,87 @@ def largest_worker(session: Session, queue: str, *, since: datetime) -> int | No
         if queue in (queues or []):
             found = max(found or 0, len(gpus or []))
     return found
+
+
+def preemption_victim(
+    session: Session, queue: str, *, worker_slots: int, now: datetime | None = None
+) -> tuple[str, str] | None:
+    """(job id, reason) of the running job of `queue` to preempt for fair share, or None.
+
+    Only when the queue is full (as many live jobs as `worker_slots`, the workers serving it)
+    and the job first in line belongs to a team using less of its share than the team using
+    the most of its own would after giving one job back: that team's most recently started
+    job in the queue checkpoints and yields. One preemption at a time per queue, so a
+    released worker is taken before the next is asked for."""
+    now = now or db_clock(session)
+    live = session.execute(
+        select(Job.id, Job.team_id, Job.gpus, Job.started_at, Job.preempt_requested).where(
+            Job.queue == queue,
+            Job.state == JobState.running.value,
+            Job.lease_expires_at >= now,
+        )
+    ).all()
+    if worker_slots <= 0 or len(live) < worker_slots or any(r.preempt_requested for r in live):
+        return None
+    line = start_order(session, [queue])[queue]
+    if not line:
+        return None
+    head = session.execute(select(Job.team_id, Job.gpus).where(Job.id == line[0])).one()
+    usage = running_usage(session, now)
+    weight = shares(session, {head.team_id, *(r.team_id for r in live)})
+
+    def share_of(team: int, extra: int = 0) -> float:
+        return (usage.get(team, 0) + extra) / weight.get(team, 1.0)
+
+    over = max({r.team_id for r in live}, key=lambda t: share_of(t))
+    if over == head.team_id:
+        return None
+    victims = sorted(
+        (r for r in live if r.team_id == over), key=lambda r: r.started_at, reverse=True
+    )
+    victim = victims[0]
+    if share_of(over, -demand(victim.gpus)) < share_of(head.team_id, demand(head.gpus)):
+        return None  # the swap would leave the other team further over its share
+    return (
+        victim.id,
+        f"fair share: queue {queue} is full and job {line[0]}'s team is under its share",
+    )
+
+
+def workers_serving(session: Session, queue: str, *, since: datetime) -> int:
+    """Workers (one job each) whose heartbeat after `since` says they serve `queue`."""
+    from jobs.models import Worker
+
+    return sum(
+        1
+        for (queues,) in session.execute(select(Worker.queues).where(Worker.heartbeat_at >= since))
+        if queue in (queues or [])
+    )
+
+
+def preempt_for_fair_share(
+    session: Session, queues: Sequence[str], *, heartbeat_s: float
+) -> list[str]:
+    """Ask, per full queue, the job fair share says should yield to checkpoint and requeue
+    (`preemption_victim`); returns the ids asked. What the workers' sweeper runs."""
+    from datetime import timedelta
+
+    from jobs.lifecycle import Conflict, request_preemption
+
+    now = db_clock(session)
+    since = now - timedelta(seconds=heartbeat_s)
+    asked = []
+    for queue in queues:
+        found = preemption_victim(
+            session, queue, worker_slots=workers_serving(session, queue, since=since), now=now
+        )
+        if found is None:
+            continue
+        job_id, reason = found
+        job = session.get(Job, job_id)
+        try:
+            request_preemption(session, job, reason)
+        except Conflict:
+            continue
+        asked.append(job_id)
+    return asked

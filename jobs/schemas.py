@@ -47,6 +47,7 @@ def control_text_field(data: Any, path: tuple[str, ...] = ()) -> str | None:
 
 MAX_RUNTIME_S = 30 * 24 * 3600
 MAX_RUNTIME_STOP = "ran past resources.max_runtime_s"  # the stop reason, as training reports it
+PREEMPT_STOP = "preempted"  # the stop reason of a run asked to give its worker back
 
 
 class Resources(BaseModel):

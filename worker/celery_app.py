@@ -32,6 +32,7 @@ from jobs.broker import dispatch_pending, make_celery
 from jobs.db import dispose_engines, session_scope
 from jobs.models import Job, JobState
 from jobs.retention import purge_deleted
+from jobs.scheduling import preempt_for_fair_share
 from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,11 @@ class Sweeper:
         if requeued:
             log.warning("re-queued jobs whose worker stopped renewing: %s", ", ".join(requeued))
         dispatch_pending(settings, app)
+        with session_scope(settings.database_url) as session:
+            for job_id in preempt_for_fair_share(
+                session, self.queues, heartbeat_s=3 * settings.sweep_seconds
+            ):
+                log.warning("asked job %s to yield its worker for fair share", job_id)
         if time.monotonic() - self._messages_swept >= self.STALE_MESSAGES_PERIOD_S:
             self._messages_swept = time.monotonic()
             dropped = drop_stale_messages(settings)
@@ -187,3 +193,52 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+
+
+def release_jobs_of(settings: Settings, hostname: str) -> list[str]:
+    """Ask every job this worker runs to checkpoint and come back to the queue: what a
+    deploy, `docker stop` or a spot reclaim's SIGTERM does. Celery's warm shutdown then waits
+    for the tasks, which end as soon as their training has checkpointed (seconds); a training
+    that outlives the shutdown's grace is killed, and its job resumes from its last periodic
+    checkpoint once the lease runs out."""
+    from jobs.lifecycle import Conflict, request_preemption
+
+    released = []
+    with session_scope(settings.database_url) as session:
+        for job in session.scalars(
+            select(Job).where(
+                Job.state == JobState.running.value,
+                Job.lease_owner.startswith(f"{hostname}#", autoescape=True),
+            )
+        ):
+            try:
+                request_preemption(session, job, f"worker {hostname} is shutting down")
+            except Conflict:
+                continue
+            released.append(job.id)
+    return released
+
+
+@signals.worker_shutting_down.connect
+def _release_on_shutdown(sender: Any = None, sig: str = "", how: str = "", **_: Any) -> None:
+    if how == "Cold":  # a second signal: the operator wants it gone now
+        return
+    hostname = str(sender or (_sweeper.hostname if _sweeper else "worker"))
+
+    def release() -> None:
+        for attempt in range(3):  # a busy database (SQLite's lock) gets two more tries
+            try:
+                released = release_jobs_of(get_settings(), hostname)
+                break
+            except Exception:  # the database may be what is going away
+                log.exception(
+                    "could not ask this worker's jobs to checkpoint (try %d)", attempt + 1
+                )
+                time.sleep(1.0)
+        else:
+            return
+        if released:
+            log.warning("%s (%s): jobs %s checkpoint and go back to the queue", sig, how, released)
+
+    # out of the signal handler: a database call must not run inside one
+    threading.Thread(target=release, name="hmkd-release", daemon=False).start()

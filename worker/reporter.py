@@ -34,7 +34,7 @@ from jobs.progress import (
     record_progress,
     record_start,
 )
-from jobs.schemas import MAX_RUNTIME_STOP
+from jobs.schemas import MAX_RUNTIME_STOP, PREEMPT_STOP
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 60.0  # a progress line in the job's log at least this often
@@ -243,9 +243,13 @@ class DbReporter(Reporter):
         try:
             with session_scope(self.database_url) as session:
                 row = session.execute(
-                    select(Job.cancel_requested, Job.lease_owner, Job.attempt, Job.state).where(
-                        Job.id == self.job_id
-                    )
+                    select(
+                        Job.cancel_requested,
+                        Job.preempt_requested,
+                        Job.lease_owner,
+                        Job.attempt,
+                        Job.state,
+                    ).where(Job.id == self.job_id)
                 ).one_or_none()
         except Exception as err:
             log.warning("job %s: could not read the job row: %s", self.job_id, err)
@@ -263,6 +267,8 @@ class DbReporter(Reporter):
             )
         elif row and row.cancel_requested:
             self._request_stop("cancel requested")
+        elif row and row.preempt_requested:
+            self._request_stop(f"{PREEMPT_STOP}: asked to give the worker back")
         elif self.supervisor_pid is not None and not _alive(self.supervisor_pid):
             self._request_stop(f"worker process {self.supervisor_pid} is gone")
         elif self.max_runtime_s is not None and time.time() - self.started > self.max_runtime_s:

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from jobs.artifacts import ArtifactStore
 from jobs.broker import dispatch_pending
 from jobs.db import session_scope
-from jobs.lifecycle import add_event, claim_next, finish_job, renew_lease
+from jobs.lifecycle import add_event, claim_next, finish_job, release_job, renew_lease
 from jobs.models import Artifact, Job, JobState
 from jobs.progress import (
     forget_missing_artifacts,
@@ -39,7 +39,7 @@ from jobs.progress import (
     record_start,
 )
 from jobs.retention import apply_retention
-from jobs.schemas import MAX_RUNTIME_STOP
+from jobs.schemas import MAX_RUNTIME_STOP, PREEMPT_STOP
 from jobs.settings import Settings, get_settings
 from worker.celery_app import app
 from worker.child import TrainRequest
@@ -326,6 +326,21 @@ def record_outcome(
             f"stopped {where}{result['stop']}; its last checkpoint is kept, and a retry "
             "resumes from it with a new allowance"
         )
+    elif status == "stopped" and str(result.get("stop") or "").startswith(PREEMPT_STOP):
+        _log_line(log_path, f"preempted at iteration {result.get('iteration')}: back in the queue")
+        register_artifacts(settings, job_id, job_dir, worker=worker, attempt=attempt)
+        with session_scope(settings.database_url) as session:
+            released = release_job(
+                session,
+                job_id,
+                worker=worker,
+                attempt=attempt,
+                iteration=int(result.get("iteration") or 0),
+            )
+        if not released:
+            return "lease_lost"
+        dispatch_pending(settings)
+        return "preempted"
     elif status == "stopped":  # stopped for no reason we own: leave it to the lease protocol
         _log_line(log_path, f"training stopped ({result.get('stop')}); job left running")
         return "stopped"

@@ -33,6 +33,7 @@ from jobs.lifecycle import (
     mark_dispatched,
     queue_position,
     request_cancel,
+    request_preemption,
     retry_job,
     submit_job,
 )
@@ -352,6 +353,19 @@ def get_logs(
 def cancel_job(job: VisibleJob, session: SessionDep) -> JobPublic:
     """A queued job ends at once; a running one is asked to stop and ends within seconds."""
     request_cancel(session, job)
+    return _public(session, job)
+
+
+@router.post(
+    "/{job_id}/preempt",
+    response_model=JobPublic,
+    summary="Give a running job's worker back",
+    responses={**_ERRORS, 409: {"model": Problem, "description": "Not running."}},
+)
+def preempt(job: VisibleJob, session: SessionDep, user: CurrentUser) -> JobPublic:
+    """The job checkpoints at its next iteration and goes back to the queue, where it waits its
+    turn and resumes from that checkpoint; the attempt does not count against its limit."""
+    request_preemption(session, job, f"asked by {user.name}")
     return _public(session, job)
 
 

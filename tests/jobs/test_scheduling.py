@@ -117,3 +117,56 @@ def test_a_job_no_worker_could_hold_is_refused_at_submit(
     with pytest.raises(InvalidJob, match="largest worker of queue 'default' has 8") as err:
         _submit(service_settings, user.id, resources={"gpus": 9})
     assert err.value.field == "resources.gpus"
+
+
+def test_a_preempted_job_requeues_without_using_an_attempt(
+    service_settings: Settings, admin: tuple[Any, str]
+) -> None:
+    from jobs.lifecycle import Conflict, release_job, request_preemption
+
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(service_settings.database_url) as s:
+        with pytest.raises(Conflict, match="only a running job"):
+            request_preemption(s, s.get(Job, job_id), "test")
+        job = claim_next(s, job_id, worker="w#1", lease_seconds=60)
+        budget = job.max_attempts
+        request_preemption(s, job, "to free a worker")
+        assert s.get(Job, job_id).preempt_requested
+    with session_scope(service_settings.database_url) as s:
+        assert not release_job(s, job_id, worker="w#2", attempt=1, iteration=7)  # not its lease
+        assert release_job(s, job_id, worker="w#1", attempt=1, iteration=7)
+        job = s.get(Job, job_id)
+        assert (job.state, job.attempt, job.max_attempts) == ("queued", 1, budget + 1)
+        assert not job.preempt_requested and not job.dispatched
+    with session_scope(service_settings.database_url) as s:
+        job = claim_next(s, job_id, worker="w#3", lease_seconds=60)
+        assert job.attempt == 2 and job.max_attempts - job.attempt == budget - 1
+        kinds = s.scalars(select(JobEvent.kind).where(JobEvent.job_id == job_id)).all()
+        assert "preempt_requested" in kinds and "preempted" in kinds
+
+
+def test_a_full_queue_makes_the_team_over_its_share_yield(
+    service_settings: Settings, admin: tuple[Any, str], other_team_user: tuple[Any, str]
+) -> None:
+    from jobs.scheduling import preempt_for_fair_share
+
+    a, b = admin[0], other_team_user[0]
+    with session_scope(service_settings.database_url) as s:
+        for name in ("n1", "n2"):  # two workers serve the queue: two slots
+            heartbeat_worker(s, name=name, queues=["default"], gpus=[], current_job_id=None)
+    first, second = (_submit(service_settings, a.id) for _ in range(2))
+    assert _start(service_settings, 2) == [first, second]  # A holds both slots
+    with session_scope(service_settings.database_url) as s:
+        assert preempt_for_fair_share(s, ["default"], heartbeat_s=60) == []  # nobody waits
+    theirs = _submit(service_settings, b.id)
+    with session_scope(service_settings.database_url) as s:
+        asked = preempt_for_fair_share(s, ["default"], heartbeat_s=60)
+        assert asked == [second]  # A's most recent start yields to B's first job
+        assert preempt_for_fair_share(s, ["default"], heartbeat_s=60) == []  # one at a time
+    with session_scope(service_settings.database_url) as s:
+        from jobs.lifecycle import release_job
+
+        assert release_job(s, second, worker="w", attempt=1, iteration=3)
+    assert _start(service_settings, 1) == [theirs]  # the freed slot goes to B, not back to A
+    with session_scope(service_settings.database_url) as s:  # 1 job each: no more preemption
+        assert preempt_for_fair_share(s, ["default"], heartbeat_s=60) == []

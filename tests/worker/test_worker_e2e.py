@@ -332,3 +332,75 @@ def test_a_job_that_keeps_losing_its_worker_stops_after_max_attempts(
         assert f"stopped after {job.max_attempts} attempts" in job.error
     with session_scope(url) as session:
         assert claim_job(session, expired, worker="w9#1", lease_seconds=6) is None
+
+
+def _resume_gap(settings: Settings, job_id: str) -> tuple[int, int]:
+    """(last iteration attempt 1 reported, iteration attempt 2 resumed from)."""
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(
+                MetricPoint.attempt,
+                func.min(MetricPoint.iteration),
+                func.max(MetricPoint.iteration),
+            )
+            .where(MetricPoint.job_id == job_id)
+            .group_by(MetricPoint.attempt)
+        ).all()
+    by_attempt = {attempt: (lo, hi) for attempt, lo, hi in rows}
+    return by_attempt[1][1], by_attempt[2][0] - 1
+
+
+@pytest.mark.slow
+def test_a_preempted_job_checkpoints_requeues_and_resumes_without_using_an_attempt(
+    service_settings: Settings, submit: Callable[..., str], start_worker: Callable[..., Any]
+) -> None:
+    from jobs.lifecycle import request_preemption
+
+    job_id = submit(
+        "preempted",
+        schedule={"iterations": 80},
+        checkpoint={"every": 1000},  # no periodic checkpoint: only the preemption's
+        runtime={"log_every": 1},
+        data=NO_VAL,
+    )
+    dispatch_pending(service_settings)
+    start_worker("w1")
+    wait_for(lambda: job_row(service_settings, job_id).iteration >= 3, 90, "training to run")
+    with session_scope(service_settings.database_url) as session:
+        request_preemption(session, session.get(Job, job_id), "test")
+    job = _finished(service_settings, job_id, 150)
+    assert job.state == JobState.succeeded, job.error
+    assert (job.attempt, job.max_attempts) == (2, service_settings.max_attempts + 1)
+    kinds = [k for k, _, _ in _events(service_settings, job_id)]
+    assert kinds.count("claimed") == 2 and "preempted" in kinds and "lease_expired" not in kinds
+    reached, resumed = _resume_gap(service_settings, job_id)
+    print(f"\npreempted: attempt 1 reached {reached}, attempt 2 resumed from {resumed}")
+    assert resumed >= 3 and reached - resumed <= 1  # at most one iteration lost
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_releases_the_job_for_another_worker(
+    service_settings: Settings, submit: Callable[..., str], start_worker: Callable[..., Any]
+) -> None:
+    job_id = submit(
+        "deploy",
+        schedule={"iterations": 80},
+        checkpoint={"every": 1000},
+        runtime={"log_every": 1},
+        data=NO_VAL,
+    )
+    dispatch_pending(service_settings)
+    first = start_worker("w1")
+    wait_for(lambda: job_row(service_settings, job_id).iteration >= 3, 90, "training to run")
+    os.kill(first.proc.pid, signal.SIGTERM)  # what `docker stop` sends the main process
+    first.proc.wait(timeout=60)  # a warm shutdown: it waits for the job to checkpoint and go
+    job = job_row(service_settings, job_id)
+    assert job.state == JobState.queued and job.attempt == 1, (job.state, first.log()[-3000:])
+    events = _events(service_settings, job_id)
+    assert any(k == "preempt_requested" and "shutting down" in m for k, m, _ in events)
+    start_worker("w2")
+    job = _finished(service_settings, job_id, 150)
+    assert job.state == JobState.succeeded and job.attempt == 2
+    assert job.max_attempts == service_settings.max_attempts + 1  # the release used no attempt
+    reached, resumed = _resume_gap(service_settings, job_id)
+    assert reached - resumed <= 1

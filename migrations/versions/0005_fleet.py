@@ -1,4 +1,5 @@
-"""Fair share: `teams.share` (weight, default 1) and `teams.gpu_quota` (NULL: none).
+"""The fleet: `teams.share` (fair-share weight, default 1), `teams.gpu_quota` (NULL: none)
+and `jobs.preempt_requested` (checkpoint and give the worker back).
 
 Revision ID: 0005
 Revises: 0004
@@ -22,9 +23,15 @@ def upgrade() -> None:
     with op.batch_alter_table("teams") as batch:
         batch.add_column(sa.Column("share", sa.Float(), nullable=False, server_default="1.0"))
         batch.add_column(sa.Column("gpu_quota", sa.Integer(), nullable=True))
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(
+            sa.Column("preempt_requested", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("preempt_requested")
     with op.batch_alter_table("teams") as batch:
         batch.drop_column("gpu_quota")
         batch.drop_column("share")
