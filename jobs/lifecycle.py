@@ -430,6 +430,7 @@ def claim_next(
     team_cap: int | None = None,
     worker_gpus: int | None = None,
     look_ahead: int = 20,
+    now: datetime | None = None,
 ) -> Job | None:
     """Take the job first in line in the queue of `job_id`, whose message was delivered.
 
@@ -451,8 +452,9 @@ def claim_next(
     teams = set(session.scalars(select(Job.team_id).where(*waiting).distinct()))
     # teams already at their cap are left out of the line, not merely skipped in it: a backlog
     # of theirs longer than `look_ahead` must not hide other teams' jobs
-    capped = set(_teams_at_cap(session, teams, team_cap, db_clock(session)))
-    line = start_order(session, [queue], exclude_teams=capped, max_gpus=worker_gpus)[queue]
+    now = now or db_clock(session)
+    capped = set(_teams_at_cap(session, teams, team_cap, now))
+    line = start_order(session, [queue], exclude_teams=capped, max_gpus=worker_gpus, now=now)[queue]
     team_of = dict(
         session.execute(select(Job.id, Job.team_id).where(Job.id.in_(line[:look_ahead]))).all()
     )
@@ -460,7 +462,12 @@ def claim_next(
         if team_of[candidate] in capped:
             continue
         job = claim_job(
-            session, candidate, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap
+            session,
+            candidate,
+            worker=worker,
+            lease_seconds=lease_seconds,
+            team_cap=team_cap,
+            now=now,
         )
         if job is not None:
             return job
@@ -476,7 +483,9 @@ def claim_next(
                 .execution_options(synchronize_session=False)
             )
         return None
-    return claim_job(session, job_id, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap)
+    return claim_job(
+        session, job_id, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap, now=now
+    )
 
 
 def _teams_at_cap(
@@ -617,13 +626,20 @@ def held_by(job_id: str, worker: str, attempt: int) -> ColumnElement[bool]:
 
 
 def renew_lease(
-    session: Session, job_id: str, *, worker: str, attempt: int, lease_seconds: float
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    attempt: int,
+    lease_seconds: float,
+    now: datetime | None = None,
 ) -> bool:
     """Extend the lease; False means this worker no longer owns the job and must stop."""
+    now = now or db_clock(session)
     result = session.execute(
         update(Job)
         .where(held_by(job_id, worker, attempt))
-        .values(lease_expires_at=db_clock(session) + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -658,11 +674,13 @@ def request_cancel(session: Session, job: Job) -> Job:
     return job
 
 
-def request_preemption(session: Session, job: Job, reason: str) -> Job:
+def request_preemption(
+    session: Session, job: Job, reason: str, *, now: datetime | None = None
+) -> Job:
     """Ask a running job to checkpoint at its next iteration and give its worker back; it
     returns to the queue (`release_job`) without using one of its attempts. Used for fair
     share, by a team freeing a worker, and by a worker shutting down."""
-    now = db_clock(session)
+    now = now or db_clock(session)
     asked = session.execute(
         update(Job)
         .where(

@@ -61,6 +61,7 @@ def start_order(
     *,
     exclude_teams: set[int] | None = None,
     max_gpus: int | None = None,
+    now: datetime | None = None,
 ) -> dict[str, list[str]]:
     """Per queue, the ids of its queued jobs in the order they start.
 
@@ -80,7 +81,7 @@ def start_order(
     rows = session.execute(query).all()
     if not rows:
         return {q: [] for q in queues}
-    usage = running_usage(session)
+    usage = running_usage(session, now)
     weight = shares(session, {r.team_id for r in rows})
     order: dict[str, list[str]] = {q: [] for q in queues}
     by_queue: dict[str, dict[int, deque[tuple[str, int]]]] = defaultdict(lambda: defaultdict(deque))
@@ -144,7 +145,7 @@ def preemption_victim(
     ).all()
     if worker_slots <= 0 or len(live) < worker_slots or any(r.preempt_requested for r in live):
         return None
-    line = start_order(session, [queue])[queue]
+    line = start_order(session, [queue], now=now)[queue]
     if not line:
         return None
     head = session.execute(select(Job.team_id, Job.gpus).where(Job.id == line[0])).one()
