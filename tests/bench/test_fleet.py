@@ -29,4 +29,6 @@ def test_a_small_fleet_loses_nothing_and_follows_the_shares(
     # with every team backlogged early, the 3-share team is served ahead of the 1-share ones
     waits = {team: t["wait_p50_h"] for team, t in outcome.teams.items()}
     assert waits["gamma"] < waits["beta"], (waits, hours)
+    contended = {team: t["contended_pct"] for team, t in outcome.teams.items()}
+    assert contended["gamma"] > contended["beta"], contended
     assert "| gamma | 3 (60 %) |" in render(outcome, "python -m bench.fleet")

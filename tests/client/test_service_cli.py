@@ -275,3 +275,23 @@ def test_datasets_upload_list_show_and_resume(
     assert res.exit_code == 0 and "at input" in res.stdout, res.output
     res = runner.invoke(main_app, ["datasets", "show", "nothing"])
     assert res.exit_code == 2 and "no dataset 'nothing'" in res.output
+
+
+def test_the_shipped_dataset_specs_chain_a_teacher_and_its_student(
+    cli_env: None, tiny_digits: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a new user would: upload a COCO export as `smalldigits`, then submit the shipped
+    teacher and HMKD specs as a pipeline, without a server path in either."""
+    from client.cli import app as main_app
+
+    monkeypatch.setenv("HMKD_DATA_DIR", str(tmp_path / "home"))
+    root = tiny_digits["train_annotations"].parents[1]
+    res = runner.invoke(main_app, ["datasets", "upload", "smalldigits", str(root)])
+    assert res.exit_code == 0 and "smalldigits@1" in res.stdout, res.output
+    repo = Path(__file__).resolve().parents[2] / "configs" / "service" / "dataset"
+    res = runner.invoke(app, ["submit", str(repo / "teacher.yaml"), str(repo / "hmkd.yaml"), "-q"])
+    assert res.exit_code == 0, res.output
+    teacher, student = res.stdout.split()
+    shown = json.loads(runner.invoke(app, ["status", student, "--json"]).stdout)
+    assert shown["state"] == "waiting" and shown["teacher_job_id"] == teacher
+    assert shown["spec"]["dataset"] == "smalldigits@1" and shown["method"] == "hmkd"
