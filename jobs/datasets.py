@@ -352,10 +352,20 @@ def list_datasets(session: Session, user: User) -> list[Dataset]:
 
 
 def complete_dataset(session: Session, user: User, body: Any) -> Any:
-    """A submitted spec (as JSON) naming `dataset`, with `data.train`/`data.val` filled from
+    """A submitted spec (as JSON) naming `dataset: <name>[@<version>]` (or, the same,
+    `data: dataset:<name>[@<version>]`), with `data.train`/`data.val` filled from
     that dataset and the reference pinned to its version (`name@3`), so the stored spec says
     exactly what was trained on. Giving split paths as well is refused."""
-    if not isinstance(body, dict) or not isinstance(body.get("dataset"), str):
+    if not isinstance(body, dict):
+        return body
+    data_ref = body.get("data")
+    if isinstance(data_ref, str) and data_ref.startswith("dataset:"):
+        if "dataset" in body:
+            raise InvalidJob(
+                "data", "give the dataset once: `dataset: <name>` or `data: dataset:<name>`"
+            )
+        body = {**body, "dataset": data_ref.removeprefix("dataset:"), "data": {}}
+    if not isinstance(body.get("dataset"), str):
         return body
     data = body.get("data") if isinstance(body.get("data"), dict) else {}
     given = [split for split in SPLITS if split in data]

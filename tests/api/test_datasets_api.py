@@ -108,6 +108,10 @@ def test_an_upload_resumes_at_the_servers_offset_and_becomes_a_version(
     assert job["spec"]["data"]["train"]["annotations"].endswith("train/annotations.json")
     pinned = submit(client, {**spec, "dataset": "drones@1"})
     assert "export/train" in pinned["spec"]["data"]["train"]["annotations"]
+    short = submit(client, {**spec, "data": "dataset:drones@1"})  # the same, as a reference
+    assert (
+        short["spec"]["dataset"] == "drones@1" and short["spec"]["data"] == pinned["spec"]["data"]
+    )
     both = client.post("/v1/jobs", json={**job_spec(dataset), "dataset": "drones"})
     assert both.status_code == 422 and both.json()["detail"][0]["field"] == "data.train"
     unknown = client.post("/v1/jobs", json={**spec, "dataset": "drones@7"})
