@@ -13,11 +13,13 @@ wrapping either layout is fine (what zipping a folder makes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
 import stat
 import tarfile
+import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -99,6 +101,10 @@ def write_chunk(
     """Append `data` at `offset`, which must be what the server holds so far; returns the new
     offset. A chunk sent twice (a retry after a lost answer) is refused with the offset to
     resume from, never appended twice."""
+    # the row is locked while the chunk is written, so a retried chunk racing its first
+    # delivery waits for it and then finds the offset moved on
+    session.execute(select(DatasetUpload.id).where(DatasetUpload.id == upload.id).with_for_update())
+    session.refresh(upload)
     if offset != upload.received:
         raise Conflict(
             f"upload {upload.id} holds {upload.received} bytes; send the chunk that starts "
@@ -130,21 +136,26 @@ def finish_upload(
     part = _upload_file(settings, upload.id)
     digest = _sha256(part)
     target = _store(settings) / digest
-    if not target.is_dir():
-        scratch = _store(settings) / ".unpacking" / upload.id
-        shutil.rmtree(scratch, ignore_errors=True)
+    if target.is_dir():  # the same archive, checked and kept before (only checked ones are)
+        splits = _layout(target)
+    else:
+        # unpacked and checked in a folder of its own, moved into the store only once good:
+        # a refused archive leaves nothing behind, and two uploads never share a scratch folder
+        scratch = _store(settings) / ".unpacking" / uuid.uuid4().hex
         scratch.mkdir(parents=True)
         try:
-            _unpack(part, scratch, settings.max_dataset_bytes)
-        except ArchiveError as err:
+            try:
+                _unpack(part, scratch, settings.max_dataset_bytes)
+            except ArchiveError as err:
+                raise InvalidJob("archive", str(err)) from None
+            splits = _layout(scratch)
+            _create(session, user, upload.name, digest, "upload", splits, scratch, dry_run=True)
+            with contextlib.suppress(OSError):  # the same archive, stored meanwhile
+                scratch.rename(target)
+        finally:
             shutil.rmtree(scratch, ignore_errors=True)
-            raise InvalidJob("archive", str(err)) from None
-        try:
-            scratch.rename(target)
-        except OSError:  # the same archive, unpacked meanwhile by another upload
-            shutil.rmtree(scratch, ignore_errors=True)
-    splits = _layout(target)
     dataset = _create(session, user, upload.name, digest, "upload", splits, target)
+    assert dataset is not None
     session.delete(upload)
     session.flush()
     part.unlink(missing_ok=True)
@@ -166,34 +177,62 @@ def _member_path(name: str) -> PurePosixPath:
     return pure
 
 
+# A tar member's extended (PAX) header, which tarfile keeps in memory, is capped at this.
+MAX_HEADER_BYTES = 64 * 1024
+
+
 def _unpack(archive: Path, dest: Path, max_bytes: int) -> None:
     """Unpack a zip or tar (plain, gz, bz2, xz) into `dest`: regular files and folders only,
-    nothing outside `dest`, at most `max_bytes` unpacked."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            infos = z.infolist()
-            _check_totals(len(infos), sum(i.file_size for i in infos), max_bytes)
-            for info in infos:
-                _member_path(info.filename)
-                kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded
-                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                    raise ArchiveError(f"archive entry {info.filename!r} is not a file or folder")
-            try:
-                z.extractall(dest)
-            except (zipfile.BadZipFile, OSError, ValueError) as err:
-                raise ArchiveError(f"the zip archive cannot be unpacked: {err}") from None
-        return
+    nothing outside `dest`, at most `max_bytes` unpacked. A tar is read member by member and
+    checked as it goes, so a hostile archive cannot make the server hold its headers in
+    memory. Whatever goes wrong is an ArchiveError."""
     try:
-        with tarfile.open(archive) as t:
-            members = t.getmembers()
-            _check_totals(len(members), sum(m.size for m in members), max_bytes)
-            for m in members:
-                _member_path(m.name)
-                if not (m.isfile() or m.isdir()):
-                    raise ArchiveError(f"archive entry {m.name!r} is not a file or folder")
-            t.extractall(dest, filter="data")
+        if zipfile.is_zipfile(archive):
+            _unzip(archive, dest, max_bytes)
+        else:
+            _untar(archive, dest, max_bytes)
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        # a name that is not UTF-8 raises UnicodeDecodeError, a ValueError; the server's own
+        # folders are left out of what the user reads
+        text = str(err).replace(f"{dest}/", "").replace(str(dest), ".")
+        raise ArchiveError(
+            f"the archive cannot be unpacked: {type(err).__name__}: {text}"
+        ) from None
+
+
+def _unzip(archive: Path, dest: Path, max_bytes: int) -> None:
+    with zipfile.ZipFile(archive) as z:
+        infos = z.infolist()
+        _check_totals(len(infos), sum(i.file_size for i in infos), max_bytes)
+        for info in infos:
+            _member_path(info.filename)
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise ArchiveError(f"archive entry {info.filename!r} is not a file or folder")
+        z.extractall(dest)
+
+
+def _untar(archive: Path, dest: Path, max_bytes: int) -> None:
+    try:
+        tar = tarfile.open(archive)  # noqa: SIM115 - closed by the `with tar` below
     except tarfile.TarError as err:
         raise ArchiveError(f"not a zip or tar archive ({err})") from None
+    members, unpacked = 0, 0
+    with tar:
+        while (member := tar.next()) is not None:
+            members += 1
+            unpacked += member.size
+            _check_totals(members, unpacked, max_bytes)
+            headers = sum(len(k) + len(v) for k, v in member.pax_headers.items())
+            if headers > MAX_HEADER_BYTES:
+                raise ArchiveError(f"archive entry {member.name!r} has {headers} bytes of headers")
+            _member_path(member.name)
+            if not (member.isfile() or member.isdir()):
+                raise ArchiveError(f"archive entry {member.name!r} is not a file or folder")
+            tar.extract(member, dest, filter="data")
+            tar.members.clear()  # extracted: nothing later refers back to it (links are refused)
 
 
 def _check_totals(members: int, unpacked: int, max_bytes: int) -> None:
@@ -260,7 +299,9 @@ def register_path(
     digest = hashlib.sha256()
     for split in sorted(absolute):
         digest.update(Path(absolute[split]["annotations"]).read_bytes())
-    return _create(session, user, name, digest.hexdigest(), "path", absolute, None)
+    dataset = _create(session, user, name, digest.hexdigest(), "path", absolute, None)
+    assert dataset is not None
+    return dataset
 
 
 def _create(
@@ -271,8 +312,11 @@ def _create(
     source: str,
     splits: dict[str, dict[str, str]],
     root: Path | None,
-) -> Dataset:
-    """Check the splits as the loader does, then insert the next version of `name`."""
+    *,
+    dry_run: bool = False,
+) -> Dataset | None:
+    """Check the splits as the loader does, then insert the next version of `name` (with
+    `dry_run`, only check: InvalidJob naming the split and the entry, else None)."""
     summaries = {}
     for split, paths in splits.items():
         images = root / paths["images"] if root else Path(paths["images"])
@@ -288,6 +332,8 @@ def _create(
             )
         except DatasetError as err:
             raise InvalidJob("val", str(err)) from None
+    if dry_run:
+        return None
     latest = session.scalar(
         select(func.max(Dataset.version)).where(
             Dataset.team_id == user.team_id, Dataset.name == name

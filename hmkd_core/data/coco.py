@@ -76,6 +76,8 @@ def read_annotation_file(path: Path | str) -> dict[str, Any]:
             f"{path}: not valid JSON at line {err.lineno} column {err.colno} (char {err.pos}): "
             f"{err.msg}; fix the file or regenerate it"
         ) from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to be a COCO file") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO annotation file is a JSON object at the top level")
     for key in ("images", "annotations", "categories"):
@@ -88,6 +90,13 @@ def read_annotation_file(path: Path | str) -> dict[str, Any]:
     for image in images.values():
         _check_image_entry(image, path)
     categories = _index_by_id(data["categories"], "category", path)
+    for category in categories.values():
+        name = category.get("name", "")
+        if not isinstance(name, str) or not _plain_text(name):
+            raise DatasetError(
+                f"{path}: category id {category['id']}: 'name' must be text without control "
+                "or unencodable characters"
+            )
     annotation_ids: set[int] = set()
     for position, ann in enumerate(data["annotations"]):
         _check_annotation(ann, position, images, categories, path)
@@ -116,10 +125,32 @@ def _index_by_id(entries: list[Any], kind: str, path: Path) -> dict[int, dict[st
     return by_id
 
 
+def _plain_text(value: str) -> bool:
+    """Text a name may be: encodable (no lone surrogates from a `\\udcff` escape) and free of
+    control characters, which no file or class name needs and a database may refuse."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number that is a finite float (an integer of 400 digits is not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _check_image_entry(image: dict[str, Any], path: Path) -> None:
     where = f"{path}: image id {image['id']}"
     if not isinstance(image.get("file_name"), str) or not image["file_name"]:
         raise DatasetError(f"{where}: needs a 'file_name' string")
+    if not _plain_text(image["file_name"]):
+        raise DatasetError(f"{where}: 'file_name' holds control or unencodable characters")
     for key in ("width", "height"):
         if not _is_int(image.get(key)) or image[key] <= 0:
             raise DatasetError(
@@ -151,9 +182,11 @@ def _check_annotation(
     if (
         not isinstance(bbox, list)
         or len(bbox) != 4
-        or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+        or not all(_finite(v) for v in bbox)
     ):
         raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    if "area" in ann and (not _finite(ann["area"]) or ann["area"] < 0):
+        raise DatasetError(f"{where}: 'area' must be a finite number >= 0, got {ann['area']!r}")
     if ann.get("iscrowd", 0) not in (0, 1):
         raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
 

@@ -132,10 +132,69 @@ def _tar_with_link() -> bytes:
     return buffer.getvalue()
 
 
+def _tar(entries: list[tuple[str, bytes | None, dict[str, str]]], mode: str = "w:gz") -> bytes:
+    """A tar of (name, data or None for a folder, PAX headers) entries."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode, format=tarfile.PAX_FORMAT) as t:
+        for name, data, headers in entries:
+            info = tarfile.TarInfo(name)
+            info.pax_headers = headers
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _coco_with(**changes: Any) -> dict[str, bytes]:
+    coco = _coco(1)
+    for key, value in changes.items():
+        coco[key] = value
+    return {"annotations.json": json.dumps(coco).encode(), "images/1.png": b"png"}
+
+
 @pytest.mark.parametrize(
     ("archive", "field", "words"),
     [
         (_zip({"../evil.json": b"{}"}), "archive", "leads outside the archive"),
+        (_zip(_files())[:-40], "archive", "not a zip or tar archive"),
+        (_tar([("a", b"x", {}), ("a/b", b"y", {})])[:-10], "archive", "cannot be unpacked"),
+        (_tar([("a", None, {"comment": "x" * 200_000})]), "archive", "bytes of headers"),
+        (
+            _zip(_coco_with(categories=[{"id": 1, "name": "\udcff"}, {"id": 2, "name": "car"}])),
+            "train",
+            "unencodable",
+        ),
+        (
+            _zip(
+                _coco_with(
+                    annotations=[
+                        {
+                            "id": 1,
+                            "image_id": 1,
+                            "category_id": 1,
+                            "bbox": [1, 1, 2, 2],
+                            "area": "big",
+                        }
+                    ]
+                )
+            ),
+            "train",
+            "'area' must be a finite number",
+        ),
+        (
+            _zip(
+                _coco_with(
+                    annotations=[
+                        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10**400, 2]}
+                    ]
+                )
+            ),
+            "train",
+            "4 finite numbers",
+        ),
         (_tar_with_link(), "archive", "is not a file or folder"),
         (_zip({"readme.txt": b"hi"}), "archive", "found no train/annotations.json"),
         (_zip(_files(missing=True)), "train", "train/images/gone.png not found"),
@@ -151,7 +210,11 @@ def test_an_archive_that_cannot_be_a_dataset_is_refused_naming_the_entry(
     assert error["field"] == field and words in error["msg"], error
     assert str(service_settings.data_dir) not in error["msg"]  # no server paths
     assert client.get("/v1/datasets").json() == []
-    assert not (Path("/etc/passwd").is_symlink())
+    store = service_settings.dataset_store
+    assert (
+        store is not None and [p.name for p in store.iterdir() if not p.name.startswith(".")] == []
+    )
+    assert not list((store / ".unpacking").glob("*"))  # a refused archive leaves nothing
 
 
 def test_uploads_are_bounded(client: TestClient, service_settings: Settings) -> None:
