@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 from hmkd_core.data.coco import DatasetError
 from hmkd_core.data.summary import SplitSummary, check_same_categories, summarize_split
@@ -79,3 +80,21 @@ def check_data(spec: TrainSpec) -> list[str]:
         except DatasetError as err:
             raise DataFieldError("data.val.annotations", str(err)) from None
     return [w for split, s in summaries.items() for w in s.warnings(split)]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_annotations(path: str, _stamp: tuple[int, int]) -> dict[str, Any]:
+    from hmkd_core.data import read_annotation_file
+
+    data = read_annotation_file(path)
+    return {
+        "images": {img["id"]: img for img in data["images"]},
+        "categories": {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]},
+        "annotations": data["annotations"],
+    }
+
+
+def annotations_of(path: Path | str) -> dict[str, Any]:
+    """A split's annotation file, parsed once until it changes, indexed for the API's image
+    and sample routes: `images` by id, `categories` id -> name, `annotations` as listed."""
+    return _cached_annotations(str(path), _stamp(Path(path)))

@@ -273,6 +273,7 @@ def submit_job(
         )
         if (teacher_ref := spec.teacher_job_id()) is not None:
             teacher_job = _job_by_prefix(session, user, teacher_ref, "teacher.weights")
+            _lock_state(session, teacher_job)
     resolved.student.weights = _resolve_weights(
         session, user, spec.student.weights, "student.weights", settings
     )
@@ -283,6 +284,13 @@ def submit_job(
         else settings.default_queue
     )
     _check_fits_a_worker(session, queue, spec.resources.gpus, settings)
+    quota = session.scalar(select(Team.gpu_quota).where(Team.id == user.team_id))
+    if quota is not None and spec.resources.gpus > quota:
+        raise InvalidJob(
+            "resources.gpus",
+            f"{spec.resources.gpus} GPUs, but your team's GPU quota is {quota}: it could never "
+            "start; ask for fewer, or ask an administrator for a larger quota",
+        )
     job = Job(
         team_id=user.team_id,
         user_id=user.id,
@@ -309,6 +317,33 @@ def submit_job(
         assert teacher_job is not None
         add_event(session, job.id, "waiting", f"for teacher job {teacher_job.id} to succeed")
     return job, True
+
+
+def _lock_state(session: Session, job: Job) -> None:
+    """Lock the job's row and read its state afresh: a job about to wait for it must not miss
+    its end. The end's transaction updates this row first, so either it has committed (and
+    the state read here is final) or it waits for this transaction, and its
+    `settle_dependents` then sees the new waiting job."""
+    state = session.scalar(select(Job.state).where(Job.id == job.id).with_for_update())
+    if state is not None and state != job.state:
+        session.refresh(job)
+
+
+def settle_waiting(session: Session) -> list[str]:
+    """Settle the waiting jobs whose teacher has already ended (what the teacher's end does;
+    the workers' sweeper runs this as a safety net); returns their ids."""
+    teacher = Job.__table__.alias("teacher")
+    stuck = session.execute(
+        select(Job.id, Job.teacher_job_id)
+        .join(teacher, teacher.c.id == Job.teacher_job_id)
+        .where(
+            Job.state == JobState.waiting.value,
+            teacher.c.state.in_([s.value for s in TERMINAL]),
+        )
+    ).all()
+    for _, teacher_id in stuck:
+        settle_dependents(session, teacher_id)
+    return [job_id for job_id, _ in stuck]
 
 
 def settle_dependents(session: Session, job_id: str) -> None:
@@ -706,6 +741,16 @@ def release_job(
 ) -> bool:
     """Put a preempted job back in the queue, resuming from the checkpoint it just wrote; its
     attempt does not count against `max_attempts`. False when the lease was lost meanwhile."""
+    cancelled = session.execute(  # a cancel that came meanwhile wins: nothing to requeue
+        update(Job)
+        .where(held_by(job_id, worker, attempt), Job.cancel_requested.is_(True))
+        .values(**_ended(JobState.cancelled, utcnow(), preempt_requested=False))
+        .execution_options(synchronize_session=False)
+    )
+    if cancelled.rowcount == 1:
+        add_event(session, job_id, "cancelled", "while it checkpointed", attempt=attempt)
+        settle_dependents(session, job_id)
+        return True
     result = session.execute(
         update(Job)
         .where(held_by(job_id, worker, attempt))
@@ -733,6 +778,8 @@ def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:
     if job.state not in (JobState.failed, JobState.cancelled):
         raise Conflict(f"job {job.id} is {job.state}; only failed or cancelled jobs can be retried")
     teacher = session.get(Job, job.teacher_job_id) if job.teacher_job_id else None
+    if teacher is not None:
+        _lock_state(session, teacher)
     if teacher is not None and teacher.state in (JobState.failed, JobState.cancelled):
         raise Conflict(
             f"job {job.id}'s teacher job {teacher.id} is {teacher.state}: retry the teacher "

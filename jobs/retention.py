@@ -84,7 +84,8 @@ def apply_retention(session: Session, store: ArtifactStore, job: Job) -> list[st
 def _users_of(session: Session, job: Job, store: ArtifactStore) -> list[str]:
     """Ids of the jobs not yet ended that will read files of `job` (its student as their
     teacher, or as weights to start from or evaluate)."""
-    folder = str(store.job_dir(job.id).resolve())
+    # the folder as stored in specs (unresolved) and as it resolves: either may be written
+    folders = {str(store.job_dir(job.id)), str(store.job_dir(job.id).resolve())}
     live = session.execute(
         select(Job.id, Job.teacher_job_id, Job.resolved_spec).where(
             Job.team_id == job.team_id, Job.state.not_in([s.value for s in TERMINAL])
@@ -96,14 +97,22 @@ def _users_of(session: Session, job: Job, store: ArtifactStore) -> list[str]:
             str(((resolved or {}).get(model) or {}).get("weights") or "")
             for model in ("teacher", "student")
         ]
-        if teacher_id == job.id or any(p.startswith(folder + "/") for p in paths):
+        if teacher_id == job.id or any(p.startswith(f + "/") for p in paths for f in folders):
             users.append(job_id)
     return users
+
+
+def _lock(session: Session, job: Job) -> None:
+    """Lock the job's row and read its state afresh, so a retry (or a claim after one) cannot
+    slip in between the check that the job has ended and the deletion."""
+    session.execute(select(Job.id).where(Job.id == job.id).with_for_update())
+    session.refresh(job)
 
 
 def delete_job(session: Session, store: ArtifactStore, job: Job) -> int:
     """Delete an ended job: its files, rows, events and metrics; returns the bytes freed.
     Conflict while it may still run, or while a job not yet ended will read its files."""
+    _lock(session, job)
     if job.state not in TERMINAL:
         raise Conflict(f"job {job.id} is {job.state}: cancel it first, then delete it")
     users = _users_of(session, job, store)
@@ -145,6 +154,7 @@ def delete_job(session: Session, store: ArtifactStore, job: Job) -> int:
 def delete_artifact(session: Session, store: ArtifactStore, job: Job, name: str) -> int:
     """Delete one file of an ended job (a checkpoint no longer wanted, say); returns its size.
     Conflict while the job may still write it."""
+    _lock(session, job)
     if job.state not in TERMINAL:
         raise Conflict(f"job {job.id} is {job.state}: its files change until it ends")
     path = store.resolve(job.id, name)

@@ -137,7 +137,9 @@ def preemption_victim(
     released worker is taken before the next is asked for."""
     now = now or db_clock(session)
     live = session.execute(
-        select(Job.id, Job.team_id, Job.gpus, Job.started_at, Job.preempt_requested).where(
+        select(
+            Job.id, Job.team_id, Job.gpus, Job.started_at, Job.preempt_requested, Job.lease_owner
+        ).where(
             Job.queue == queue,
             Job.state == JobState.running.value,
             Job.lease_expires_at >= now,
@@ -158,9 +160,21 @@ def preemption_victim(
     over = max({r.team_id for r in live}, key=lambda t: share_of(t))
     if over == head.team_id:
         return None
+    # only a job whose worker can then take the head job: freeing one that cannot would
+    # hand the worker straight back to its own team, and preempt it again next sweep
+    room = _worker_gpus(session)
     victims = sorted(
-        (r for r in live if r.team_id == over), key=lambda r: r.started_at, reverse=True
+        (
+            r
+            for r in live
+            if r.team_id == over
+            and room.get(str(r.lease_owner or "").split("#")[0], -1) >= head.gpus
+        ),
+        key=lambda r: r.started_at,
+        reverse=True,
     )
+    if not victims:
+        return None
     victim = victims[0]
     if share_of(over, -demand(victim.gpus)) < share_of(head.team_id, demand(head.gpus)):
         return None  # the swap would leave the other team further over its share
@@ -168,6 +182,14 @@ def preemption_victim(
         victim.id,
         f"fair share: queue {queue} is full and job {line[0]}'s team is under its share",
     )
+
+
+def _worker_gpus(session: Session) -> dict[str, int]:
+    from jobs.models import Worker
+
+    return {
+        name: len(gpus or []) for name, gpus in session.execute(select(Worker.name, Worker.gpus))
+    }
 
 
 def workers_serving(session: Session, queue: str, *, since: datetime) -> int:

@@ -30,6 +30,7 @@ from sqlalchemy import select
 from jobs.artifacts import ArtifactStore
 from jobs.broker import dispatch_pending, make_celery
 from jobs.db import dispose_engines, session_scope
+from jobs.lifecycle import settle_waiting
 from jobs.models import Job, JobState
 from jobs.retention import purge_deleted
 from jobs.scheduling import preempt_for_fair_share
@@ -144,6 +145,8 @@ class Sweeper:
             log.warning("re-queued jobs whose worker stopped renewing: %s", ", ".join(requeued))
         dispatch_pending(settings, app)
         with session_scope(settings.database_url) as session:
+            for job_id in settle_waiting(session):
+                log.warning("job %s waited for a teacher that had ended: settled now", job_id)
             for job_id in preempt_for_fair_share(
                 session, self.queues, heartbeat_s=3 * settings.sweep_seconds
             ):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
 from api.schemas import Problem
 from jobs import datasets
-from jobs.data_check import summary_of
+from jobs.data_check import annotations_of, summary_of
 from jobs.lifecycle import InvalidJob, NotFound
 from jobs.models import Dataset
 
@@ -252,17 +252,15 @@ def samples(
     n: Annotated[int, Query(ge=1, le=24)] = 6,
 ) -> list[Sample]:
     """The first `n` images with boxes, each with its boxes and their categories."""
-    from hmkd_core.data import read_annotation_file
-
     paths = _split(_get(session, user, ref), split)
-    data = read_annotation_file(paths["annotations"])
-    names = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]}
+    data = annotations_of(paths["annotations"])
+    names = data["categories"]
     boxes: dict[int, list[SampleBox]] = {}
     for ann in data["annotations"]:
         boxes.setdefault(ann["image_id"], []).append(
             SampleBox(bbox=[float(v) for v in ann["bbox"]], category=names[ann["category_id"]])
         )
-    chosen = [img for img in sorted(data["images"], key=lambda i: i["id"]) if img["id"] in boxes]
+    chosen = [data["images"][i] for i in sorted(data["images"]) if i in boxes]
     return [
         Sample(
             image_id=img["id"],
@@ -295,11 +293,12 @@ def image(
 def image_response(paths: dict[str, str], image_id: int, split: str) -> FileResponse:
     """Image `image_id` of a split (its `images` folder and `annotations` file), looked up in
     the annotations and kept inside the folder the way the loader keeps it."""
-    from hmkd_core.data import read_annotation_file
     from hmkd_core.data.coco import DatasetError, image_path
 
-    data = read_annotation_file(paths["annotations"])
-    entry = next((img for img in data["images"] if img["id"] == image_id), None)
+    try:
+        entry = annotations_of(paths["annotations"])["images"].get(image_id)
+    except DatasetError as err:  # the file changed on disk since it was checked
+        raise NotFound(str(err)) from None
     if entry is None:
         raise NotFound(f"no image {image_id} in the {split} split")
     try:

@@ -179,11 +179,7 @@ def _check_annotation(
             f"known ids: {sorted(categories)}"
         )
     bbox = ann.get("bbox")
-    if (
-        not isinstance(bbox, list)
-        or len(bbox) != 4
-        or not all(_finite(v) for v in bbox)
-    ):
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_finite(v) for v in bbox):
         raise DatasetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
     if "area" in ann and (not _finite(ann["area"]) or ann["area"] < 0):
         raise DatasetError(f"{where}: 'area' must be a finite number >= 0, got {ann['area']!r}")

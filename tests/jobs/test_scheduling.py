@@ -155,7 +155,9 @@ def test_a_full_queue_makes_the_team_over_its_share_yield(
         for name in ("n1", "n2"):  # two workers serve the queue: two slots
             heartbeat_worker(s, name=name, queues=["default"], gpus=[], current_job_id=None)
     first, second = (_submit(service_settings, a.id) for _ in range(2))
-    assert _start(service_settings, 2) == [first, second]  # A holds both slots
+    for job_id, node in ((first, "n1"), (second, "n2")):  # A holds both slots
+        with session_scope(service_settings.database_url) as s:
+            assert claim_next(s, job_id, worker=f"{node}#1", lease_seconds=600).id == job_id
     with session_scope(service_settings.database_url) as s:
         assert preempt_for_fair_share(s, ["default"], heartbeat_s=60) == []  # nobody waits
     theirs = _submit(service_settings, b.id)
@@ -166,7 +168,45 @@ def test_a_full_queue_makes_the_team_over_its_share_yield(
     with session_scope(service_settings.database_url) as s:
         from jobs.lifecycle import release_job
 
-        assert release_job(s, second, worker="w", attempt=1, iteration=3)
+        assert release_job(s, second, worker="n2#1", attempt=1, iteration=3)
     assert _start(service_settings, 1) == [theirs]  # the freed slot goes to B, not back to A
     with session_scope(service_settings.database_url) as s:  # 1 job each: no more preemption
         assert preempt_for_fair_share(s, ["default"], heartbeat_s=60) == []
+
+
+def test_a_cancel_during_the_release_ends_the_job_and_a_job_over_the_quota_is_refused(
+    service_settings: Settings, admin: tuple[Any, str]
+) -> None:
+    from jobs.lifecycle import release_job, request_cancel, request_preemption
+
+    job_id = _submit(service_settings, admin[0].id)
+    with session_scope(service_settings.database_url) as s:
+        job = claim_next(s, job_id, worker="w#1", lease_seconds=60)
+        request_preemption(s, job, "test")
+        request_cancel(s, job)  # asked to stop while it checkpoints to yield
+    with session_scope(service_settings.database_url) as s:
+        assert release_job(s, job_id, worker="w#1", attempt=1, iteration=4)
+        assert s.get(Job, job_id).state == "cancelled"  # not requeued, never to run
+    with session_scope(service_settings.database_url) as s:
+        admin_commands.change_team(s, admin[0].team.name, gpu_quota=2)
+    with pytest.raises(InvalidJob, match="GPU quota is 2") as err:
+        _submit(service_settings, admin[0].id, resources={"gpus": 4})
+    assert err.value.field == "resources.gpus"
+
+
+def test_the_sweepers_safety_net_settles_a_job_that_missed_its_teachers_end(
+    service_settings: Settings, admin: tuple[Any, str]
+) -> None:
+    from jobs.lifecycle import settle_waiting
+
+    teacher = _submit(service_settings, admin[0].id)
+    distill = {"kind": "distill", "distill": {"method": "mimic"}}
+    student = _submit(
+        service_settings, admin[0].id, teacher={"weights": f"job:{teacher}"}, **distill
+    )
+    with session_scope(service_settings.database_url) as s:  # the teacher ends behind its back
+        s.get(Job, teacher).state = "succeeded"
+    with session_scope(service_settings.database_url) as s:
+        assert settle_waiting(s) == [student]
+        assert s.get(Job, student).state == "queued"
+        assert settle_waiting(s) == []
