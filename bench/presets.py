@@ -38,6 +38,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "hmkd: HM only": {"method": "hmkd", "hmkd": {"sdm": {"enabled": False}}},
     "hmkd: SDM only": {"method": "hmkd", "hmkd": {"hm": {"enabled": False}}},
     "hmkd: student query": {"method": "hmkd", "hmkd": {"hm": {"query_source": "student"}}},
+    # HM without SDM (the SDM-off ablation was the least harmful on HIT-UAV), deep query
+    "hmkd: HM only, deep query": {
+        "method": "hmkd",
+        "hmkd": {"sdm": {"enabled": False}, "hm": {"query_levels": "deep"}},
+    },
 }
 
 
