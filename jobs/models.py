@@ -200,6 +200,8 @@ class Worker(Base):
     queues: Mapped[list[Any]] = mapped_column(JSON)
     gpus: Mapped[list[Any]] = mapped_column(JSON)  # [{"index": 0, "name": "..."}]
     current_job_id: Mapped[str | None] = mapped_column(String(32))
+    # shutting down: it finishes (or releases) what it runs and starts nothing new
+    draining: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from jobs.artifacts import ArtifactStore
 from jobs.broker import dispatch_pending, make_celery
 from jobs.db import dispose_engines, session_scope
 from jobs.lifecycle import settle_waiting
-from jobs.models import Job, JobState
+from jobs.models import Job, JobState, Worker
 from jobs.retention import purge_deleted
 from jobs.scheduling import preempt_for_fair_share
 from jobs.settings import Settings, get_settings
@@ -188,6 +188,8 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "worker"
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
     _sweeper = Sweeper(hostname, queues)
+    with session_scope(get_settings().database_url) as session:  # a restart under its name
+        session.execute(update(Worker).where(Worker.name == hostname).values(draining=False))
     _sweeper.start()
     log.info("sweeper started for %s on queues %s (GPUs: %s)", hostname, queues, _sweeper.gpus)
 
@@ -205,9 +207,14 @@ def release_jobs_of(settings: Settings, hostname: str) -> list[str]:
     that outlives the shutdown's grace is killed, and its job resumes from its last periodic
     checkpoint once the lease runs out."""
     from jobs.lifecycle import Conflict, request_preemption
+    from jobs.models import Worker
 
     released = []
     with session_scope(settings.database_url) as session:
+        # a message it still takes while draining is handed back, not run (`execute_job`)
+        row = session.get(Worker, hostname)
+        if row is not None:
+            row.draining = True
         for job in session.scalars(
             select(Job).where(
                 Job.state == JobState.running.value,

@@ -25,13 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from jobs.artifacts import ArtifactStore
 from jobs.broker import dispatch_pending
 from jobs.db import session_scope
 from jobs.lifecycle import add_event, claim_next, finish_job, release_job, renew_lease
-from jobs.models import Artifact, Job, JobState
+from jobs.models import Artifact, Job, JobState, Worker
 from jobs.progress import (
     forget_missing_artifacts,
     latest_checkpoint,
@@ -74,6 +74,15 @@ def execute_job(
     message was delivered; see `claim_next`) that fits in `worker_gpus` GPUs (None: any); the
     body of the task, callable without Celery."""
     with session_scope(settings.database_url) as session:
+        if session.scalar(select(Worker.draining).where(Worker.name == worker.split("#")[0])):
+            # shutting down: the turn goes back for the sweeper to publish to another worker
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.queued.value)
+                .values(dispatched=False)
+                .execution_options(synchronize_session=False)
+            )
+            return "draining"
         job = claim_next(
             session,
             job_id,

@@ -1,5 +1,5 @@
 """The fleet: `teams.share` (fair-share weight, default 1), `teams.gpu_quota` (NULL: none)
-and `jobs.preempt_requested` (checkpoint and give the worker back).
+`jobs.preempt_requested` (checkpoint and give the worker back) and `workers.draining`.
 
 Revision ID: 0005
 Revises: 0004
@@ -27,9 +27,15 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("preempt_requested", sa.Boolean(), nullable=False, server_default=sa.false())
         )
+    with op.batch_alter_table("workers") as batch:
+        batch.add_column(
+            sa.Column("draining", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("workers") as batch:
+        batch.drop_column("draining")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("preempt_requested")
     with op.batch_alter_table("teams") as batch:
