@@ -38,6 +38,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "hmkd: HM only": {"method": "hmkd", "hmkd": {"sdm": {"enabled": False}}},
     "hmkd: SDM only": {"method": "hmkd", "hmkd": {"hm": {"enabled": False}}},
     "hmkd: student query": {"method": "hmkd", "hmkd": {"hm": {"query_source": "student"}}},
+    # HM alone at the calibrated weight gets 1/7 of the gradient budget full HMKD is
+    # calibrated to (SDM took the rest; `bench.diagnose` on HIT-UAV): here it gets all of it
+    "hmkd: HM only, full weight": {
+        "method": "hmkd",
+        "weight": 7.0,
+        "hmkd": {"sdm": {"enabled": False}},
+    },
     # HM without SDM (the SDM-off ablation was the least harmful on HIT-UAV), deep query
     "hmkd: HM only, deep query": {
         "method": "hmkd",
