@@ -273,7 +273,7 @@ def submit_job(
         )
         if (teacher_ref := spec.teacher_job_id()) is not None:
             teacher_job = _job_by_prefix(session, user, teacher_ref, "teacher.weights")
-            _lock_state(session, teacher_job)
+            lock_job(session, teacher_job)
     resolved.student.weights = _resolve_weights(
         session, user, spec.student.weights, "student.weights", settings
     )
@@ -319,14 +319,15 @@ def submit_job(
     return job, True
 
 
-def _lock_state(session: Session, job: Job) -> None:
-    """Lock the job's row and read its state afresh: a job about to wait for it must not miss
-    its end. The end's transaction updates this row first, so either it has committed (and
-    the state read here is final) or it waits for this transaction, and its
-    `settle_dependents` then sees the new waiting job."""
-    state = session.scalar(select(Job.state).where(Job.id == job.id).with_for_update())
-    if state is not None and state != job.state:
-        session.refresh(job)
+def lock_job(session: Session, job: Job) -> None:
+    """Lock the job's row and read it afresh (PostgreSQL; SQLite serialises writers anyway).
+
+    A job about to wait for it must not miss its end: the end's transaction updates this row
+    first, so either it has committed (and the state read here is final) or it waits for this
+    transaction, and its `settle_dependents` then sees the new waiting job. A deletion must not
+    miss a retry, or a claim after one, between its check and its delete."""
+    session.execute(select(Job.id).where(Job.id == job.id).with_for_update())
+    session.refresh(job)
 
 
 def settle_waiting(session: Session) -> list[str]:
@@ -510,13 +511,7 @@ def claim_next(
             capped.add(team_of[candidate])  # held by its team's cap: so are the team's others
     own = session.get(Job, job_id)
     if worker_gpus is not None and own is not None and own.gpus > worker_gpus:
-        if own.state == JobState.queued:  # its turn went to a worker too small: publish again
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.queued.value)
-                .values(dispatched=False)
-                .execution_options(synchronize_session=False)
-            )
+        hand_back(session, job_id)  # its turn went to a worker too small: publish again
         return None
     return claim_job(
         session, job_id, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap, now=now
@@ -539,7 +534,20 @@ def _teams_at_cap(
     }
     if all(cap is None and quota is None for cap, quota in limits.values()):
         return {}
-    running: dict[int, tuple[int, int]] = {
+    running = _running(session, team_ids, now)
+    capped = {}
+    for tid, (cap, quota) in limits.items():
+        jobs, gpus = running.get(tid, (0, 0))
+        if cap is not None and jobs >= cap:
+            capped[tid] = (jobs, cap)
+        elif quota is not None and gpus >= quota > 0:
+            capped[tid] = (gpus, quota)
+    return capped
+
+
+def _running(session: Session, team_ids: set[int], now: datetime) -> dict[int, tuple[int, int]]:
+    """Per team with live jobs: (jobs running on a live lease, GPUs they hold)."""
+    return {
         tid: (int(n), int(gpus or 0))
         for tid, n, gpus in session.execute(
             select(Job.team_id, func.count(), func.sum(Job.gpus))
@@ -551,14 +559,6 @@ def _teams_at_cap(
             .group_by(Job.team_id)
         ).all()
     }
-    capped = {}
-    for tid, (cap, quota) in limits.items():
-        jobs, gpus = running.get(tid, (0, 0))
-        if cap is not None and jobs >= cap:
-            capped[tid] = (jobs, cap)
-        elif quota is not None and gpus >= quota > 0:
-            capped[tid] = (gpus, quota)
-    return capped
 
 
 def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime) -> bool:
@@ -572,13 +572,7 @@ def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime)
     cap = row.max_running if row.max_running is not None else default
     if cap is None and row.gpu_quota is None:
         return False
-    jobs, gpus = session.execute(
-        select(func.count(), func.coalesce(func.sum(Job.gpus), 0)).where(
-            Job.team_id == job.team_id,
-            Job.state == JobState.running.value,
-            Job.lease_expires_at >= now,
-        )
-    ).one()
+    jobs, gpus = _running(session, {job.team_id}, now).get(job.team_id, (0, 0))
     reason = None
     if cap is not None and jobs >= cap:
         reason = f"team runs {jobs} job(s), its cap is {cap}"
@@ -586,14 +580,21 @@ def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime)
         reason = f"team holds {gpus} GPU(s); {job.gpus} more pass its quota of {row.gpu_quota}"
     if reason is None:
         return False
-    session.execute(  # the sweeper publishes it again; until then no message waits for it
+    hand_back(session, job.id)
+    add_event(session, job.id, "held", reason)
+    return True
+
+
+def hand_back(session: Session, job_id: str) -> None:
+    """A queued job whose delivered message was not used (its team at a limit, a worker too
+    small or shutting down) is marked unpublished: the next sweep publishes it again, and
+    until then no message waits for it."""
+    session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.state == JobState.queued.value)
+        .where(Job.id == job_id, Job.state == JobState.queued.value)
         .values(dispatched=False)
         .execution_options(synchronize_session=False)
     )
-    add_event(session, job.id, "held", reason)
-    return True
 
 
 def _ended(state: JobState, now: datetime, **extra: object) -> dict[str, object]:
@@ -779,7 +780,7 @@ def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:
         raise Conflict(f"job {job.id} is {job.state}; only failed or cancelled jobs can be retried")
     teacher = session.get(Job, job.teacher_job_id) if job.teacher_job_id else None
     if teacher is not None:
-        _lock_state(session, teacher)
+        lock_job(session, teacher)
     if teacher is not None and teacher.state in (JobState.failed, JobState.cancelled):
         raise Conflict(
             f"job {job.id}'s teacher job {teacher.id} is {teacher.state}: retry the teacher "

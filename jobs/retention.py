@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from jobs.artifacts import ArtifactNameError, ArtifactStore, artifact_kind
-from jobs.lifecycle import Conflict, NotFound, add_event
+from jobs.lifecycle import Conflict, NotFound, add_event, lock_job
 from jobs.models import TERMINAL, Artifact, Job, JobState, Team
 from jobs.schemas import Retention
 
@@ -102,17 +102,10 @@ def _users_of(session: Session, job: Job, store: ArtifactStore) -> list[str]:
     return users
 
 
-def _lock(session: Session, job: Job) -> None:
-    """Lock the job's row and read its state afresh, so a retry (or a claim after one) cannot
-    slip in between the check that the job has ended and the deletion."""
-    session.execute(select(Job.id).where(Job.id == job.id).with_for_update())
-    session.refresh(job)
-
-
 def delete_job(session: Session, store: ArtifactStore, job: Job) -> int:
     """Delete an ended job: its files, rows, events and metrics; returns the bytes freed.
     Conflict while it may still run, or while a job not yet ended will read its files."""
-    _lock(session, job)
+    lock_job(session, job)
     if job.state not in TERMINAL:
         raise Conflict(f"job {job.id} is {job.state}: cancel it first, then delete it")
     users = _users_of(session, job, store)
@@ -154,7 +147,7 @@ def delete_job(session: Session, store: ArtifactStore, job: Job) -> int:
 def delete_artifact(session: Session, store: ArtifactStore, job: Job, name: str) -> int:
     """Delete one file of an ended job (a checkpoint no longer wanted, say); returns its size.
     Conflict while the job may still write it."""
-    _lock(session, job)
+    lock_job(session, job)
     if job.state not in TERMINAL:
         raise Conflict(f"job {job.id} is {job.state}: its files change until it ends")
     path = store.resolve(job.id, name)

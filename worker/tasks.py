@@ -25,12 +25,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from jobs.artifacts import ArtifactStore
 from jobs.broker import dispatch_pending
 from jobs.db import session_scope
-from jobs.lifecycle import add_event, claim_next, finish_job, release_job, renew_lease
+from jobs.lifecycle import (
+    add_event,
+    claim_next,
+    finish_job,
+    hand_back,
+    release_job,
+    renew_lease,
+)
 from jobs.models import Artifact, Job, JobState, Worker
 from jobs.progress import (
     forget_missing_artifacts,
@@ -75,13 +82,7 @@ def execute_job(
     body of the task, callable without Celery."""
     with session_scope(settings.database_url) as session:
         if session.scalar(select(Worker.draining).where(Worker.name == worker.split("#")[0])):
-            # shutting down: the turn goes back for the sweeper to publish to another worker
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.queued.value)
-                .values(dispatched=False)
-                .execution_options(synchronize_session=False)
-            )
+            hand_back(session, job_id)  # shutting down: another worker gets the next publish
             return "draining"
         job = claim_next(
             session,

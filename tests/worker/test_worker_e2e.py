@@ -67,6 +67,22 @@ def _finished(settings: Settings, job_id: str, timeout: float) -> Job:
     return job
 
 
+def _resume_gap(settings: Settings, job_id: str) -> tuple[int, int]:
+    """(last iteration attempt 1 reported, iteration attempt 2 resumed from)."""
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(
+                MetricPoint.attempt,
+                func.min(MetricPoint.iteration),
+                func.max(MetricPoint.iteration),
+            )
+            .where(MetricPoint.job_id == job_id)
+            .group_by(MetricPoint.attempt)
+        ).all()
+    by_attempt = {attempt: (lo, hi) for attempt, lo, hi in rows}
+    return by_attempt[1][1], by_attempt[2][0] - 1
+
+
 def test_job_runs_to_success_and_its_student_loads(
     service_settings: Settings, submit: Callable[..., str], start_worker: Callable[..., Any]
 ) -> None:
@@ -208,19 +224,7 @@ def test_killed_worker_resumes_from_its_checkpoint_on_a_new_worker(
     assert job.attempt == 2 and job.iteration == 14
     kinds = [k for k, _, _ in _events(service_settings, job_id)]
     assert "lease_expired" in kinds and kinds.count("claimed") == 2
-    with session_scope(service_settings.database_url) as session:
-        rows = session.execute(
-            select(
-                MetricPoint.attempt,
-                func.min(MetricPoint.iteration),
-                func.max(MetricPoint.iteration),
-            )
-            .where(MetricPoint.job_id == job_id)
-            .group_by(MetricPoint.attempt)
-        ).all()
-    by_attempt = {attempt: (lo, hi) for attempt, lo, hi in rows}
-    resumed_from = by_attempt[2][0] - 1
-    last_before = by_attempt[1][1]
+    last_before, resumed_from = _resume_gap(service_settings, job_id)
     print(
         f"checkpoint every {every}: attempt 1 reached {last_before}, attempt 2 resumed from "
         f"{resumed_from}: {last_before - resumed_from} iterations lost"
@@ -332,22 +336,6 @@ def test_a_job_that_keeps_losing_its_worker_stops_after_max_attempts(
         assert f"stopped after {job.max_attempts} attempts" in job.error
     with session_scope(url) as session:
         assert claim_job(session, expired, worker="w9#1", lease_seconds=6) is None
-
-
-def _resume_gap(settings: Settings, job_id: str) -> tuple[int, int]:
-    """(last iteration attempt 1 reported, iteration attempt 2 resumed from)."""
-    with session_scope(settings.database_url) as session:
-        rows = session.execute(
-            select(
-                MetricPoint.attempt,
-                func.min(MetricPoint.iteration),
-                func.max(MetricPoint.iteration),
-            )
-            .where(MetricPoint.job_id == job_id)
-            .group_by(MetricPoint.attempt)
-        ).all()
-    by_attempt = {attempt: (lo, hi) for attempt, lo, hi in rows}
-    return by_attempt[1][1], by_attempt[2][0] - 1
 
 
 @pytest.mark.slow
