@@ -40,7 +40,7 @@ COPY . .
 RUN <<'INSTALL'
 set -eu
 python3.11 -m venv "$VENV"
-"$VENV/bin/pip" install --no-cache-dir .
+"$VENV/bin/pip" install --no-cache-dir ".[s3]"
 cd /
 "$VENV/bin/hmkd" --help >/dev/null
 "$VENV/bin/python" -c 'import api.app, worker.celery_app'

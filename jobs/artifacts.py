@@ -7,6 +7,10 @@
 Artifact names are paths relative to the job's folder (`run/student.pt`). They arrive from URLs,
 so `resolve` is the one place that turns a name into a file and refuses anything that would leave
 the job's folder: `..`, absolute names, NUL bytes, and symlinks pointing elsewhere.
+
+The folder is where training writes. Whether it is also where everyone else reads is the
+store's `storage` (`jobs.storage`): the shared folder itself, or an S3 bucket the worker
+publishes to and fetches from.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ import hashlib
 import os
 import re
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jobs.storage import Storage
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -47,8 +55,25 @@ def artifact_kind(name: str) -> str:
 class ArtifactStore:
     """Paths of jobs' files under `root`; creates nothing but what the caller writes."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, storage: Storage | None = None) -> None:
+        from jobs.storage import SharedFolder
+
         self.root = Path(root)
+        self.storage: Storage = storage if storage is not None else SharedFolder(self.root)
+
+    def publish(self, job_id: str, name: str) -> None:
+        """Make the local file `name` readable by the API and other workers (a no-op when the
+        folder is shared)."""
+        self.storage.publish(job_id, name, self.resolve(job_id, name))
+
+    def fetch(self, job_id: str, name: str) -> bool:
+        """Have the artifact `name` in the local folder, downloading it when another machine
+        wrote it; False when it exists nowhere."""
+        return self.storage.fetch(job_id, name, self.resolve(job_id, name))
+
+    def discard(self, job_id: str, name: str | None = None) -> None:
+        """Delete the artifact (or, name None, the whole job) from the storage too."""
+        self.storage.delete(job_id, name)
 
     def job_dir(self, job_id: str) -> Path:
         if not _JOB_ID.match(job_id):
@@ -64,9 +89,13 @@ class ArtifactStore:
         a stale process of an earlier attempt cannot overwrite what a later one reads."""
         return self.run_dir(job_id) / "checkpoints" / f"attempt-{attempt}"
 
-    def prune_earlier_attempts(self, job_id: str, attempt: int) -> list[Path]:
+    def prune_earlier_attempts(
+        self, job_id: str, attempt: int, registered: list[str] | None = None
+    ) -> list[Path]:
         """Delete the periodic checkpoints of attempts before `attempt`, once `attempt` has
-        registered its own: resuming never goes back to them. `best.pt` files are kept."""
+        registered its own: resuming never goes back to them. `best.pt` files are kept.
+        `registered` names the job's checkpoints on record, which the storage drops too
+        (another machine's attempt has no local file here)."""
         removed = []
         for folder in (self.run_dir(job_id) / "checkpoints").glob("attempt-*"):
             number = folder.name.removeprefix("attempt-")
@@ -75,6 +104,10 @@ class ArtifactStore:
             for ckpt in folder.glob("ckpt_*.pt"):
                 ckpt.unlink(missing_ok=True)
                 removed.append(ckpt)
+        for name in registered or []:
+            match = re.match(r"^run/checkpoints/attempt-(\d+)/ckpt_\d+\.pt$", name)
+            if match and int(match.group(1)) < attempt:
+                self.discard(job_id, name)
         return removed
 
     def log_path(self, job_id: str) -> Path:
@@ -118,6 +151,14 @@ class ArtifactStore:
     @staticmethod
     def sha256(path: Path | str) -> str:
         return file_sha256(path)
+
+
+def store_of(settings: Any) -> ArtifactStore:
+    """The artifact store the settings describe: the artifacts folder, with the object storage
+    of `storage_url` behind it when one is set."""
+    from jobs.storage import storage_of
+
+    return ArtifactStore(Path(settings.artifacts_dir), storage_of(settings))
 
 
 def file_sha256(path: Path | str) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.db import db_clock
-from jobs.models import TERMINAL, Job, JobEvent, JobState, Team, User, utcnow
+from jobs.models import TERMINAL, Artifact, Job, JobEvent, JobState, Team, User, utcnow
 from jobs.schemas import JOB_REF, JobSpec, control_text_field
 from jobs.settings import Settings
 
@@ -230,7 +230,10 @@ def _resolve_weights(
             return str(_student_path(job, settings))
         raise InvalidJob(field, f"job {job.id} is {job.state}, not succeeded: wait for it")
     student = _student_path(job, settings)
-    if not student.is_file():
+    registered = session.scalar(
+        select(Artifact.id).where(Artifact.job_id == job.id, Artifact.name == "run/student.pt")
+    )
+    if not student.is_file() and registered is None:  # neither here nor in object storage
         raise InvalidJob(field, f"job {job.id} has no student.pt")
     return str(student)
 

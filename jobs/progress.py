@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from jobs.artifacts import file_sha256
+from jobs.artifacts import ArtifactStore, file_sha256
 from jobs.lifecycle import held_by
 from jobs.models import Artifact, Evaluation, Job, MetricPoint, Worker, utcnow
 
@@ -161,11 +161,14 @@ def record_artifact(
     return artifact
 
 
-def latest_checkpoint(session: Session, job_id: str, job_dir: Path) -> tuple[Path, int] | None:
+def latest_checkpoint(
+    session: Session, job_id: str, job_dir: Path, store: ArtifactStore | None = None
+) -> tuple[Path, int] | None:
     """The newest checkpoint an attempt registered whose file is still the one registered
     (same size and sha256), with its iteration; None when there is none. A file that is not
     registered, or was changed since, is never resumed from: only a write fenced by a current
-    lease can be registered."""
+    lease can be registered. With `store`, a checkpoint another machine wrote is fetched from
+    its storage first."""
     rows = session.execute(
         select(Artifact.name, Artifact.size, Artifact.sha256).where(
             Artifact.job_id == job_id, Artifact.kind == "checkpoint"
@@ -178,16 +181,22 @@ def latest_checkpoint(session: Session, job_id: str, job_dir: Path) -> tuple[Pat
             found.append((int(match.group(1)), name, size, sha))
     for iteration, name, size, sha in sorted(found, reverse=True):
         path = job_dir / name
+        if store is not None and not path.is_file():
+            store.fetch(job_id, name)
         if path.is_file() and path.stat().st_size == size and file_sha256(path) == sha:
             return path, iteration
     return None
 
 
-def forget_missing_artifacts(session: Session, job_id: str, root: Path) -> None:
-    """Drop rows of files that no longer exist (pruned checkpoints)."""
+def forget_missing_artifacts(session: Session, job_id: str, store: ArtifactStore) -> None:
+    """Drop rows of files that exist neither here nor in the storage (pruned checkpoints)."""
     for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):
-        if not (root / artifact.name).is_file():
-            session.delete(artifact)
+        if store.job_dir(job_id).joinpath(artifact.name).is_file():
+            continue
+        remote = store.storage.local_path(job_id, artifact.name) is None
+        if remote and store.storage.size(job_id, artifact.name) is not None:
+            continue
+        session.delete(artifact)
 
 
 def heartbeat_worker(

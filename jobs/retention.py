@@ -63,6 +63,7 @@ def apply_retention(session: Session, store: ArtifactStore, job: Job) -> list[st
     for row in doomed:
         try:
             store.resolve(job.id, row.name).unlink(missing_ok=True)
+            store.discard(job.id, row.name)
         except ArtifactNameError:
             continue
         removed.append(row.name)
@@ -141,6 +142,7 @@ def delete_job(session: Session, store: ArtifactStore, job: Job) -> int:
     session.commit()
     if moved:
         shutil.rmtree(aside, ignore_errors=True)
+    store.discard(job.id)
     return freed
 
 
@@ -152,12 +154,13 @@ def delete_artifact(session: Session, store: ArtifactStore, job: Job, name: str)
         raise Conflict(f"job {job.id} is {job.state}: its files change until it ends")
     path = store.resolve(job.id, name)
     row = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
-    if row is None or not path.is_file():
+    if row is None or not (path.is_file() or store.storage.size(job.id, name) is not None):
         raise NotFound(f"job {job.id} has no artifact {name!r}")
     if name == "run/student.pt" and _users_of(session, job, store):
         raise Conflict(f"job {job.id}'s student is the weights of jobs that have not ended")
     size = row.size
-    path.unlink()
+    path.unlink(missing_ok=True)
+    store.discard(job.id, name)
     session.delete(row)
     add_event(session, job.id, "artifact_deleted", name, attempt=job.attempt)
     session.flush()

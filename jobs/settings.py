@@ -22,6 +22,15 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="Default: sqlite:///<data_dir>/hmkd.db")
     broker_url: str = Field("", description="Default: sqla+sqlite:///<data_dir>/broker.db")
     artifacts_dir: Path | None = Field(None, description="Default: <data_dir>/artifacts")
+    storage_url: str | None = Field(
+        None,
+        description="Object storage for artifacts, s3://bucket[/prefix] (AWS S3, MinIO, ...). "
+        "Default: none, the artifacts folder is shared by every worker and the API.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="The S3 API's address when it is not AWS's (MinIO: http://host:9000)."
+    )
+    s3_region: str | None = Field(None, description="The bucket's region, where it matters.")
     dataset_roots: list[Path] = Field(
         default_factory=list,
         description="Folders job datasets must lie under. Default: <data_dir>/datasets.",
@@ -89,6 +98,14 @@ class Settings(BaseSettings):
         if self.dataset_store is None:
             self.dataset_store = self.data_dir / "dataset-store"
         self.dataset_store = self.dataset_store.expanduser().resolve()
+        if self.storage_url:
+            from urllib.parse import urlparse
+
+            parsed = urlparse(self.storage_url)
+            if parsed.scheme != "s3" or not parsed.netloc:
+                raise ValueError(
+                    f"HMKD_STORAGE_URL {self.storage_url!r} must look like s3://bucket[/prefix]"
+                )
         return self
 
     @property

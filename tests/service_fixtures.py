@@ -161,3 +161,51 @@ def admin(service_settings: Settings) -> tuple[User, str]:
 def other_team_user(service_settings: Settings) -> tuple[User, str]:
     """(User, plain token) of `bob` in team `beta`: must never see alpha's jobs."""
     return _user_with_token(service_settings, "bob", "beta", is_admin=False)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 API (moto's server mode) on a free local port, for the object-storage tests: a
+    real HTTP server that boto3 talks to as it would to MinIO or AWS, in-process only in that
+    it runs on a thread. Credentials are moto's dummies, set for workers started too."""
+    pytest.importorskip("boto3", reason="the s3 extra is not installed")
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """s3://<a new bucket>/<prefix> on the test server, one bucket per test."""
+    import uuid
+
+    import boto3
+
+    bucket = f"hmkd-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    return f"s3://{bucket}/artifacts"
+
+
+@pytest.fixture
+def s3_settings(service_settings: Settings, s3_url: str, s3_endpoint: str) -> Settings:
+    """`service_settings` with artifacts in the test bucket."""
+    return service_settings.model_copy(
+        update={"storage_url": s3_url, "s3_endpoint_url": s3_endpoint, "s3_region": "us-east-1"}
+    )

@@ -44,6 +44,7 @@ class TrainRequest:
     supervisor_pid: int
     checkpoint_dir: str  # this attempt's own folder
     resume_from: str | None = None  # the newest checkpoint a current lease registered
+    storage: dict[str, str | None] | None = None  # object storage (`jobs.storage.storage_from`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -102,6 +103,7 @@ def run(request: TrainRequest) -> dict[str, Any]:
         throttle_seconds=request.throttle_seconds,
         supervisor_pid=request.supervisor_pid,
         max_runtime_s=spec.resources.max_runtime_s,
+        storage=request.storage,
     )
     logging.getLogger(__name__).info(
         "training job %s in %s (resume from %s, nproc=%d, device=%s)",

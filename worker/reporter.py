@@ -26,7 +26,7 @@ from hmkd_core.engine.reporter import Progress, Reporter
 from jobs.artifacts import ArtifactStore
 from jobs.db import session_scope
 from jobs.lifecycle import held_by
-from jobs.models import Job, JobState
+from jobs.models import Artifact, Job, JobState
 from jobs.progress import (
     forget_missing_artifacts,
     record_artifact,
@@ -76,8 +76,11 @@ class DbReporter(Reporter):
         check_seconds: float = 1.0,
         supervisor_pid: int | None = None,
         max_runtime_s: float | None = None,
+        storage: dict[str, str | None] | None = None,
     ) -> None:
         self.database_url = database_url
+        # object storage settings (`jobs.storage.storage_from`); None: the folder is shared
+        self.storage = storage
         self.job_id = job_id
         self.worker = worker
         self.attempt = attempt  # with `worker`, the fencing token of every write
@@ -90,6 +93,16 @@ class DbReporter(Reporter):
         self.started = time.time()  # this attempt's training process began (pickled along)
         self._reset_state()
 
+    @property
+    def store(self) -> ArtifactStore:
+        """The job's artifact store, built where it is used: a storage client does not pickle."""
+        if getattr(self, "_store", None) is None:
+            from jobs.storage import storage_from
+
+            root = Path(self.job_dir).parent
+            self._store = ArtifactStore(root, storage_from(root, **(self.storage or {})))
+        return self._store
+
     def _reset_state(self) -> None:
         self._last_write = -math.inf
         self._last_logged: tuple[float, int] = (-math.inf, -1)  # (when, tenth of the run)
@@ -99,7 +112,7 @@ class DbReporter(Reporter):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_last_write", "_last_logged", "_last_check", "_stop", "stop_reason"):
+        for key in ("_last_write", "_last_logged", "_last_check", "_stop", "stop_reason", "_store"):
             state.pop(key, None)
         return state
 
@@ -196,6 +209,8 @@ class DbReporter(Reporter):
             log.warning("job %s: artifact %s lies outside %s", self.job_id, path, self.job_dir)
             return
         try:
+            if self.may_write():  # published before it is registered: a row means a copy
+                self.store.publish(self.job_id, name)
             with session_scope(self.database_url) as session:
                 row = record_artifact(
                     session,
@@ -211,9 +226,13 @@ class DbReporter(Reporter):
                 elif kind == "checkpoint":
                     # resuming now starts from this attempt's checkpoints: earlier attempts'
                     # are dropped, and with them the rows of those pruned (checkpoint.keep)
-                    job_dir = Path(self.job_dir)
-                    ArtifactStore(job_dir.parent).prune_earlier_attempts(self.job_id, self.attempt)
-                    forget_missing_artifacts(session, self.job_id, job_dir)
+                    registered = session.scalars(
+                        select(Artifact.name).where(Artifact.job_id == self.job_id)
+                    ).all()
+                    self.store.prune_earlier_attempts(self.job_id, self.attempt, list(registered))
+                    forget_missing_artifacts(session, self.job_id, self.store)
+                    # with object storage, the API reads the log from there: bring it up to date
+                    self.store.publish(self.job_id, "logs.txt")
         except Exception as err:
             log.warning("job %s: artifact %s not registered: %s", self.job_id, name, err)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from jobs.artifacts import ArtifactStore
+from jobs.artifacts import ArtifactStore, store_of
 from jobs.broker import dispatch_pending
 from jobs.db import session_scope
 from jobs.lifecycle import (
@@ -48,6 +48,7 @@ from jobs.progress import (
 from jobs.retention import apply_retention
 from jobs.schemas import MAX_RUNTIME_STOP, PREEMPT_STOP
 from jobs.settings import Settings, get_settings
+from jobs.storage import storage_settings
 from worker.celery_app import app
 from worker.child import TrainRequest
 
@@ -122,28 +123,32 @@ def execute_job(
 def _run_claimed(
     settings: Settings, job_id: str, worker: str, spec: dict[str, Any], attempt: int
 ) -> str:
-    store = ArtifactStore(Path(settings.artifacts_dir or settings.data_dir / "artifacts"))
+    store = store_of(settings)
     job_dir, run_dir = store.job_dir(job_id), store.run_dir(job_id)
     log_path = store.log_path(job_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _log_line(log_path, f"attempt {attempt} claimed by {worker}")
-    with session_scope(settings.database_url) as session:
-        latest = latest_checkpoint(session, job_id, job_dir)
-        # progress shows where this attempt starts, not where the last one stopped
-        record_start(
-            session,
-            job_id,
-            worker=worker,
-            attempt=attempt,
-            iteration=latest[1] if latest else 0,
-        )
-    if latest is not None:
-        _log_line(log_path, f"resuming from {latest[0].relative_to(job_dir)}")
-    for line in dataset_lines(spec):
-        _log_line(log_path, line)
+    # the lease is renewed from the claim on: fetching from object storage can take longer
     heartbeat = LeaseHeartbeat(settings, job_id, worker, attempt)
     heartbeat.start()
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store.fetch(job_id, "logs.txt")  # earlier attempts' log, when another machine ran them
+        _log_line(log_path, f"attempt {attempt} claimed by {worker}")
+        for line in fetch_weights(store, spec):
+            _log_line(log_path, line)
+        with session_scope(settings.database_url) as session:
+            latest = latest_checkpoint(session, job_id, job_dir, store)
+            # progress shows where this attempt starts, not where the last one stopped
+            record_start(
+                session,
+                job_id,
+                worker=worker,
+                attempt=attempt,
+                iteration=latest[1] if latest else 0,
+            )
+        if latest is not None:
+            _log_line(log_path, f"resuming from {latest[0].relative_to(job_dir)}")
+        for line in dataset_lines(spec):
+            _log_line(log_path, line)
         request = TrainRequest(
             job_id=job_id,
             spec=spec,
@@ -157,11 +162,30 @@ def _run_claimed(
             supervisor_pid=os.getpid(),
             checkpoint_dir=str(store.checkpoint_dir(job_id, attempt)),
             resume_from=str(latest[0]) if latest else None,
+            storage=storage_settings(settings),
         )
         result = run_training(request, log_path, heartbeat)
     finally:
         heartbeat.stop()
     return record_outcome(settings, job_id, worker, attempt, job_dir, log_path, result, heartbeat)
+
+
+def fetch_weights(store: ArtifactStore, spec: dict[str, Any]) -> list[str]:
+    """Download the weights the spec loads from another job's artifacts (a `job:<id>` teacher
+    or student) when this machine does not have them; what it fetched, as log lines."""
+    lines = []
+    root = store.root.resolve()
+    for model in ("teacher", "student"):
+        weights = str((spec.get(model) or {}).get("weights") or "")
+        if not weights.startswith("/"):
+            continue
+        path = Path(weights).resolve()
+        if path.is_file() or not path.is_relative_to(root):
+            continue
+        job_id, *name = path.relative_to(root).parts
+        if name and store.fetch(job_id, "/".join(name)):
+            lines.append(f"{model}.weights fetched from job {job_id}'s storage")
+    return lines
 
 
 def dataset_lines(spec: dict[str, Any]) -> list[str]:
@@ -375,7 +399,7 @@ def record_outcome(
         with session_scope(settings.database_url) as session:
             job = session.get(Job, job_id)
             if job is not None:
-                apply_retention(session, ArtifactStore(job_dir.parent), job)
+                apply_retention(session, store_of(settings), job)
         dispatch_pending(settings)  # jobs that waited for it as their teacher: publish now
     return final.value
 
@@ -388,17 +412,19 @@ def register_artifacts(
     Checkpoints the reporter registered as they were written are immutable and not hashed
     again (they can be gigabytes); rows of pruned checkpoints are dropped.
     """
+    store = store_of(settings)
     with session_scope(settings.database_url) as session:
-        forget_missing_artifacts(session, job_id, job_dir)
+        forget_missing_artifacts(session, job_id, store)
         known = dict(
             session.execute(
                 select(Artifact.name, Artifact.size).where(Artifact.job_id == job_id)
             ).all()
         )
-    for name, kind, path in ArtifactStore(job_dir.parent).scan(job_id):
+    for name, kind, path in store.scan(job_id):
         try:
             if kind == "checkpoint" and known.get(name) == path.stat().st_size:
-                continue
+                continue  # registered, and published, as it was written
+            store.publish(job_id, name)
             with session_scope(settings.database_url) as session:
                 record_artifact(
                     session,

@@ -84,6 +84,8 @@ def download_by_link(
     session: SessionDep,
     settings: SettingsDep,
     if_none_match: Annotated[str | None, Header()] = None,
+    range_: Annotated[str | None, Header(alias="range", include_in_schema=False)] = None,
+    if_range: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """Stream the artifact the link names, if the link is genuine and current and the job
     still belongs to the team (and user) it was signed for."""
@@ -103,5 +105,7 @@ def download_by_link(
         job.id,
         grant.name,
         if_none_match=if_none_match,
+        range_header=range_,
+        if_range=if_range,
         headers={"Referrer-Policy": "no-referrer", "Cache-Control": "private, no-store"},
     )

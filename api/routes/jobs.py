@@ -6,7 +6,6 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -39,6 +38,7 @@ from jobs.lifecycle import (
 )
 from jobs.models import TERMINAL, Evaluation, Job, JobEvent, JobState
 from jobs.schemas import JobSpec
+from jobs.storage import Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -286,26 +286,18 @@ async def job_events(job: VisibleJob, request: Request) -> AsyncIterator[ServerS
         await anyio.sleep(poll)
 
 
-def _tail(path: Path, lines: int) -> tuple[bytes, int]:
-    """The last `lines` lines of the file and its size, reading backwards in blocks."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        data, pos = b"", size
-        while pos > 0 and data.count(b"\n") <= lines:
-            step = min(64 * 1024, pos)
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + data
-    kept = data.splitlines(keepends=True)[-lines:]
-    return b"".join(kept), size
+def _read(storage: Storage, job_id: str, start: int, end: int) -> bytes:
+    return b"".join(storage.read(job_id, "logs.txt", start, end - 1)) if end > start else b""
 
 
-def _from_offset(path: Path, offset: int) -> tuple[bytes, int]:
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(min(offset, size))
-        data = f.read(LOG_CHUNK_BYTES)
-    return data, min(offset, size) + len(data)
+def _tail(storage: Storage, job_id: str, size: int, lines: int) -> bytes:
+    """The last `lines` lines of the log, reading backwards in blocks."""
+    data, pos = b"", size
+    while pos > 0 and data.count(b"\n") <= lines:
+        step = min(64 * 1024, pos)
+        data = _read(storage, job_id, pos - step, pos) + data
+        pos -= step
+    return b"".join(data.splitlines(keepends=True)[-lines:])
 
 
 @router.get(
@@ -329,16 +321,17 @@ def get_logs(
     ] = None,
 ) -> PlainTextResponse:
     """The whole log (up to 1 MiB per call), its last `tail` lines, or what follows `offset`."""
-    from jobs.artifacts import ArtifactStore
+    from jobs.storage import storage_of
 
-    assert settings.artifacts_dir is not None
-    path = ArtifactStore(Path(settings.artifacts_dir)).log_path(job.id)
-    if not path.is_file():
-        data, end = b"", 0
-    elif tail is not None and offset is None:
-        data, end = _tail(path, tail)
+    # the shared folder, or the copy a worker publishes at each checkpoint and at the end
+    storage = storage_of(settings)
+    size = storage.size(job.id, "logs.txt") or 0
+    if tail is not None and offset is None:
+        data, end = _tail(storage, job.id, size, tail), size
     else:
-        data, end = _from_offset(path, offset or 0)
+        start = min(offset or 0, size)
+        data = _read(storage, job.id, start, min(size, start + LOG_CHUNK_BYTES))
+        end = start + len(data)
     return PlainTextResponse(
         data.decode("utf-8", errors="replace"), headers={"X-Log-Offset": str(end)}
     )
@@ -394,12 +387,12 @@ def retry(job: VisibleJob, session: SessionDep, request: Request) -> JobPublic:
 def delete_job(job: VisibleJob, session: SessionDep, settings: SettingsDep) -> Deleted:
     """Remove the job, its artifacts, metrics and events. A job that may still run must be
     cancelled first; one whose student another job not yet ended will load is refused."""
-    from jobs.artifacts import ArtifactStore
+    from jobs.artifacts import store_of
     from jobs.retention import delete_job as remove
 
     assert settings.artifacts_dir is not None
     job_id = job.id
-    freed = remove(session, ArtifactStore(Path(settings.artifacts_dir)), job)
+    freed = remove(session, store_of(settings), job)
     return Deleted(id=job_id, freed_bytes=freed)
 
 

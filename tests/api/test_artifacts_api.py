@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.artifacts import store_of
 from jobs.db import session_scope
 from jobs.models import Artifact
 from jobs.settings import Settings
-from tests.api.conftest import job_spec, run_to_end, submit
+from tests.api.conftest import bearer, job_spec, run_to_end, submit
 
 PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
 
@@ -33,7 +36,10 @@ def test_list_artifacts(client: TestClient, finished: str) -> None:
 
 
 def test_download_etag_and_304(client: TestClient, finished: str) -> None:
-    url = f"/v1/jobs/{finished}/artifacts/run/student.pt"
+    _assert_whole_and_etag(client, f"/v1/jobs/{finished}/artifacts/run/student.pt")
+
+
+def _assert_whole_and_etag(client: TestClient, url: str) -> None:
     r = client.get(url)
     assert r.status_code == 200 and r.content == PAYLOAD
     etag = r.headers["etag"]
@@ -47,7 +53,10 @@ def test_download_etag_and_304(client: TestClient, finished: str) -> None:
 
 
 def test_download_ranges(client: TestClient, finished: str) -> None:
-    url = f"/v1/jobs/{finished}/artifacts/run/student.pt"
+    _assert_ranges(client, f"/v1/jobs/{finished}/artifacts/run/student.pt")
+
+
+def _assert_ranges(client: TestClient, url: str) -> None:
     size = len(PAYLOAD)
     r = client.get(url, headers={"Range": "bytes=100-199"})
     assert r.status_code == 206 and r.content == PAYLOAD[100:200]
@@ -112,3 +121,67 @@ def test_dot_segments_are_refused_even_when_registered(
         r = client.get(url)
         assert r.status_code in (400, 404), (url, r.status_code)
         assert b"top secret" not in r.content
+
+
+# ---- the same answers when the artifacts live in object storage -------------------------------
+
+
+@pytest.fixture
+def s3_client(s3_settings: Settings, admin: tuple[Any, str]) -> Iterator[TestClient]:
+    """alice calling an API whose artifacts are in the test bucket, not on its disk."""
+    from api.app import create_app
+
+    with TestClient(create_app(s3_settings), headers=bearer(admin[1])) as c:
+        yield c
+
+
+@pytest.fixture
+def finished_in_s3(
+    s3_client: TestClient, dataset: dict[str, Path], s3_settings: Settings, tmp_path: Path
+) -> str:
+    """A job a worker on another machine (its own artifacts folder) ran and published."""
+    worker = s3_settings.model_copy(update={"artifacts_dir": tmp_path / "worker-disk"})
+    job = submit(s3_client, job_spec(dataset))
+    files = {
+        "run/student.pt": PAYLOAD,
+        "run/eval.json": b'{"AP": 0.3}',
+        "logs.txt": b"".join(b"line %d\n" % i for i in range(5000)),
+    }
+    run_to_end(worker, job["id"], files=files)
+    store = store_of(worker)
+    for name in files:
+        store.publish(job["id"], name)
+    assert not (Path(s3_settings.artifacts_dir or "") / job["id"]).exists()
+    return job["id"]
+
+
+def test_downloads_stream_from_object_storage_with_etag_and_ranges(
+    s3_client: TestClient, finished_in_s3: str
+) -> None:
+    url = f"/v1/jobs/{finished_in_s3}/artifacts/run/student.pt"
+    _assert_whole_and_etag(s3_client, url)
+    _assert_ranges(s3_client, url)
+    assert s3_client.get(f"/v1/jobs/{finished_in_s3}/artifacts/run/none.pt").status_code == 404
+    r = s3_client.get(f"/v1/jobs/{finished_in_s3}/artifacts/run/%2E%2E/%2E%2E/x")
+    assert r.status_code in (400, 404)
+
+
+def test_logs_are_read_from_object_storage(s3_client: TestClient, finished_in_s3: str) -> None:
+    r = s3_client.get(f"/v1/jobs/{finished_in_s3}/logs", params={"tail": 2})
+    assert r.status_code == 200 and r.text == "line 4998\nline 4999\n"
+    size = int(r.headers["x-log-offset"])
+    r = s3_client.get(f"/v1/jobs/{finished_in_s3}/logs", params={"offset": size - 10})
+    assert r.text == "line 4999\n"[-10:] and int(r.headers["x-log-offset"]) == size
+
+
+def test_deleting_an_artifact_or_the_job_deletes_the_objects(
+    s3_client: TestClient, finished_in_s3: str, s3_settings: Settings
+) -> None:
+    storage = store_of(s3_settings).storage
+    r = s3_client.delete(f"/v1/jobs/{finished_in_s3}/artifacts/run/eval.json")
+    assert r.status_code == 200, r.text
+    assert storage.size(finished_in_s3, "run/eval.json") is None
+    assert storage.size(finished_in_s3, "run/student.pt") == len(PAYLOAD)
+    assert s3_client.delete(f"/v1/jobs/{finished_in_s3}").status_code == 200
+    assert storage.size(finished_in_s3, "run/student.pt") is None
+    assert storage.size(finished_in_s3, "logs.txt") is None

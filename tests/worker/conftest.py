@@ -47,6 +47,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
             "OMP_NUM_THREADS": "1",  # tiny models; the test machine's cores are shared
         }
     )
+    for name, value in (
+        ("HMKD_STORAGE_URL", settings.storage_url),
+        ("HMKD_S3_ENDPOINT_URL", settings.s3_endpoint_url),
+        ("HMKD_S3_REGION", settings.s3_region),
+    ):
+        if value:
+            env[name] = value
     return env
 
 

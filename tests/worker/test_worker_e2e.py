@@ -392,3 +392,57 @@ def test_sigterm_checkpoints_and_releases_the_job_for_another_worker(
     assert job.max_attempts == service_settings.max_attempts + 1  # the release used no attempt
     reached, resumed = _resume_gap(service_settings, job_id)
     assert reached - resumed <= 1
+
+
+@pytest.mark.slow
+def test_with_object_storage_a_job_resumes_on_another_machine_from_the_bucket(
+    s3_settings: Settings, submit: Callable[..., str], tmp_path: Path
+) -> None:
+    """Two workers that share no disk (each its own artifacts folder) and one bucket: the
+    second resumes from the checkpoint the first published, and what the job leaves (student,
+    logs of both attempts) is in the bucket, where the API reads it."""
+    from jobs.artifacts import store_of
+    from jobs.storage import storage_of
+    from tests.worker.conftest import WorkerProcess
+
+    every = 5
+    job_id = submit(
+        "s3", schedule={"iterations": 14}, checkpoint={"every": every}, runtime={"log_every": 1}
+    )
+    dispatch_pending(s3_settings)
+    machines = [
+        s3_settings.model_copy(update={"artifacts_dir": tmp_path / f"disk-{n}"}) for n in (1, 2)
+    ]
+    workers = []
+    try:
+        workers.append(WorkerProcess(machines[0], "m1@test", tmp_path, via_cli=False))
+        ckpt = f"run/checkpoints/attempt-1/ckpt_{every:08d}.pt"
+        wait_for(lambda: ckpt in _artifacts(s3_settings, job_id), 120, "the first checkpoint")
+        assert storage_of(s3_settings).size(job_id, ckpt) is not None, "published as written"
+        wait_for(lambda: job_row(s3_settings, job_id).iteration >= every + 2, 60, "progress")
+        workers[0].kill(signal.SIGKILL)
+        workers.append(WorkerProcess(machines[1], "m2@test", tmp_path, via_cli=False))
+        job = _finished(s3_settings, job_id, 150)
+    finally:
+        for worker in workers:
+            if worker.proc.poll() is None:
+                worker.kill(signal.SIGKILL)
+    assert job.state == JobState.succeeded, (job.error, workers[-1].log()[-3000:])
+    assert job.attempt == 2 and job.iteration == 14
+    last_before, resumed_from = _resume_gap(s3_settings, job_id)
+    assert resumed_from >= every, "the second machine must resume from the bucket"
+    assert last_before - resumed_from < every + 2
+    api = store_of(s3_settings)  # a third machine: nothing of the job on its disk
+    assert not (api.root / job_id).exists()
+    with session_scope(s3_settings.database_url) as session:
+        rows = {
+            a.name: a for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))
+        }
+    for name in ("run/student.pt", "run/eval.json", "logs.txt"):
+        assert api.fetch(job_id, name), name
+        assert api.sha256(api.resolve(job_id, name)) == rows[name].sha256, name
+    logs = api.resolve(job_id, "logs.txt").read_text()
+    assert "attempt 1 claimed by m1@test" in logs and "attempt 2 claimed by m2@test" in logs
+    assert "resuming from run/checkpoints/attempt-1/ckpt_" in logs
+    assert not any("attempt-1/ckpt_" in name for name in rows)  # pruned, here and in the bucket
+    assert storage_of(s3_settings).size(job_id, ckpt) is None
