@@ -14,6 +14,7 @@ database's clock (`db_clock`), never from the host of the worker or API that wri
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,30 @@ def _check_fits_a_worker(session: Session, queue: str, gpus: int, settings: Sett
             "resources.gpus",
             f"{gpus} GPUs, but the largest worker of queue {queue!r} has {largest}: ask for "
             f"at most {largest}, or submit to a queue of bigger machines",
+        )
+
+
+def _check_enough_workers(session: Session, queue: str, gpus: int, nodes: int) -> None:
+    """A job spanning more machines than its queue has workers (with its GPUs each) would
+    wait forever: refused at submit. Taken on trust while no worker of the queue is known."""
+    if nodes == 1:
+        return
+    from jobs.models import Worker
+
+    since = db_clock(session) - timedelta(seconds=WORKER_SEEN_S)
+    serving = [
+        len(g or [])
+        for q, g in session.execute(
+            select(Worker.queues, Worker.gpus).where(Worker.heartbeat_at >= since)
+        )
+        if queue in (q or [])
+    ]
+    able = sum(1 for have in serving if have >= gpus)
+    if serving and able < nodes:
+        raise InvalidJob(
+            "resources.nodes",
+            f"{nodes} nodes with {gpus} GPU(s) each, but queue {queue!r} has {able} such "
+            f"worker(s): ask for at most {able} nodes, or submit to a bigger queue",
         )
 
 
@@ -287,12 +312,15 @@ def submit_job(
         else settings.default_queue
     )
     _check_fits_a_worker(session, queue, spec.resources.gpus, settings)
+    _check_enough_workers(session, queue, spec.resources.gpus, spec.resources.nodes)
     quota = session.scalar(select(Team.gpu_quota).where(Team.id == user.team_id))
-    if quota is not None and spec.resources.gpus > quota:
+    total_gpus = spec.resources.gpus * spec.resources.nodes
+    if quota is not None and total_gpus > quota:
         raise InvalidJob(
             "resources.gpus",
-            f"{spec.resources.gpus} GPUs, but your team's GPU quota is {quota}: it could never "
-            "start; ask for fewer, or ask an administrator for a larger quota",
+            f"{total_gpus} GPUs ({spec.resources.nodes} node(s) of {spec.resources.gpus}), but "
+            f"your team's GPU quota is {quota}: it could never start; ask for fewer, or ask an "
+            "administrator for a larger quota",
         )
     job = Job(
         team_id=user.team_id,
@@ -303,6 +331,7 @@ def submit_job(
         queue=queue,  # a spec that names no queue goes to this deployment's default queue
         priority=spec.resources.priority,
         gpus=spec.resources.gpus,
+        nodes=spec.resources.nodes,
         spec=spec.model_dump(mode="json"),
         resolved_spec=resolved.model_dump(mode="json"),
         teacher_job_id=teacher_job.id if teacher_job is not None else None,
@@ -468,6 +497,7 @@ def claim_next(
     lease_seconds: float,
     team_cap: int | None = None,
     worker_gpus: int | None = None,
+    worker_fresh_s: float = 60.0,
     look_ahead: int = 20,
     now: datetime | None = None,
 ) -> Job | None:
@@ -480,12 +510,19 @@ def claim_next(
     re-published job at the back of its list. Every queued job has had a message published, so
     there are never fewer turns than jobs; a turn left over finds nothing. Jobs of a team at its
     cap or GPU quota are passed over, and so are jobs needing more GPUs than `worker_gpus`
-    (None: any). When nothing queued can be taken, the message's own job is tried: it may be
-    running on a lease that ran out."""
+    (None: any), and multi-node jobs for which not enough other workers (heartbeat within
+    `worker_fresh_s`) are free now (`jobs.gang`). A worker reserved as a node of a multi-node
+    job takes nothing. When nothing queued can be taken, the message's own job is tried: it
+    may be running on a lease that ran out."""
+    from jobs.gang import lock_worker, reserved_for, worker_of
     from jobs.scheduling import start_order
 
     queue = session.scalar(select(Job.queue).where(Job.id == job_id))
     if queue is None:
+        return None
+    lock_worker(session, worker_of(worker))
+    if reserved_for(session, worker_of(worker)) is not None:
+        hand_back(session, job_id)  # this worker's next task is its part of a gang
         return None
     waiting = Job.queue == queue, Job.state == JobState.queued.value
     teams = set(session.scalars(select(Job.team_id).where(*waiting).distinct()))
@@ -494,31 +531,79 @@ def claim_next(
     now = now or db_clock(session)
     capped = set(_teams_at_cap(session, teams, team_cap, now))
     line = start_order(session, [queue], exclude_teams=capped, max_gpus=worker_gpus, now=now)[queue]
-    team_of = dict(
-        session.execute(select(Job.id, Job.team_id).where(Job.id.in_(line[:look_ahead]))).all()
+    about = {
+        row.id: row
+        for row in session.execute(
+            select(Job.id, Job.team_id, Job.nodes).where(Job.id.in_(line[:look_ahead]))
+        )
+    }
+    claim = functools.partial(
+        _claim_with_gang,
+        session,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        team_cap=team_cap,
+        fresh_s=worker_fresh_s,
+        now=now,
     )
     for candidate in line[:look_ahead]:
-        if team_of[candidate] in capped:
+        if about[candidate].team_id in capped:
             continue
-        job = claim_job(
-            session,
-            candidate,
-            worker=worker,
-            lease_seconds=lease_seconds,
-            team_cap=team_cap,
-            now=now,
-        )
+        job = claim(candidate, about[candidate].nodes)
         if job is not None:
             return job
-        if session.scalar(select(Job.state).where(Job.id == candidate)) == JobState.queued:
-            capped.add(team_of[candidate])  # held by its team's cap: so are the team's others
+        # a single-node job left queued was held by its team's cap: so are the team's others
+        # (a gang may only lack free workers)
+        still_queued = session.scalar(select(Job.state).where(Job.id == candidate))
+        if still_queued == JobState.queued and about[candidate].nodes == 1:
+            capped.add(about[candidate].team_id)
     own = session.get(Job, job_id)
     if worker_gpus is not None and own is not None and own.gpus > worker_gpus:
         hand_back(session, job_id)  # its turn went to a worker too small: publish again
         return None
-    return claim_job(
+    job = claim(job_id, own.nodes if own is not None else 1)
+    if job is None and own is not None and own.nodes > 1:
+        hand_back(session, job_id)  # its gang could not form now: published again next sweep
+    return job
+
+
+def _claim_with_gang(
+    session: Session,
+    job_id: str,
+    nodes: int,
+    *,
+    worker: str,
+    lease_seconds: float,
+    team_cap: int | None,
+    fresh_s: float,
+    now: datetime,
+) -> Job | None:
+    """`claim_job`, and for a multi-node job the reservation of its other nodes in the same
+    transaction: both or neither."""
+    from jobs.gang import record_gang, reserve_peers, worker_of
+
+    peers: list[str] = []
+    if nodes > 1:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.queued:
+            return None
+        found = reserve_peers(session, job, worker_of(worker), now=now, fresh_s=fresh_s)
+        if found is None:
+            return None
+        peers = found
+    job = claim_job(
         session, job_id, worker=worker, lease_seconds=lease_seconds, team_cap=team_cap, now=now
     )
+    if job is not None and job.nodes > 1:
+        record_gang(session, job.id, job.attempt, worker_of(worker), peers)
+        add_event(
+            session,
+            job.id,
+            "gang",
+            f"nodes: {', '.join([worker_of(worker), *peers])}",
+            attempt=job.attempt,
+        )
+    return job
 
 
 def _teams_at_cap(
@@ -553,7 +638,7 @@ def _running(session: Session, team_ids: set[int], now: datetime) -> dict[int, t
     return {
         tid: (int(n), int(gpus or 0))
         for tid, n, gpus in session.execute(
-            select(Job.team_id, func.count(), func.sum(Job.gpus))
+            select(Job.team_id, func.count(), func.sum(Job.gpus * Job.nodes))
             .where(
                 Job.team_id.in_(team_ids),
                 Job.state == JobState.running.value,
@@ -579,8 +664,9 @@ def _team_at_cap(session: Session, job: Job, default: int | None, now: datetime)
     reason = None
     if cap is not None and jobs >= cap:
         reason = f"team runs {jobs} job(s), its cap is {cap}"
-    elif row.gpu_quota is not None and gpus + job.gpus > row.gpu_quota:
-        reason = f"team holds {gpus} GPU(s); {job.gpus} more pass its quota of {row.gpu_quota}"
+    elif row.gpu_quota is not None and gpus + job.gpus * job.nodes > row.gpu_quota:
+        more = job.gpus * job.nodes
+        reason = f"team holds {gpus} GPU(s); {more} more pass its quota of {row.gpu_quota}"
     if reason is None:
         return False
     hand_back(session, job.id)
@@ -774,6 +860,45 @@ def release_job(
         session, job_id, "preempted", f"checkpointed at iteration {iteration}", attempt=attempt
     )
     return True
+
+
+def restart_group(
+    session: Session, job_id: str, *, worker: str, attempt: int, reason: str
+) -> JobState | None:
+    """A multi-node attempt lost a node: the whole group goes back to the queue and resumes
+    from its last checkpoint, on whichever workers are free then. Unlike a preemption this uses
+    an attempt, as a lost worker does; out of attempts the job fails. None when the lease was
+    lost meanwhile; else the job's new state."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    now = utcnow()
+    if job.cancel_requested:
+        state, values = JobState.cancelled, _ended(JobState.cancelled, now)
+    elif attempt >= job.max_attempts:
+        message = f"a node was lost ({reason}); {_exhausted_message(attempt)}"
+        state, values = JobState.failed, _ended(JobState.failed, now, error=message)
+    else:
+        state = JobState.queued
+        values = {
+            "state": JobState.queued.value,
+            "dispatched": False,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "preempt_requested": False,
+        }
+    result = session.execute(
+        update(Job)
+        .where(held_by(job_id, worker, attempt))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    add_event(session, job_id, "node_lost", reason, attempt=attempt)
+    if state != JobState.queued:
+        settle_dependents(session, job_id)
+    return state
 
 
 def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:

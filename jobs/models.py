@@ -105,7 +105,8 @@ class Job(Base):
     method: Mapped[str] = mapped_column(String(20), default="none")
     queue: Mapped[str] = mapped_column(String(100))
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    gpus: Mapped[int] = mapped_column(Integer, default=0)
+    gpus: Mapped[int] = mapped_column(Integer, default=0)  # per node
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # machines
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # the validated JobSpec, as submitted
     resolved_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # teacher refs resolved
     teacher_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
@@ -190,6 +191,24 @@ class JobEvent(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobNode(Base):
+    """One machine of a multi-node job's current attempt: the worker reserved for node `rank`
+    (rank 0 is the worker holding the job's lease, which hosts the rendezvous)."""
+
+    __tablename__ = "job_nodes"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(200), index=True)  # the worker's name (hostname)
+    # reserved -> running -> ended | failed | lost
+    state: Mapped[str] = mapped_column(String(20), default="reserved", server_default="reserved")
+    endpoint: Mapped[str | None] = mapped_column(String(300))  # rank 0: the rendezvous host:port
+    detail: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
 
 
 class Worker(Base):

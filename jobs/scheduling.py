@@ -26,21 +26,21 @@ from jobs.db import db_clock
 from jobs.models import Job, JobState, Team
 
 
-def demand(gpus: int) -> int:
-    """What a job weighs against its team's share: its GPUs, a CPU job one."""
-    return max(int(gpus or 0), 1)
+def demand(gpus: int, nodes: int = 1) -> int:
+    """What a job weighs against its team's share: its GPUs on every node, a CPU node one."""
+    return max(int(gpus or 0), 1) * max(int(nodes or 1), 1)
 
 
 def running_usage(session: Session, now: datetime | None = None) -> dict[int, int]:
     """GPUs (CPU jobs as one) each team's live jobs hold now, over every queue."""
     now = now or db_clock(session)
     usage: dict[int, int] = defaultdict(int)
-    for team_id, gpus in session.execute(
-        select(Job.team_id, Job.gpus).where(
+    for team_id, gpus, nodes in session.execute(
+        select(Job.team_id, Job.gpus, Job.nodes).where(
             Job.state == JobState.running.value, Job.lease_expires_at >= now
         )
     ):
-        usage[team_id] += demand(gpus)
+        usage[team_id] += demand(gpus, nodes)
     return dict(usage)
 
 
@@ -70,7 +70,7 @@ def start_order(
     if not queues:
         return {}
     query = (
-        select(Job.id, Job.queue, Job.team_id, Job.gpus)
+        select(Job.id, Job.queue, Job.team_id, Job.gpus, Job.nodes)
         .where(Job.state == JobState.queued.value, Job.queue.in_(set(queues)))
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
     )
@@ -86,7 +86,7 @@ def start_order(
     order: dict[str, list[str]] = {q: [] for q in queues}
     by_queue: dict[str, dict[int, deque[tuple[str, int]]]] = defaultdict(lambda: defaultdict(deque))
     for r in rows:  # already by priority, then age: each team's deque is its own order
-        by_queue[r.queue][r.team_id].append((r.id, r.gpus))
+        by_queue[r.queue][r.team_id].append((r.id, demand(r.gpus, r.nodes)))
     for queue, teams in by_queue.items():
         lined = dict(usage)
         # (usage / share, team id): the team with the least use of its share goes next
@@ -95,9 +95,9 @@ def start_order(
         line = order[queue]
         while heap:
             _, team = heapq.heappop(heap)
-            job_id, gpus = teams[team].popleft()
+            job_id, weight_of_job = teams[team].popleft()
             line.append(job_id)
-            lined[team] = lined.get(team, 0) + demand(gpus)
+            lined[team] = lined.get(team, 0) + weight_of_job
             if teams[team]:
                 heapq.heappush(heap, (lined[team] / weight.get(team, 1.0), team))
     return order
@@ -138,7 +138,13 @@ def preemption_victim(
     now = now or db_clock(session)
     live = session.execute(
         select(
-            Job.id, Job.team_id, Job.gpus, Job.started_at, Job.preempt_requested, Job.lease_owner
+            Job.id,
+            Job.team_id,
+            Job.gpus,
+            Job.nodes,
+            Job.started_at,
+            Job.preempt_requested,
+            Job.lease_owner,
         ).where(
             Job.queue == queue,
             Job.state == JobState.running.value,
@@ -150,7 +156,9 @@ def preemption_victim(
     line = start_order(session, [queue], now=now)[queue]
     if not line:
         return None
-    head = session.execute(select(Job.team_id, Job.gpus).where(Job.id == line[0])).one()
+    head = session.execute(select(Job.team_id, Job.gpus, Job.nodes).where(Job.id == line[0])).one()
+    if head.nodes > 1:
+        return None  # a gang waits for free workers: one preempted job would not seat it
     usage = running_usage(session, now)
     weight = shares(session, {head.team_id, *(r.team_id for r in live)})
 
@@ -168,6 +176,7 @@ def preemption_victim(
             r
             for r in live
             if r.team_id == over
+            and r.nodes == 1
             and room.get(str(r.lease_owner or "").split("#")[0], -1) >= head.gpus
         ),
         key=lambda r: r.started_at,

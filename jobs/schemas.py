@@ -53,7 +53,17 @@ PREEMPT_STOP = "preempted"  # the stop reason of a run asked to give its worker 
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    gpus: int = Field(0, ge=0, le=64, description="GPUs (processes); 0 runs on CPU with gloo.")
+    gpus: int = Field(
+        0, ge=0, le=64, description="GPUs (processes) per node; 0 runs on CPU with gloo."
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Machines the job spans: that many workers of its queue, each with `gpus` "
+        "free GPUs, are reserved together (all or none) and run one torchrun group over a c10d "
+        "rendezvous. On the CPU each node runs `runtime.nproc` processes.",
+    )
     queue: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
     priority: int = Field(0, ge=0, le=9, description="Higher runs first within a queue.")
     max_runtime_s: int | None = Field(
@@ -116,6 +126,8 @@ class JobSpec(TrainSpec):
                 raise ValueError("kind evaluate needs data.val")
             if self.student.weights == "none":
                 raise ValueError("kind evaluate needs student.weights (a path or job:<id>)")
+            if self.resources.nodes > 1:
+                raise ValueError("kind evaluate runs on one machine: resources.nodes must be 1")
         return self
 
     def teacher_job_id(self) -> str | None:

@@ -73,6 +73,24 @@ class Settings(BaseSettings):
         description="Redis redelivers an unacked message after this; the lease makes a "
         "redelivery harmless, this only bounds how soon a lost message comes back.",
     )
+    node_address: str = Field(
+        "",
+        description="The address other workers reach this one at, for multi-node jobs' "
+        "rendezvous and process group. Default: this host's name (socket.getfqdn()).",
+    )
+    rendezvous_port: int = Field(
+        29400,
+        ge=0,
+        le=65535,
+        description="The port a multi-node job's first node serves its c10d rendezvous on (the "
+        "next free one when taken; 0: any free port).",
+    )
+    rendezvous_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long a multi-node job's nodes may take to join; a node that has not "
+        "by then is taken as lost and the group restarts.",
+    )
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     download_secret: SecretStr | None = Field(
         None,

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from jobs.artifacts import ArtifactStore
 from jobs.broker import dispatch_pending, make_celery
 from jobs.db import dispose_engines, session_scope
+from jobs.gang import NODE_QUEUE_PREFIX, node_queue, reserved_for
 from jobs.lifecycle import settle_waiting
 from jobs.models import Job, JobState, Worker
 from jobs.retention import purge_deleted
@@ -39,7 +40,14 @@ from jobs.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 app = make_celery(get_settings())
-app.conf.include = ["worker.tasks"]
+app.conf.include = ["worker.tasks", "worker.nodes"]
+
+
+@signals.celeryd_after_setup.connect
+def _consume_own_queue(sender: str, instance: Any, **_: Any) -> None:
+    """Each worker also consumes a queue of its own, where a multi-node job it was reserved
+    for sends its node task (`jobs.gang`)."""
+    instance.app.amqp.queues.select_add(node_queue(str(sender)))
 
 
 @signals.worker_process_init.connect
@@ -169,7 +177,7 @@ class Sweeper:
                     Job.state == JobState.running.value,
                     Job.lease_owner.startswith(f"{self.hostname}#", autoescape=True),
                 )
-            )
+            ) or reserved_for(session, self.hostname)
             heartbeat_worker(
                 session,
                 name=self.hostname,
@@ -186,7 +194,11 @@ _sweeper: Sweeper | None = None
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
     global _sweeper
     hostname = getattr(sender, "hostname", None) or "worker"
-    queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
+    queues = sorted(
+        q
+        for q in (app.amqp.queues.consume_from or app.amqp.queues)
+        if not q.startswith(NODE_QUEUE_PREFIX)
+    )
     _sweeper = Sweeper(hostname, queues)
     with session_scope(get_settings().database_url) as session:  # a restart under its name
         session.execute(update(Worker).where(Worker.name == hostname).values(draining=False))
@@ -215,10 +227,16 @@ def release_jobs_of(settings: Settings, hostname: str) -> list[str]:
         row = session.get(Worker, hostname)
         if row is not None:
             row.draining = True
+        # the jobs it leads, and those it is a node of: a multi-node job checkpoints and
+        # requeues as a whole when any of its workers goes
+        node_of = reserved_for(session, hostname)
         for job in session.scalars(
             select(Job).where(
                 Job.state == JobState.running.value,
-                Job.lease_owner.startswith(f"{hostname}#", autoescape=True),
+                or_(
+                    Job.lease_owner.startswith(f"{hostname}#", autoescape=True),
+                    Job.id == node_of,
+                ),
             )
         ):
             try:

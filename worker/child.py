@@ -45,6 +45,8 @@ class TrainRequest:
     checkpoint_dir: str  # this attempt's own folder
     resume_from: str | None = None  # the newest checkpoint a current lease registered
     storage: dict[str, str | None] | None = None  # object storage (`jobs.storage.storage_from`)
+    node_rank: int = 0  # a multi-node job's node this process group part runs on (0: the lease's)
+    nodes: int = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -60,14 +62,25 @@ def main(request: TrainRequest) -> int:
     # Celery worker to shut down (as its pool processes do). If the worker goes, the reporter
     # sees it, checkpoints and stops; the lease then expires and the job resumes elsewhere.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    setup_logging()
+    result = outcome_of(run, request)
+    write_result(request, result)
+    return 1 if result["status"] == "failed" else 0
+
+
+def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+
+
+def outcome_of(fn: Any, request: TrainRequest) -> dict[str, Any]:
+    """`fn(request)`'s result dict, or a failed one saying what it raised (even SystemExit)."""
     try:
-        result = run(request)
+        result: dict[str, Any] = fn(request)
     except BaseException as err:  # report everything, even SystemExit from a library
         tb = traceback.format_exc()
         sys.stderr.write(tb)
@@ -78,33 +91,42 @@ def main(request: TrainRequest) -> int:
         }
     sys.stdout.flush()
     sys.stderr.flush()
+    return result
+
+
+def write_result(request: TrainRequest, result: dict[str, Any]) -> None:
     tmp = Path(request.result_path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result, default=str))
     os.replace(tmp, request.result_path)
-    return 1 if result["status"] == "failed" else 0
 
 
-def run(request: TrainRequest) -> dict[str, Any]:
-    from hmkd_core.engine import train
-    from jobs.schemas import JobSpec
+def reporter_for(request: TrainRequest, spec: Any) -> Any:
+    """The reporter that writes the run's progress to the database, fenced by the lease."""
     from worker.reporter import DbReporter
 
-    spec = JobSpec.model_validate(request.spec)
-    train_spec = spec.train_spec()
-    check_gpus(spec.resources.gpus)
-    run_dir = Path(request.run_dir)
-    reporter = DbReporter(
+    return DbReporter(
         database_url=request.database_url,
         job_id=request.job_id,
         worker=request.worker,
         attempt=request.attempt,
         job_dir=request.job_dir,
-        metric_name=train_spec.eval.metric,
+        metric_name=spec.train_spec().eval.metric,
         throttle_seconds=request.throttle_seconds,
         supervisor_pid=request.supervisor_pid,
         max_runtime_s=spec.resources.max_runtime_s,
         storage=request.storage,
     )
+
+
+def run(request: TrainRequest) -> dict[str, Any]:
+    from hmkd_core.engine import train
+    from jobs.schemas import JobSpec
+
+    spec = JobSpec.model_validate(request.spec)
+    train_spec = spec.train_spec()
+    check_gpus(spec.resources.gpus)
+    run_dir = Path(request.run_dir)
+    reporter = reporter_for(request, spec)
     logging.getLogger(__name__).info(
         "training job %s in %s (resume from %s, nproc=%d, device=%s)",
         request.job_id,

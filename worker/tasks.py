@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ from sqlalchemy import select
 from jobs.artifacts import ArtifactStore, store_of
 from jobs.broker import dispatch_pending
 from jobs.db import session_scope
+from jobs.gang import fresh_s
 from jobs.lifecycle import (
     add_event,
     claim_next,
@@ -37,6 +39,7 @@ from jobs.lifecycle import (
     hand_back,
     release_job,
     renew_lease,
+    restart_group,
 )
 from jobs.models import Artifact, Job, JobState, Worker
 from jobs.progress import (
@@ -92,6 +95,7 @@ def execute_job(
             lease_seconds=settings.lease_seconds,
             team_cap=settings.max_running_per_team,
             worker_gpus=worker_gpus,
+            worker_fresh_s=fresh_s(settings),
         )
         if job is None:
             state = session.scalar(select(Job.state).where(Job.id == job_id))
@@ -149,6 +153,7 @@ def _run_claimed(
             _log_line(log_path, f"resuming from {latest[0].relative_to(job_dir)}")
         for line in dataset_lines(spec):
             _log_line(log_path, line)
+        nodes = int((spec.get("resources") or {}).get("nodes") or 1)
         request = TrainRequest(
             job_id=job_id,
             spec=spec,
@@ -163,8 +168,12 @@ def _run_claimed(
             checkpoint_dir=str(store.checkpoint_dir(job_id, attempt)),
             resume_from=str(latest[0]) if latest else None,
             storage=storage_settings(settings),
+            nodes=nodes,
         )
-        result = run_training(request, log_path, heartbeat)
+        if nodes > 1:
+            result = run_gang(settings, request, log_path, heartbeat)
+        else:
+            result = run_training(request, log_path, heartbeat)
     finally:
         heartbeat.stop()
     return record_outcome(settings, job_id, worker, attempt, job_dir, log_path, result, heartbeat)
@@ -216,31 +225,94 @@ def dataset_lines(spec: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run_training(
-    request: TrainRequest, log_path: Path, heartbeat: LeaseHeartbeat
+def run_gang(
+    settings: Settings, request: TrainRequest, log_path: Path, heartbeat: LeaseHeartbeat
 ) -> dict[str, Any]:
-    """Start the training process and wait for it; returns its result dict."""
+    """Node 0 of a multi-node job: serve the rendezvous, start the other nodes (their node
+    tasks), run this node's torchrun, and watch the others while it runs. A lost node makes
+    the result say `node_lost`: the group then restarts (`record_outcome`)."""
+    from jobs.gang import gang_of, node_queue, set_endpoint
+    from worker.nodes import (
+        GangWatch,
+        node_address,
+        procs_per_node,
+        rendezvous_port,
+        torchrun_command,
+        write_request,
+    )
+
+    job_id, attempt = request.job_id, request.attempt
+    endpoint = f"{node_address(settings)}:{rendezvous_port(settings)}"
+    with session_scope(settings.database_url) as session:
+        set_endpoint(session, job_id, attempt, endpoint)
+        peers = [(n.rank, n.worker) for n in gang_of(session, job_id, attempt)[1:]]
+    _log_line(
+        log_path,
+        f"node 0 of {request.nodes}, rendezvous {endpoint}; other nodes: "
+        + ", ".join(f"{rank} on {name}" for rank, name in peers),
+    )
+    for rank, name in peers:
+        try:
+            app.send_task("hmkd.run_node", args=[job_id, attempt, rank], queue=node_queue(name))
+        except Exception as err:  # the node never starts: the watch sees it and restarts
+            log.warning("job %s: could not start node %d on %s: %s", job_id, rank, name, err)
+    command = torchrun_command(
+        write_request(request, Path(request.job_dir)),
+        nodes=request.nodes,
+        nproc=procs_per_node(request.spec),
+        endpoint=endpoint,
+        run_id=f"{job_id}-{attempt}",
+        is_host=True,
+        addr=node_address(settings),
+        join_s=settings.rendezvous_timeout_s,
+    )
+    watch = GangWatch(settings, job_id, attempt)
+    result = run_training(request, log_path, heartbeat, command=command, watch=watch)
+    # the others end with it (or already have); a node lost on the way restarts the group
+    lost = result.get("node_lost") or watch.after_failure(fresh_s(settings) + 5.0)
+    if lost and result.get("status") == "failed":
+        result = {**result, "status": "failed", "node_lost": lost}
+    return result
+
+
+def run_training(
+    request: TrainRequest,
+    log_path: Path,
+    heartbeat: LeaseHeartbeat,
+    *,
+    command: list[str] | None = None,
+    watch: Callable[[], str | None] | None = None,
+) -> dict[str, Any]:
+    """Start the training process (`python -m worker.child`, the request on its stdin; or
+    `command`, which finds the request itself) and wait for it; returns its result dict.
+    `watch`, asked while it runs, returns a reason to stop it (a lost node)."""
     result_path = Path(request.result_path)
     result_path.unlink(missing_ok=True)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.child"],
-            stdin=subprocess.PIPE,
+            command or [sys.executable, "-m", "worker.child"],
+            stdin=subprocess.PIPE if command is None else subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=os.getcwd(),
             env=_child_env(),
         )
     _log_line(log_path, f"training process pid {proc.pid}")
-    assert proc.stdin is not None
-    with proc.stdin:
-        proc.stdin.write(request.to_json().encode())
+    if proc.stdin is not None:
+        with proc.stdin:
+            proc.stdin.write(request.to_json().encode())
     lost_at: float | None = None
     limit = (request.spec.get("resources") or {}).get("max_runtime_s")
     deadline = time.monotonic() + limit + OVERRUN_GRACE_S if limit else None
     while proc.poll() is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.5)
+        reason = watch() if watch is not None and not heartbeat.lost.is_set() else None
+        if reason:
+            log.warning("job %s: %s; stop this node, restart the group", request.job_id, reason)
+            _log_line(log_path, f"a node was lost: {reason}")
+            _terminate(proc)
+            return {"status": "failed", "node_lost": reason, "error": reason, "iteration": None}
         if heartbeat.lost.is_set():  # training sees it too, through its reporter; give it time
             lost_at = lost_at or time.monotonic()
             if time.monotonic() - lost_at > LOST_LEASE_GRACE_S:
@@ -349,6 +421,17 @@ def record_outcome(
         _log_line(log_path, f"lease lost by {worker}; the job is left to its new owner")
         log.warning("job %s: lease lost; not finishing it", job_id)
         return "lease_lost"
+    if result.get("node_lost"):
+        register_artifacts(settings, job_id, job_dir, worker=worker, attempt=attempt)
+        with session_scope(settings.database_url) as session:
+            state = restart_group(
+                session, job_id, worker=worker, attempt=attempt, reason=str(result["node_lost"])
+            )
+        if state is None:
+            return "lease_lost"
+        _log_line(log_path, f"group restart: {result['node_lost']}; the job is {state.value}")
+        dispatch_pending(settings)
+        return "restarted" if state == JobState.queued else state.value
     if status == "succeeded":
         final, error = JobState.succeeded, None
     elif status == "stopped" and row.cancel_requested:

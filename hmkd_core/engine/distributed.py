@@ -46,15 +46,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init(rank: int, world_size: int, device_kind: str, port: int) -> DistContext:
-    device = pick_device(device_kind, rank)
+def init(
+    rank: int,
+    world_size: int,
+    device_kind: str,
+    init_method: str,
+    local_rank: int | None = None,
+) -> DistContext:
+    """Join the process group (`init_method`: tcp://host:port for processes this library
+    started, env:// under torchrun); `local_rank` picks the GPU on a node of several."""
+    device = pick_device(device_kind, rank if local_rank is None else local_rank)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-        )
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     return DistContext(rank=rank, world_size=world_size, device=device)
 
 

@@ -113,10 +113,37 @@ def _rank_main(
     checkpoint_dir: str,
     resume_from: str | None,
 ) -> None:
+    run_rank(
+        rank,
+        world_size,
+        f"tcp://127.0.0.1:{port}",
+        TrainSpec.model_validate_json(spec_json),
+        out_dir,
+        reporter,
+        checkpoint_dir,
+        resume_from,
+    )
+
+
+def run_rank(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    spec: TrainSpec,
+    out_dir: str | Path,
+    reporter: Reporter,
+    checkpoint_dir: str | Path,
+    resume_from: str | Path | None,
+    local_rank: int | None = None,
+) -> None:
+    """One process of a run: join the group, train, and (rank 0) write `result.json`.
+
+    `train()` starts these itself; a multi-node job's processes are started by torchrun on
+    every node and call it directly (`worker.rank`), with `init_method` env://.
+    """
     from hmkd_core.engine.trainer import Trainer
 
-    spec = TrainSpec.model_validate_json(spec_json)
-    ctx = distributed.init(rank, world_size, spec.runtime.device, port)
+    ctx = distributed.init(rank, world_size, spec.runtime.device, init_method, local_rank)
     try:
         trainer = Trainer(spec, Path(out_dir), ctx, reporter, checkpoint_dir=Path(checkpoint_dir))
         status = trainer.run(resume_from=Path(resume_from) if resume_from else None)
