@@ -40,7 +40,8 @@ class JobPublic(BaseModel):
     method: str
     queue: str
     priority: int
-    gpus: int
+    gpus: int = Field(description="GPUs per node (0: CPU).")
+    nodes: int = Field(1, description="Machines the job spans (`resources.nodes`).")
     state: Literal["waiting", "queued", "running", "succeeded", "failed", "cancelled"]
     attempt: int = Field(description="Attempts started so far (a resumed job counts each).")
     max_attempts: int
@@ -92,6 +93,7 @@ class JobPublic(BaseModel):
             queue=job.queue,
             priority=job.priority,
             gpus=job.gpus,
+            nodes=job.nodes,
             state=job.state,  # type: ignore[arg-type]
             attempt=job.attempt,
             max_attempts=job.max_attempts,

@@ -188,12 +188,15 @@ def mark_node(
     return result.rowcount == 1
 
 
-def set_endpoint(session: Session, job_id: str, attempt: int, endpoint: str) -> None:
-    """Where the attempt's rendezvous is served (node 0's host:port)."""
+def set_endpoint(
+    session: Session, job_id: str, attempt: int, endpoint: str, resume_from: str | None
+) -> None:
+    """Where the attempt's rendezvous is served (node 0's host:port), and the checkpoint all
+    nodes resume from (an artifact name; None: from the start)."""
     session.execute(
         update(JobNode)
         .where(JobNode.job_id == job_id, JobNode.attempt == attempt, JobNode.rank == 0)
-        .values(endpoint=endpoint)
+        .values(endpoint=endpoint, resume_from=resume_from)
         .execution_options(synchronize_session=False)
     )
 

@@ -205,6 +205,8 @@ class JobNode(Base):
     # reserved -> running -> ended | failed | lost
     state: Mapped[str] = mapped_column(String(20), default="reserved", server_default="reserved")
     endpoint: Mapped[str | None] = mapped_column(String(300))  # rank 0: the rendezvous host:port
+    # rank 0: the checkpoint (artifact name) every node of the attempt resumes from
+    resume_from: Mapped[str | None] = mapped_column(String(500))
     detail: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow

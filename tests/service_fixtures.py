@@ -135,6 +135,9 @@ def service_settings(db_url: str, broker_url: str, tmp_path: Path) -> Settings:
         heartbeat_seconds=1.0,
         sweep_seconds=1.0,
         progress_interval_seconds=0.0,
+        node_address="127.0.0.1",  # multi-node jobs' "machines" are workers on this host
+        rendezvous_port=0,
+        rendezvous_timeout_s=60.0,
     )
 
 

@@ -183,7 +183,7 @@ def execute_node(settings: Settings, job_id: str, attempt: int, rank: int, name:
             return "stale"
         leader = gang_of(session, job_id, attempt)[0]
         token, spec, nodes = job.lease_owner or "", job.resolved_spec or job.spec, job.nodes
-        endpoint = leader.endpoint
+        endpoint, resume = leader.endpoint, leader.resume_from
     store = store_of(settings)
     job_dir = store.job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +191,8 @@ def execute_node(settings: Settings, job_id: str, attempt: int, rank: int, name:
     log_path = job_dir / log_name
     state, detail = "failed", "the node's training did not start"
     try:
+        if resume:  # the checkpoint node 0 resumes from: every node starts from the same one
+            store.fetch(job_id, resume)
         request = TrainRequest(
             job_id=job_id,
             spec=spec,
@@ -203,6 +205,7 @@ def execute_node(settings: Settings, job_id: str, attempt: int, rank: int, name:
             throttle_seconds=settings.progress_interval_seconds,
             supervisor_pid=os.getpid(),
             checkpoint_dir=str(store.checkpoint_dir(job_id, attempt)),
+            resume_from=str(store.resolve(job_id, resume)) if resume else None,
             storage=storage_settings(settings),
             node_rank=rank,
             nodes=nodes,
@@ -217,9 +220,11 @@ def execute_node(settings: Settings, job_id: str, attempt: int, rank: int, name:
             addr=node_address(settings),
             join_s=settings.rendezvous_timeout_s,
         )
+        _node_line(log_path, f"node {rank} of {nodes}, attempt {attempt}, on {name}: {endpoint}")
         code = _run_while_held(settings, job_id, token, attempt, command, log_path)
         state, detail = _ending(code)
     finally:
+        _node_line(log_path, f"node {rank} {state}: {detail}")
         with session_scope(settings.database_url) as session:
             mark_node(session, job_id, attempt, rank, state, detail)
         _register_log(settings, job_id, token, attempt, log_name)
@@ -253,6 +258,13 @@ def _run_while_held(
                 _terminate(proc)
                 return None
     return proc.returncode
+
+
+def _node_line(path: Path, message: str) -> None:
+    from worker.tasks import _log_line
+
+    with contextlib.suppress(OSError):
+        _log_line(path, message)
 
 
 def _ending(code: int | None) -> tuple[str, str]:

@@ -11,6 +11,7 @@ result and registers the files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -77,10 +78,39 @@ def run(request: TrainRequest) -> dict[str, Any]:
     return {"status": done["status"], "iteration": done["iteration"], "stop": reporter.stop_reason}
 
 
+def die_with_the_node(supervisor_pid: int) -> None:
+    """End this process when its node goes: torchrun starts ranks in sessions of their own,
+    so a worker killed with its process group (a crash, `kill -9`, a container stopped)
+    would leave them training, and holding the group, as orphans. Linux kills the process
+    when torchrun dies (PR_SET_PDEATHSIG); a thread also watches the worker that owns it."""
+    import ctypes
+    import threading
+    import time
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # torchrun died before the line above: already an orphan
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(supervisor_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="node-watch", daemon=True).start()
+
+
 def main(path: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging()
     request = TrainRequest.from_json(Path(path).read_text())
+    die_with_the_node(request.supervisor_pid)
     result = outcome_of(run, request)
     if request.node_rank == 0 and os.environ.get("LOCAL_RANK") == "0":
         write_result(request, result)  # what node 0's worker reads

@@ -243,8 +243,10 @@ def run_gang(
 
     job_id, attempt = request.job_id, request.attempt
     endpoint = f"{node_address(settings)}:{rendezvous_port(settings)}"
+    job_dir = Path(request.job_dir)
+    resume = Path(request.resume_from).relative_to(job_dir) if request.resume_from else None
     with session_scope(settings.database_url) as session:
-        set_endpoint(session, job_id, attempt, endpoint)
+        set_endpoint(session, job_id, attempt, endpoint, resume.as_posix() if resume else None)
         peers = [(n.rank, n.worker) for n in gang_of(session, job_id, attempt)[1:]]
     _log_line(
         log_path,
@@ -257,7 +259,7 @@ def run_gang(
         except Exception as err:  # the node never starts: the watch sees it and restarts
             log.warning("job %s: could not start node %d on %s: %s", job_id, rank, name, err)
     command = torchrun_command(
-        write_request(request, Path(request.job_dir)),
+        write_request(request, job_dir),
         nodes=request.nodes,
         nproc=procs_per_node(request.spec),
         endpoint=endpoint,

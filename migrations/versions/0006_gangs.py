@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("worker", sa.String(200), nullable=False),
         sa.Column("state", sa.String(20), nullable=False, server_default="reserved"),
         sa.Column("endpoint", sa.String(300), nullable=True),
+        sa.Column("resume_from", sa.String(500), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("job_id", "rank"),

@@ -205,3 +205,20 @@ def test_broken_nodes_names_the_lost_the_killed_and_the_late(
     assert "node 1 (b) stopped heartbeating" in found[0]
     assert "node 2 (c) killed: torchrun killed by signal 9" in found[1]
     assert any("node 3 (d) did not start within 0 s" in line for line in broken(join_s=0))
+
+
+def test_sigterm_on_any_node_of_a_gang_checkpoints_and_requeues_the_whole_job(
+    service_settings: Settings, admin: tuple[Any, str]
+) -> None:
+    """A deploy stopping the second node's worker asks the job (whose lease node 0 holds) to
+    checkpoint and come back to the queue, as it would for the lease holder."""
+    from worker.celery_app import release_jobs_of
+
+    _workers(service_settings, "a", "b")
+    job_id = _submit(service_settings, admin[0].id, resources={"nodes": 2})
+    assert _claim(service_settings, job_id, "a") is not None
+    assert release_jobs_of(service_settings, "b") == [job_id]
+    with session_scope(service_settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.preempt_requested and job.state == JobState.running
+        assert s.get(Worker, "b").draining

@@ -129,3 +129,26 @@ def test_a_malformed_storage_url_is_refused(url: str) -> None:
 
     with pytest.raises(ValueError, match="HMKD_STORAGE_URL"):
         Settings(storage_url=url)
+
+
+def test_a_teacher_from_another_jobs_storage_is_fetched_before_training(
+    s3_endpoint: str, s3_url: str, tmp_path: Path
+) -> None:
+    """`teacher.weights: job:<id>` resolves to that job's student.pt under the artifacts root;
+    a worker on another machine downloads it first. Paths outside the root are left alone."""
+    from worker.tasks import fetch_weights
+
+    def store(machine: str) -> ArtifactStore:
+        root = tmp_path / machine
+        return ArtifactStore(root, storage_from(root, s3_url, s3_endpoint, "us-east-1"))
+
+    trained, here = store("trainer"), store("here")
+    _write(trained, "teacherjob", "run/student.pt", PAYLOAD)
+    trained.publish("teacherjob", "run/student.pt")
+    spec = {
+        "teacher": {"weights": str(here.root / "teacherjob" / "run" / "student.pt")},
+        "student": {"weights": str(tmp_path / "elsewhere.pt")},
+    }
+    assert fetch_weights(here, spec) == ["teacher.weights fetched from job teacherjob's storage"]
+    assert here.resolve("teacherjob", "run/student.pt").read_bytes() == PAYLOAD
+    assert fetch_weights(here, spec) == []  # already here

@@ -43,6 +43,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
             "HMKD_SWEEP_SECONDS": str(settings.sweep_seconds),
             "HMKD_PROGRESS_INTERVAL_SECONDS": str(settings.progress_interval_seconds),
             "HMKD_MAX_ATTEMPTS": str(settings.max_attempts),
+            "HMKD_NODE_ADDRESS": settings.node_address,
+            "HMKD_RENDEZVOUS_PORT": str(settings.rendezvous_port),
+            "HMKD_RENDEZVOUS_TIMEOUT_S": str(settings.rendezvous_timeout_s),
             "PYTHONPATH": str(REPO),
             "OMP_NUM_THREADS": "1",  # tiny models; the test machine's cores are shared
         }

@@ -23,7 +23,7 @@ export function jobHeader(job) {
       fact("id", h("span", { class: "mono" }, job.id)),
       fact("kind", job.method === "none" ? job.kind : `${job.kind} · ${job.method}`),
       fact("queue", `${job.queue} (priority ${job.priority})`),
-      fact("GPUs", job.gpus ? String(job.gpus) : "CPU"),
+      fact("GPUs", (job.nodes > 1 ? `${job.nodes} nodes × ` : "") + (job.gpus ? String(job.gpus) : "CPU")),
       fact("attempt", `${job.attempt} of ${job.max_attempts}`),
       job.teacher_job_id ? fact("teacher", h("a", { href: `#/jobs/${job.teacher_job_id}` }, shortId(job.teacher_job_id))) : "",
       fact("submitted", when(job.created_at)),
