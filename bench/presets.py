@@ -45,6 +45,9 @@ ROWS: dict[str, dict[str, Any]] = {
         "weight": 7.0,
         "hmkd": {"sdm": {"enabled": False}},
     },
+    # only the finest level, where the small objects are: on HIT-UAV the distillation gradient
+    # on P3/P4 was 1.2-3.9x the detector's own (`bench.diagnose`), and every row lost AP_S
+    "hmkd: P2 only": {"method": "hmkd", "levels": ["p2"]},
     # HM without SDM (the SDM-off ablation was the least harmful on HIT-UAV), deep query
     "hmkd: HM only, deep query": {
         "method": "hmkd",

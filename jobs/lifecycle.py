@@ -111,16 +111,10 @@ def _check_enough_workers(session: Session, queue: str, gpus: int, nodes: int) -
     wait forever: refused at submit. Taken on trust while no worker of the queue is known."""
     if nodes == 1:
         return
-    from jobs.models import Worker
+    from jobs.scheduling import serving_workers
 
     since = db_clock(session) - timedelta(seconds=WORKER_SEEN_S)
-    serving = [
-        len(g or [])
-        for q, g in session.execute(
-            select(Worker.queues, Worker.gpus).where(Worker.heartbeat_at >= since)
-        )
-        if queue in (q or [])
-    ]
+    serving = list(serving_workers(session, queue, since=since).values())
     able = sum(1 for have in serving if have >= gpus)
     if serving and able < nodes:
         raise InvalidJob(

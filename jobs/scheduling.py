@@ -111,18 +111,22 @@ def queued_order(session: Session, queues: Sequence[str]) -> dict[str, int]:
     return positions
 
 
-def largest_worker(session: Session, queue: str, *, since: datetime) -> int | None:
-    """The most GPUs one worker serving `queue` has (heartbeat after `since`); None when no
-    worker serves it (yet)."""
+def serving_workers(session: Session, queue: str, *, since: datetime) -> dict[str, int]:
+    """Name -> GPUs of each worker whose heartbeat after `since` says it serves `queue`."""
     from jobs.models import Worker
 
-    found = None
-    for queues, gpus in session.execute(
-        select(Worker.queues, Worker.gpus).where(Worker.heartbeat_at >= since)
-    ):
-        if queue in (queues or []):
-            found = max(found or 0, len(gpus or []))
-    return found
+    return {
+        name: len(gpus or [])
+        for name, queues, gpus in session.execute(
+            select(Worker.name, Worker.queues, Worker.gpus).where(Worker.heartbeat_at >= since)
+        )
+        if queue in (queues or [])
+    }
+
+
+def largest_worker(session: Session, queue: str, *, since: datetime) -> int | None:
+    """The most GPUs one worker serving `queue` has; None when no worker serves it (yet)."""
+    return max(serving_workers(session, queue, since=since).values(), default=None)
 
 
 def preemption_victim(
@@ -203,13 +207,7 @@ def _worker_gpus(session: Session) -> dict[str, int]:
 
 def workers_serving(session: Session, queue: str, *, since: datetime) -> int:
     """Workers (one job each) whose heartbeat after `since` says they serve `queue`."""
-    from jobs.models import Worker
-
-    return sum(
-        1
-        for (queues,) in session.execute(select(Worker.queues).where(Worker.heartbeat_at >= since))
-        if queue in (queues or [])
-    )
+    return len(serving_workers(session, queue, since=since))
 
 
 def preempt_for_fair_share(
