@@ -6,6 +6,7 @@ an API answering 500s on every request is worse than one that says what to run.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -23,6 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from jobs.lifecycle import Conflict, InvalidJob, NotFound
 from jobs.schemas import has_control_characters
 from jobs.settings import Settings, get_settings
+from jobs.storage import StorageError
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Submit knowledge-distillation jobs for small-object detectors, follow their progress and
@@ -187,6 +191,16 @@ async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=409)
 
 
+async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
+    """Object storage unreachable or refusing: the artifact exists, try again later."""
+    log.warning("object storage: %s", exc)
+    return JSONResponse(
+        {"detail": "artifact storage is unavailable; try again shortly"},
+        status_code=503,
+        headers={"Retry-After": "10"},
+    )
+
+
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 _COMMON = {
     "422": "A path or query parameter holds a control character, or a value is out of range.",
@@ -279,6 +293,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(InvalidJob, _invalid_job)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(StorageError, _storage_down)
     for module in (jobs, methods, datasets, artifacts, downloads, queue, me, admin, health):
         app.include_router(module.router, prefix="/v1")
     install_dashboard(app)

@@ -66,10 +66,16 @@ class ArtifactStore:
         folder is shared)."""
         self.storage.publish(job_id, name, self.resolve(job_id, name))
 
-    def fetch(self, job_id: str, name: str) -> bool:
+    def fetch(self, job_id: str, name: str, refresh: bool = False) -> bool:
         """Have the artifact `name` in the local folder, downloading it when another machine
-        wrote it; False when it exists nowhere."""
-        return self.storage.fetch(job_id, name, self.resolve(job_id, name))
+        wrote it (with `refresh`, also when the stored copy differs from the local one, as a
+        log another machine appended to does); False when it exists nowhere."""
+        return self.storage.fetch(job_id, name, self.resolve(job_id, name), refresh)
+
+    @property
+    def shared(self) -> bool:
+        """Whether this folder is what everyone reads (else it is this machine's scratch)."""
+        return self.storage.local_path("x", "x") is not None
 
     def discard(self, job_id: str, name: str | None = None) -> None:
         """Delete the artifact (or, name None, the whole job) from the storage too."""

@@ -26,6 +26,7 @@ from jobs.db import db_clock
 from jobs.models import TERMINAL, Artifact, Job, JobEvent, JobState, Team, User, utcnow
 from jobs.schemas import JOB_REF, JobSpec, control_text_field
 from jobs.settings import Settings
+from jobs.storage import StorageError
 
 
 class JobError(Exception):
@@ -176,10 +177,11 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
         source = _job_by_prefix(session, user, m.group(1), "teacher.weights")
         if source.state == JobState.succeeded:
             path = _resolve_weights(session, user, teacher["weights"], "teacher.weights", settings)
+            _fetch_student(source, settings)  # with object storage, it may be only there
             built = read_model_spec(path)
         else:  # its student.pt is still to come: what it will hold is in its spec
             built = _model_to_come(source)
-    except (InvalidJob, WeightsError, ValueError):
+    except (InvalidJob, WeightsError, ValueError, StorageError):
         return body
     filled = dict(teacher)
     for name in _ARCHITECTURE:
@@ -214,6 +216,12 @@ def _student_path(job: Job, settings: Settings) -> Path:
 
     assert settings.artifacts_dir is not None
     return ArtifactStore(Path(settings.artifacts_dir)).run_dir(job.id) / "student.pt"
+
+
+def _fetch_student(job: Job, settings: Settings) -> None:
+    from jobs.artifacts import store_of
+
+    store_of(settings).fetch(job.id, "run/student.pt")
 
 
 def _resolve_weights(
@@ -869,6 +877,16 @@ def restart_group(
     now = utcnow()
     if job.cancel_requested:
         state, values = JobState.cancelled, _ended(JobState.cancelled, now)
+    elif job.preempt_requested:  # asked to give its workers back (a deploy): not an attempt
+        state = JobState.queued
+        values = {
+            "state": JobState.queued.value,
+            "dispatched": False,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "preempt_requested": False,
+            "max_attempts": Job.max_attempts + 1,
+        }
     elif attempt >= job.max_attempts:
         message = f"a node was lost ({reason}); {_exhausted_message(attempt)}"
         state, values = JobState.failed, _ended(JobState.failed, now, error=message)

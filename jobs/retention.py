@@ -13,6 +13,7 @@ whole job or a hidden folder that `purge_deleted` removes, never rows without fi
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import uuid
@@ -25,6 +26,9 @@ from jobs.artifacts import ArtifactNameError, ArtifactStore, artifact_kind
 from jobs.lifecycle import Conflict, NotFound, add_event, lock_job
 from jobs.models import TERMINAL, Artifact, Job, JobState, Team
 from jobs.schemas import Retention
+from jobs.storage import StorageError
+
+log = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^run/checkpoints/(?:attempt-(\d+)/)?ckpt_(\d+)\.pt$")
 _DELETED_PREFIX = ".deleted-"
@@ -65,6 +69,9 @@ def apply_retention(session: Session, store: ArtifactStore, job: Job) -> list[st
             store.resolve(job.id, row.name).unlink(missing_ok=True)
             store.discard(job.id, row.name)
         except ArtifactNameError:
+            continue
+        except StorageError as err:  # kept in the bucket, and on record, until next time
+            log.warning("job %s: %s not removed from storage: %s", job.id, row.name, err)
             continue
         removed.append(row.name)
         freed += row.size
@@ -142,7 +149,10 @@ def delete_job(session: Session, store: ArtifactStore, job: Job) -> int:
     session.commit()
     if moved:
         shutil.rmtree(aside, ignore_errors=True)
-    store.discard(job.id)
+    try:
+        store.discard(job.id)
+    except StorageError as err:  # the job is gone; its objects are left under its prefix
+        log.warning("job %s deleted; its objects in storage were not: %s", job.id, err)
     return freed
 
 

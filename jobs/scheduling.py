@@ -158,11 +158,13 @@ def preemption_victim(
     if worker_slots <= 0 or len(live) < worker_slots or any(r.preempt_requested for r in live):
         return None
     line = start_order(session, [queue], now=now)[queue]
+    singles = set(session.scalars(select(Job.id).where(Job.id.in_(line), Job.nodes == 1)))
+    # a gang waits for free workers (one preempted job would not seat it): the first job
+    # behind it that one worker can run is the one preemption makes room for
+    line = [job_id for job_id in line if job_id in singles]
     if not line:
         return None
-    head = session.execute(select(Job.team_id, Job.gpus, Job.nodes).where(Job.id == line[0])).one()
-    if head.nodes > 1:
-        return None  # a gang waits for free workers: one preempted job would not seat it
+    head = session.execute(select(Job.team_id, Job.gpus).where(Job.id == line[0])).one()
     usage = running_usage(session, now)
     weight = shares(session, {head.team_id, *(r.team_id for r in live)})
 

@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="The port a multi-node job's first node serves its c10d rendezvous on (the "
-        "next free one when taken; 0: any free port).",
+        "another free port when it is taken; 0: any free port).",
     )
     rendezvous_timeout_s: float = Field(
         300.0,

@@ -13,8 +13,10 @@ the file first. The bucket's keys are `<prefix>/<job id>/<artifact name>`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +36,9 @@ class Storage(Protocol):
     def publish(self, job_id: str, name: str, path: Path) -> None:
         """Make the local file `path` the artifact `name` of the job, for every machine."""
 
-    def fetch(self, job_id: str, name: str, dest: Path) -> bool:
-        """Put the artifact at `dest` unless it is already there; False when it exists nowhere."""
+    def fetch(self, job_id: str, name: str, dest: Path, refresh: bool = False) -> bool:
+        """Put the artifact at `dest` unless it is already there (with `refresh`, replace it
+        by the stored copy when they differ); False when it exists nowhere."""
 
     def local_path(self, job_id: str, name: str) -> Path | None:
         """The file itself when this machine can read it directly, else None."""
@@ -69,9 +72,9 @@ class SharedFolder:
             return  # written in place, the usual case
         _copy_atomic(Path(path), target)
 
-    def fetch(self, job_id: str, name: str, dest: Path) -> bool:
+    def fetch(self, job_id: str, name: str, dest: Path, refresh: bool = False) -> bool:
         source = self._path(job_id, name)
-        if dest.is_file():
+        if dest.is_file() and (not refresh or source.resolve() == dest.resolve()):
             return True
         if not source.is_file():
             return False
@@ -123,19 +126,7 @@ class S3Bucket:
     @property
     def client(self) -> Any:
         if self._client is None:
-            try:
-                import boto3
-                from botocore.config import Config
-            except ImportError as err:  # pragma: no cover - depends on the install
-                raise StorageError(
-                    "storage_url is s3://... but boto3 is not installed: pip install 'hmkd[s3]'"
-                ) from err
-            self._client = boto3.client(
-                "s3",
-                endpoint_url=self.endpoint_url,
-                region_name=self.region,
-                config=Config(retries={"max_attempts": 5, "mode": "standard"}),
-            )
+            self._client = _client(self.endpoint_url, self.region)
         return self._client
 
     def key(self, job_id: str, name: str = "") -> str:
@@ -166,12 +157,15 @@ class S3Bucket:
         except _boto_errors() as err:
             raise StorageError(f"upload to s3://{self.bucket}/{key}: {err}") from err
 
-    def fetch(self, job_id: str, name: str, dest: Path) -> bool:
-        if dest.is_file():
+    def fetch(self, job_id: str, name: str, dest: Path, refresh: bool = False) -> bool:
+        if dest.is_file() and not refresh:
             return True
         key = self.key(job_id, name)
-        if self.size(job_id, name) is None:
-            return False
+        size = self.size(job_id, name)
+        if size is None:
+            return dest.is_file()
+        if dest.is_file() and dest.stat().st_size == size:
+            return True
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
@@ -220,6 +214,34 @@ class S3Bucket:
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 self._call("DELETE", prefix, self.client.delete_objects, Delete={"Objects": keys})
+
+
+_CLIENT_LOCK = threading.Lock()
+
+
+@functools.cache
+def _client(endpoint_url: str | None, region: str | None) -> Any:
+    """One S3 client per endpoint and process, made under a lock from a session of its own:
+    clients are thread-safe, making them from boto3's shared default session is not. Short
+    timeouts: an unreachable endpoint fails a request in seconds, not minutes."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise StorageError(
+            "storage_url is s3://... but boto3 is not installed: pip install 'hmkd[s3]'"
+        ) from err
+    with _CLIENT_LOCK:
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                connect_timeout=5,
+                read_timeout=60,
+                retries={"max_attempts": 3, "mode": "standard"},
+            ),
+        )
 
 
 def _boto_errors() -> tuple[type[Exception], ...]:

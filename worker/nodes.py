@@ -96,7 +96,10 @@ def procs_per_node(spec: dict[str, Any]) -> int:
 def write_request(request: TrainRequest, job_dir: Path) -> Path:
     """The request as a hidden file of the job's folder (never listed as an artifact)."""
     path = job_dir / f".request-{request.attempt}-node{request.node_rank}.json"
-    path.write_text(request.to_json())
+    # readable by this user only: it holds the database's address and credentials
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(request.to_json())
     return path
 
 
@@ -221,13 +224,17 @@ def execute_node(settings: Settings, job_id: str, attempt: int, rank: int, name:
             join_s=settings.rendezvous_timeout_s,
         )
         _node_line(log_path, f"node {rank} of {nodes}, attempt {attempt}, on {name}: {endpoint}")
-        code = _run_while_held(settings, job_id, token, attempt, command, log_path)
+        try:
+            code = _run_while_held(settings, job_id, token, attempt, command, log_path)
+        finally:
+            Path(command[-1]).unlink(missing_ok=True)  # it holds the database's address
         state, detail = _ending(code)
     finally:
         _node_line(log_path, f"node {rank} {state}: {detail}")
         with session_scope(settings.database_url) as session:
             mark_node(session, job_id, attempt, rank, state, detail)
-        _register_log(settings, job_id, token, attempt, log_name)
+        if _register_log(settings, job_id, token, attempt, log_name) and not store.shared:
+            log_path.unlink(missing_ok=True)  # scratch: the bucket has it
     log.info("node %d of job %s (attempt %d): %s %s", rank, job_id, attempt, state, detail)
     return state
 
@@ -277,17 +284,31 @@ def _ending(code: int | None) -> tuple[str, str]:
     return "failed", f"torchrun exited with {code}"
 
 
-def _register_log(settings: Settings, job_id: str, token: str, attempt: int, name: str) -> None:
-    """Keep this node's log with the job's artifacts (published with object storage)."""
+def _register_log(settings: Settings, job_id: str, token: str, attempt: int, name: str) -> bool:
+    """Keep this node's log with the job's artifacts (published with object storage), while
+    the attempt holds the job; whether it was."""
     store = store_of(settings)
     path = store.resolve(job_id, name)
     if not path.is_file():
-        return
+        return False
     try:
+        with session_scope(settings.database_url) as session:
+            if session.scalar(select(Job.id).where(held_by(job_id, token, attempt))) is None:
+                return False
         store.publish(job_id, name)
         with session_scope(settings.database_url) as session:
-            record_artifact(
-                session, job_id, worker=token, attempt=attempt, name=name, kind="logs", path=path
+            return (
+                record_artifact(
+                    session,
+                    job_id,
+                    worker=token,
+                    attempt=attempt,
+                    name=name,
+                    kind="logs",
+                    path=path,
+                )
+                is not None
             )
     except Exception as err:  # the attempt may be over; the file stays on this disk
         log.warning("job %s: node log %s not registered: %s", job_id, name, err)
+        return False

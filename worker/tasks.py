@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from jobs.lifecycle import (
     claim_next,
     finish_job,
     hand_back,
+    held_by,
     release_job,
     renew_lease,
     restart_group,
@@ -135,7 +137,7 @@ def _run_claimed(
     heartbeat.start()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        store.fetch(job_id, "logs.txt")  # earlier attempts' log, when another machine ran them
+        store.fetch(job_id, "logs.txt", refresh=True)  # earlier attempts', wherever they ran
         _log_line(log_path, f"attempt {attempt} claimed by {worker}")
         for line in fetch_weights(store, spec):
             _log_line(log_path, line)
@@ -174,9 +176,27 @@ def _run_claimed(
             result = run_gang(settings, request, log_path, heartbeat)
         else:
             result = run_training(request, log_path, heartbeat)
+        # still under the heartbeat: publishing the results can take longer than a lease
+        outcome = record_outcome(
+            settings, job_id, worker, attempt, job_dir, log_path, result, heartbeat
+        )
     finally:
         heartbeat.stop()
-    return record_outcome(settings, job_id, worker, attempt, job_dir, log_path, result, heartbeat)
+    if not store.shared and _all_registered(settings, store, job_id):
+        shutil.rmtree(job_dir, ignore_errors=True)  # scratch: the bucket has what is kept
+    return outcome
+
+
+def _all_registered(settings: Settings, store: ArtifactStore, job_id: str) -> bool:
+    """Whether every file of the job's local folder is on record at its size (and so was
+    published): only then may a scratch copy go."""
+    with session_scope(settings.database_url) as session:
+        sizes = dict(
+            session.execute(
+                select(Artifact.name, Artifact.size).where(Artifact.job_id == job_id)
+            ).all()
+        )
+    return all(sizes.get(name) == path.stat().st_size for name, _, path in store.scan(job_id))
 
 
 def fetch_weights(store: ArtifactStore, spec: dict[str, Any]) -> list[str]:
@@ -269,7 +289,10 @@ def run_gang(
         join_s=settings.rendezvous_timeout_s,
     )
     watch = GangWatch(settings, job_id, attempt)
-    result = run_training(request, log_path, heartbeat, command=command, watch=watch)
+    try:
+        result = run_training(request, log_path, heartbeat, command=command, watch=watch)
+    finally:
+        Path(command[-1]).unlink(missing_ok=True)  # it holds the database's address
     # the others end with it (or already have); a node lost on the way restarts the group
     lost = result.get("node_lost") or watch.after_failure(fresh_s(settings) + 5.0)
     if lost and result.get("status") == "failed":
@@ -425,6 +448,7 @@ def record_outcome(
         return "lease_lost"
     if result.get("node_lost"):
         register_artifacts(settings, job_id, job_dir, worker=worker, attempt=attempt)
+        heartbeat.stop()
         with session_scope(settings.database_url) as session:
             state = restart_group(
                 session, job_id, worker=worker, attempt=attempt, reason=str(result["node_lost"])
@@ -448,6 +472,7 @@ def record_outcome(
     elif status == "stopped" and str(result.get("stop") or "").startswith(PREEMPT_STOP):
         _log_line(log_path, f"preempted at iteration {result.get('iteration')}: back in the queue")
         register_artifacts(settings, job_id, job_dir, worker=worker, attempt=attempt)
+        heartbeat.stop()
         with session_scope(settings.database_url) as session:
             released = release_job(
                 session,
@@ -473,6 +498,7 @@ def record_outcome(
         log_path, f"attempt ends {final.value}" + (f": {result.get('error')}" if error else "")
     )
     register_artifacts(settings, job_id, job_dir, worker=worker, attempt=attempt)
+    heartbeat.stop()
     with session_scope(settings.database_url) as session:
         if not finish_job(
             session, job_id, worker=worker, attempt=attempt, state=final, error=error
@@ -495,20 +521,35 @@ def register_artifacts(
     """Record every file of the job (checkpoints, student, eval, logs) with size and sha256.
 
     Checkpoints the reporter registered as they were written are immutable and not hashed
-    again (they can be gigabytes); rows of pruned checkpoints are dropped.
+    again (they can be gigabytes); a file registered unchanged (same size and sha256, such as
+    a `best.pt` published when written) is not uploaded again; rows of pruned checkpoints are
+    dropped. Nothing is uploaded once this attempt no longer holds the job.
     """
     store = store_of(settings)
-    with session_scope(settings.database_url) as session:
-        forget_missing_artifacts(session, job_id, store)
-        known = dict(
-            session.execute(
-                select(Artifact.name, Artifact.size).where(Artifact.job_id == job_id)
-            ).all()
-        )
+    try:
+        with session_scope(settings.database_url) as session:
+            forget_missing_artifacts(session, job_id, store)
+            known = {
+                name: (size, sha)
+                for name, size, sha in session.execute(
+                    select(Artifact.name, Artifact.size, Artifact.sha256).where(
+                        Artifact.job_id == job_id
+                    )
+                )
+            }
+    except Exception as err:  # storage or database away: the files stay, unregistered
+        log.warning("job %s: artifacts not registered: %s", job_id, err)
+        return
     for name, kind, path in store.scan(job_id):
         try:
-            if kind == "checkpoint" and known.get(name) == path.stat().st_size:
+            size = path.stat().st_size
+            if kind == "checkpoint" and known.get(name, (None,))[0] == size:
                 continue  # registered, and published, as it was written
+            if known.get(name) == (size, store.sha256(path)):
+                continue
+            if not _holds(settings, job_id, worker, attempt):
+                log.warning("job %s: lease lost; %s not published", job_id, name)
+                return
             store.publish(job_id, name)
             with session_scope(settings.database_url) as session:
                 record_artifact(
@@ -522,6 +563,12 @@ def register_artifacts(
                 )
         except Exception as err:  # bookkeeping must not fail a run whose files are written
             log.warning("job %s: artifact %s not registered: %s", job_id, name, err)
+
+
+def _holds(settings: Settings, job_id: str, worker: str, attempt: int) -> bool:
+    """Whether this attempt still holds the job (read now): the fence before an upload."""
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Job.id).where(held_by(job_id, worker, attempt))) is not None
 
 
 @dataclass

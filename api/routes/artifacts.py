@@ -117,7 +117,7 @@ def artifact_file(
     return _streamed(store.storage, job_id, name, size, range_header, if_range, common)
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")  # int() of 4300+ digits raises
 
 
 def _streamed(
