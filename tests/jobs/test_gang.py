@@ -222,3 +222,23 @@ def test_sigterm_on_any_node_of_a_gang_checkpoints_and_requeues_the_whole_job(
         job = s.get(Job, job_id)
         assert job.preempt_requested and job.state == JobState.running
         assert s.get(Worker, "b").draining
+
+
+def test_a_node_lost_while_its_gang_was_asked_to_yield_costs_no_attempt(
+    service_settings: Settings, admin: tuple[Any, str]
+) -> None:
+    """A reserved worker stopped by a deploy before its part started: the group cannot
+    checkpoint, but the job was asked to give its workers back, so its attempt is refunded."""
+    from worker.celery_app import release_jobs_of
+
+    _workers(service_settings, "a", "b")
+    job_id = _submit(service_settings, admin[0].id, resources={"nodes": 2})
+    assert _claim(service_settings, job_id, "a") is not None
+    release_jobs_of(service_settings, "b")
+    with session_scope(service_settings.database_url) as s:
+        before = s.get(Job, job_id).max_attempts
+        assert restart_group(s, job_id, worker="a#1", attempt=1, reason="node 1 (b) gone")
+    with session_scope(service_settings.database_url) as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.queued and job.max_attempts == before + 1
+        assert not job.preempt_requested
