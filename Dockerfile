@@ -43,7 +43,7 @@ python3.11 -m venv "$VENV"
 "$VENV/bin/pip" install --no-cache-dir ".[s3]"
 cd /
 "$VENV/bin/hmkd" --help >/dev/null
-"$VENV/bin/python" -c 'import api.app, worker.celery_app'
+"$VENV/bin/python" -c 'import api.app, worker.celery_app, boto3'
 INSTALL
 
 # ---- runtime: the interpreter, the virtual environment, a non-root user.

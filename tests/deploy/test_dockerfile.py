@@ -72,9 +72,11 @@ def test_python_is_the_one_pyproject_wants() -> None:
 def test_install_block_installs_the_project_and_imports_its_services() -> None:
     block = "\n".join(_install_block())
     assert block.startswith("set -eu\n")
-    assert '"$VENV/bin/pip" install --no-cache-dir .' in block
+    # the project with its S3 extra: a cluster's artifacts may live in object storage
+    assert '"$VENV/bin/pip" install --no-cache-dir ".[s3]"' in block
+    assert "s3" in PYPROJECT["project"]["optional-dependencies"]
+    assert "import api.app, worker.celery_app, boto3" in block
     assert "cd /" in block, "imports must come from the install, not from the source tree"
-    assert "import api.app, worker.celery_app" in block
     assert "RUN <<'INSTALL'" in (ROOT / "scripts" / "check_deploy.sh").read_text()
 
 
