@@ -75,7 +75,7 @@ class ArtifactStore:
     @property
     def shared(self) -> bool:
         """Whether this folder is what everyone reads (else it is this machine's scratch)."""
-        return self.storage.local_path("x", "x") is not None
+        return self.storage.shared
 
     def discard(self, job_id: str, name: str | None = None) -> None:
         """Delete the artifact (or, name None, the whole job) from the storage too."""

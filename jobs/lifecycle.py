@@ -699,6 +699,18 @@ def _ended(state: JobState, now: datetime, **extra: object) -> dict[str, object]
     }
 
 
+def _requeued(**extra: object) -> dict[str, object]:
+    """Column values of a job back in the queue: unpublished (the sweep publishes it), no
+    lease."""
+    return {
+        "state": JobState.queued.value,
+        "dispatched": False,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        **extra,
+    }
+
+
 def _unowned(now: datetime) -> ColumnElement[bool]:
     """No live worker holds the job: it is queued, or running on a lease that has expired."""
     return or_(
@@ -750,6 +762,11 @@ def held_by(job_id: str, worker: str, attempt: int) -> ColumnElement[bool]:
         Job.attempt == attempt,
         Job.state == JobState.running.value,
     )
+
+
+def is_held(session: Session, job_id: str, worker: str, attempt: int) -> bool:
+    """Read now: does this attempt still hold the job? (`progress.holds` also locks the row.)"""
+    return session.scalar(select(Job.id).where(held_by(job_id, worker, attempt))) is not None
 
 
 def renew_lease(
@@ -846,14 +863,7 @@ def release_job(
     result = session.execute(
         update(Job)
         .where(held_by(job_id, worker, attempt))
-        .values(
-            state=JobState.queued.value,
-            dispatched=False,
-            lease_owner=None,
-            lease_expires_at=None,
-            preempt_requested=False,
-            max_attempts=Job.max_attempts + 1,
-        )
+        .values(**_requeued(preempt_requested=False, max_attempts=Job.max_attempts + 1))
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
@@ -877,28 +887,13 @@ def restart_group(
     now = utcnow()
     if job.cancel_requested:
         state, values = JobState.cancelled, _ended(JobState.cancelled, now)
-    elif job.preempt_requested:  # asked to give its workers back (a deploy): not an attempt
-        state = JobState.queued
-        values = {
-            "state": JobState.queued.value,
-            "dispatched": False,
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "preempt_requested": False,
-            "max_attempts": Job.max_attempts + 1,
-        }
-    elif attempt >= job.max_attempts:
+    elif job.preempt_requested or attempt < job.max_attempts:
+        # asked to give its workers back (a deploy): that attempt is not counted
+        refund = {"max_attempts": Job.max_attempts + 1} if job.preempt_requested else {}
+        state, values = JobState.queued, _requeued(preempt_requested=False, **refund)
+    else:
         message = f"a node was lost ({reason}); {_exhausted_message(attempt)}"
         state, values = JobState.failed, _ended(JobState.failed, now, error=message)
-    else:
-        state = JobState.queued
-        values = {
-            "state": JobState.queued.value,
-            "dispatched": False,
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "preempt_requested": False,
-        }
     result = session.execute(
         update(Job)
         .where(held_by(job_id, worker, attempt))
@@ -986,12 +981,7 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
             values = _ended(JobState.failed, now, error=message)
         else:
             kind, message = "lease_expired", f"worker {owner} stopped renewing"
-            values = {
-                "state": JobState.queued.value,
-                "dispatched": False,
-                "lease_owner": None,
-                "lease_expires_at": None,
-            }
+            values = _requeued()
         result = session.execute(
             update(Job)
             .where(

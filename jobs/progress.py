@@ -141,13 +141,15 @@ def record_artifact(
     name: str,
     kind: str,
     path: Path,
+    sha256: str | None = None,
 ) -> Artifact | None:
-    """Register (or refresh) a file of the job, with its size and sha256; None, registering
-    nothing, when this attempt no longer holds the job."""
+    """Register (or refresh) a file of the job, with its size and sha256 (`sha256` when the
+    caller has hashed it already); None, registering nothing, when this attempt no longer
+    holds the job."""
     if not holds(session, job_id, worker=worker, attempt=attempt):
         return None
     stat = path.stat()
-    sha = file_sha256(path)
+    sha = sha256 or file_sha256(path)
     artifact = session.scalar(
         select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
     )
@@ -193,8 +195,7 @@ def forget_missing_artifacts(session: Session, job_id: str, store: ArtifactStore
     for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):
         if store.job_dir(job_id).joinpath(artifact.name).is_file():
             continue
-        remote = store.storage.local_path(job_id, artifact.name) is None
-        if remote and store.storage.size(job_id, artifact.name) is not None:
+        if not store.shared and store.storage.size(job_id, artifact.name) is not None:
             continue
         session.delete(artifact)
 

@@ -33,6 +33,9 @@ class StorageError(RuntimeError):
 class Storage(Protocol):
     """What a job's files need beyond the local folder: publishing, fetching, streaming."""
 
+    # whether the local artifacts folder is what everyone reads (else a machine's scratch)
+    shared: bool
+
     def publish(self, job_id: str, name: str, path: Path) -> None:
         """Make the local file `path` the artifact `name` of the job, for every machine."""
 
@@ -57,6 +60,8 @@ class Storage(Protocol):
 
 class SharedFolder:
     """The artifacts root on a filesystem every worker and the API mount at the same path."""
+
+    shared = True
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -112,6 +117,8 @@ class S3Bucket:
     Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a
     profile, an instance role); `endpoint_url` points it at a server other than AWS.
     """
+
+    shared = False
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None):
         parsed = urlparse(url)

@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from jobs.artifacts import store_of
 from jobs.db import db_clock, session_scope
 from jobs.gang import broken_nodes, fresh_s, gang_of, mark_node, unfinished_nodes
-from jobs.lifecycle import held_by
+from jobs.lifecycle import is_held
 from jobs.models import Job, JobNode
 from jobs.progress import record_artifact
 from jobs.settings import Settings, get_settings
@@ -256,10 +254,10 @@ def _run_while_held(
             proc.wait(timeout=WATCH_S)
         try:
             with session_scope(settings.database_url) as session:
-                held = session.scalar(select(Job.id).where(held_by(job_id, token, attempt)))
+                held = is_held(session, job_id, token, attempt)
         except Exception:  # the database may be briefly away; the lease has slack
             continue
-        if held is None:
+        if not held:
             over_since = over_since or time.monotonic()
             if time.monotonic() - over_since > 5.0:  # the ranks end by themselves, mostly
                 _terminate(proc)
@@ -293,7 +291,7 @@ def _register_log(settings: Settings, job_id: str, token: str, attempt: int, nam
         return False
     try:
         with session_scope(settings.database_url) as session:
-            if session.scalar(select(Job.id).where(held_by(job_id, token, attempt))) is None:
+            if not is_held(session, job_id, token, attempt):
                 return False
         store.publish(job_id, name)
         with session_scope(settings.database_url) as session:

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from hmkd_core.engine.reporter import Progress, Reporter
 from jobs.artifacts import ArtifactStore
 from jobs.db import session_scope
-from jobs.lifecycle import held_by
+from jobs.lifecycle import is_held
 from jobs.models import Artifact, Job, JobState
 from jobs.progress import (
     forget_missing_artifacts,
@@ -242,15 +242,13 @@ class DbReporter(Reporter):
         checkpoint missed is cheaper than one written into another attempt's run."""
         try:
             with session_scope(self.database_url) as session:
-                held = session.scalar(
-                    select(Job.id).where(held_by(self.job_id, self.worker, self.attempt))
-                )
+                held = is_held(session, self.job_id, self.worker, self.attempt)
         except Exception as err:
             log.warning("job %s: could not read the lease: %s", self.job_id, err)
             return False
-        if held is None:
+        if not held:
             self._request_stop("lease lost (another attempt holds the job)")
-        return held is not None
+        return held
 
     def should_stop(self) -> bool:
         if self._stop:

@@ -38,7 +38,7 @@ from jobs.lifecycle import (
     claim_next,
     finish_job,
     hand_back,
-    held_by,
+    is_held,
     release_job,
     renew_lease,
     restart_group,
@@ -296,7 +296,7 @@ def run_gang(
     # the others end with it (or already have); a node lost on the way restarts the group
     lost = result.get("node_lost") or watch.after_failure(fresh_s(settings) + 5.0)
     if lost and result.get("status") == "failed":
-        result = {**result, "status": "failed", "node_lost": lost}
+        result = {**result, "node_lost": lost}
     return result
 
 
@@ -545,11 +545,13 @@ def register_artifacts(
             size = path.stat().st_size
             if kind == "checkpoint" and known.get(name, (None,))[0] == size:
                 continue  # registered, and published, as it was written
-            if known.get(name) == (size, store.sha256(path)):
+            sha = store.sha256(path)
+            if known.get(name) == (size, sha):
                 continue
-            if not _holds(settings, job_id, worker, attempt):
-                log.warning("job %s: lease lost; %s not published", job_id, name)
-                return
+            with session_scope(settings.database_url) as session:
+                if not is_held(session, job_id, worker, attempt):
+                    log.warning("job %s: lease lost; %s not published", job_id, name)
+                    return
             store.publish(job_id, name)
             with session_scope(settings.database_url) as session:
                 record_artifact(
@@ -560,15 +562,10 @@ def register_artifacts(
                     name=name,
                     kind=kind,
                     path=path,
+                    sha256=sha,
                 )
         except Exception as err:  # bookkeeping must not fail a run whose files are written
             log.warning("job %s: artifact %s not registered: %s", job_id, name, err)
-
-
-def _holds(settings: Settings, job_id: str, worker: str, attempt: int) -> bool:
-    """Whether this attempt still holds the job (read now): the fence before an upload."""
-    with session_scope(settings.database_url) as session:
-        return session.scalar(select(Job.id).where(held_by(job_id, worker, attempt))) is not None
 
 
 @dataclass
