@@ -93,6 +93,7 @@ def write_record(
             "cuda_peak_mib": run["cuda_peak_mib"],
         },
         "inputs": inputs,
+        "machine": run.get("machine"),
         "spec": _portable(spec, roots),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from bench.presets import Preset, Splits, row_distill
-from bench.records import read_record, record_path, slug
+from bench.records import RESULTS, read_record, record_path, slug
 from bench.stats import Paired, paired
 from hmkd_core.spec import BASELINE_METHODS
 
@@ -68,20 +68,46 @@ def _metric(record: dict[str, Any], key: str, split: str = "metrics") -> float |
 def collect(
     preset: Preset, rows: tuple[str, ...], seeds: tuple[int, ...], results: Path
 ) -> dict[str, Any]:
-    """The records a page is built from: teacher, base and every (row, seed) found."""
-    found = {
-        row: {s: r for s in seeds if (r := read_record(record_path(preset.name, row, s, results)))}
-        for row in rows
+    """The records a page is built from: teacher, base and every (row, seed) found.
+
+    A run is paired only with runs that started from the same weights, so a record that read
+    another teacher or base than the stages recorded here (a stage retrained on another
+    machine, whose rows were not all run again) is left out of the table and listed instead.
+    """
+    teachers = _stages(preset, "teacher", results)
+    bases = _stages(preset, "base", results)
+    current = {
+        key: stages[-1]["inputs"]["student.pt"]
+        for key, stages in (("teacher", teachers), ("init", bases))
+        if stages
     }
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    stale: list[str] = []
+    for row in rows:
+        for seed in seeds:
+            record = read_record(record_path(preset.name, row, seed, results))
+            if record is None:
+                continue
+            if any(record["inputs"].get(k, sha) != sha for k, sha in current.items()):
+                stale.append(f"{row} seed {seed}")
+            else:
+                found.setdefault(row, {})[seed] = record
     return {
-        "teacher": read_record(record_path(preset.name, "teacher", None, results)),
-        "bases": [
-            r
-            for name in ("base", *(f"base+{k}" for k in range(1, preset.max_extensions + 1)))
-            if (r := read_record(record_path(preset.name, name, None, results)))
-        ],
-        "rows": {row: by_seed for row, by_seed in found.items() if by_seed},
+        # the rows read the last stage: a teacher still gaining was trained on (`teacher+1`)
+        "teacher": teachers[-1] if teachers else None,
+        "teachers": teachers,
+        "bases": bases,
+        "rows": found,
+        "stale": stale,
     }
+
+
+def _stages(preset: Preset, name: str, results: Path) -> list[dict[str, Any]]:
+    """A stage's records in training order: `name`, then each extension that was run."""
+    labels = (name, *(f"{name}+{k}" for k in range(1, preset.max_extensions + 1)))
+    return [
+        r for label in labels if (r := read_record(record_path(preset.name, label, None, results)))
+    ]
 
 
 def compare(
@@ -250,6 +276,15 @@ def _tune_table(found: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _stale_line(stale: list[str]) -> str:
+    if not stale:
+        return ""
+    return (
+        f"\n\nLeft out: {len(stale)} run record(s) made from another teacher or base than the "
+        f"stages recorded here, so not paired with this table's runs: {', '.join(stale)}."
+    )
+
+
 def _goal(summary: dict[str, Any]) -> str:
     rows = summary["rows"]
     h = rows.get("hmkd")
@@ -362,7 +397,7 @@ def write_all(
     plot_dir.mkdir(exist_ok=True)
     plot = plot_deltas(
         found,
-        plot_dir / f"{slug(preset.name)}_delta_ap_s.png",
+        plot_dir / f"{_plot_name(preset, results)}_delta_ap_s.png",
         f"{preset.source}, preset {preset.name} ({preset.protocol} start)",
     )
     body = _page(preset, found, summary, seeds, overhead, folder, plot.relative_to(out.parent))
@@ -372,6 +407,22 @@ def write_all(
     )
     out.write_text(body.replace("<<command>>", head))
     return summary
+
+
+def _plot_name(preset: Preset, results: Path) -> str:
+    """The preset's name for the committed table; a second table of the same preset (records
+    kept elsewhere) gets its folder's name too, so its plot never replaces the first's."""
+    if results.resolve() == RESULTS.resolve():
+        return slug(preset.name)
+    return slug(f"{preset.name}-{results.name}")
+
+
+def _shown(folder: Path) -> str:
+    """The records' folder as the page names it: relative to the project when inside it."""
+    try:
+        return folder.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return folder.as_posix()
 
 
 def _protocol_line(preset: Preset, bases: list[dict[str, Any]], gain: float | None) -> str:
@@ -389,13 +440,18 @@ def _protocol_line(preset: Preset, bases: list[dict[str, Any]], gain: float | No
             else f"(still gaining {PLATEAU_GAIN} or more: not at its plateau)"
         )
     )
-    chain = [
-        f"AP_S {_fmt(_metric(b, 'AP_S'))} after {_schedule(b['spec']['schedule'])}" for b in bases
-    ]
     return (
         f"every row continues from the same base student, a {student} trained alone "
-        f"({'; then, still gaining, '.join(chain) or '–'}; {plateau}), for {rows_schedule}"
+        f"({_stage_chain(bases)}; {plateau}), for {rows_schedule}"
     )
+
+
+def _stage_chain(stages: list[dict[str, Any]]) -> str:
+    """Each stage's AP_S after its schedule, in order (an extension runs while one gains)."""
+    chain = [
+        f"AP_S {_fmt(_metric(r, 'AP_S'))} after {_schedule(r['spec']['schedule'])}" for r in stages
+    ]
+    return "; then, still gaining, ".join(chain) or "–"
 
 
 def _section(title: str, lines: list[str], intro: str = "") -> str:
@@ -428,7 +484,9 @@ def _page(
         (f for f in (folder / "diagnose.txt", folder / "calibration.txt") if f.is_file()),
         folder / "diagnose.txt",
     )
+    # written by hand beside the records: what the table is (intro) and what it says (reading)
     reading = folder / "reading.md"
+    intro = folder / "intro.md"
     t_ap = _fmt(_metric(teacher, "AP") if teacher else None)
     t_aps = _fmt(_metric(teacher, "AP_S") if teacher else None)
     protocol = _protocol_line(preset, found["bases"], summary["base_plateau_gain_ap_s"])
@@ -452,13 +510,13 @@ def _page(
     )
     return f"""# {preset.source} results: preset `{preset.name}` ({preset.protocol} start)
 
-<<command>>
-  Every figure is read from the run records in `bench/results/{preset.name}/`, each written
+{intro.read_text().rstrip() + chr(10) + chr(10) if intro.is_file() else ""}<<command>>
+  Every figure is read from the run records in `{_shown(folder)}/`, each written
   by the run that measured it; the student runs took {wall / 60:.0f} min of run time in all,
   {preset.jobs} at a time, {preset.threads} thread(s) each.
 - **Data**: {_data_line(preset)}
-- **Teacher**: {_model_line(preset.teacher)} from scratch, {_schedule(preset.teacher_schedule)};
-  AP {t_ap}, AP_S {t_aps}.
+- **Teacher**: {_model_line(preset.teacher)} from scratch, {_stage_chain(found["teachers"])};
+  AP {t_ap}, AP_S {t_aps} (the weights every row reads).
 - **Protocol**: {protocol}.
 - **Seeds**: {", ".join(map(str, seeds))}; a seed fixes data order, augmentation and the
   distiller's initialisation, the same in every row, so each row minus `none` is paired.
@@ -467,7 +525,7 @@ def _page(
 - **Step / floor**: one training step of the method over one student step plus one teacher
   forward ({ovh}).
 
-{_goal(summary)}
+{_goal(summary)}{_stale_line(found["stale"])}
 
 ## Every row against the student trained alone
 

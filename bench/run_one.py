@@ -12,6 +12,7 @@ on those images, and the validation split stays the reported one.
 from __future__ import annotations
 
 import json
+import platform
 import resource
 import sys
 import time
@@ -58,8 +59,28 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
         ),
         "tune_metrics": tune_metrics,
+        "machine": machine(),
     }
     (out / "bench.json").write_text(json.dumps(record, indent=2))
+
+
+def machine() -> dict[str, str | None]:
+    """What a run's floating point depended on besides its spec: the same spec trains other
+    weights on another kind of CPU (its vector width picks other kernels, which round
+    differently, and hundreds of steps amplify that), so a record says where it was made."""
+    model = None
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_initialized() else None,
+    }
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def read_run(out: Path) -> dict[str, Any]:
         "peak_rss_mib": bench["peak_rss_mib"],
         "cuda_peak_mib": bench["cuda_peak_mib"],
         "wall_s": bench["wall_s"],
+        "machine": bench.get("machine"),  # absent from runs made before it was recorded
         "curve_iter": [r["iteration"] for r in train],
         "curve_det_loss": [_detection_loss(r["losses"]) for r in train],
         "curve_loss": [r["loss"] for r in train],

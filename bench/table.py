@@ -111,8 +111,23 @@ def run_stages(
 def _record_stage(
     preset: Preset, name: str, run: Run, roots: dict[str, Path], results: Path
 ) -> dict[str, Any]:
+    """Record a finished stage, unless the folder holds this stage made from the same spec
+    with other weights: training on another kind of CPU rounds differently, and the rows
+    recorded there were paired on the old weights, so they must not be replaced silently."""
+    path = record_path(preset.name, name, None, results)
+    sha = file_sha256(run.out / "student.pt")
+    earlier = read_record(path, spec_hash(run.spec, roots))
+    if earlier is not None and earlier["inputs"]["student.pt"] != sha:
+        raise SystemExit(
+            f"{name}: trained again from the same spec, it came out with other weights "
+            f"(sha256 {sha[:12]}…; {path} records {earlier['inputs']['student.pt'][:12]}…), "
+            f"so the rows recorded under {path.parent.parent} are not paired with it. Keep "
+            "those records and start a separate table on these weights with another --results "
+            "folder (the trained stages are reused), or delete that folder's records to "
+            "replace them."
+        )
     return write_record(
-        record_path(preset.name, name, None, results),
+        path,
         preset=preset.name,
         row=name,
         seed=None,
@@ -120,7 +135,7 @@ def _record_stage(
         run=read_run(run.out),
         spec=run.spec,
         roots=roots,
-        inputs={"student.pt": file_sha256(run.out / "student.pt")},
+        inputs={"student.pt": sha},
     )
 
 

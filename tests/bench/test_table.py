@@ -9,26 +9,15 @@ runs are not run again.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import table
 from bench.records import read_record, record_path
 
-REPO = Path(__file__).resolve().parents[2]
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the runs are `python -m bench.run_one` processes: they import `bench` from the repo root
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    )
 
 
 def _argv(tmp_path: Path, *extra: str) -> list[str]:
@@ -58,6 +47,10 @@ def test_smoke_table_records_every_run_and_writes_summary_and_page(
             assert rec["seed"] == seed and rec["metrics"]["iteration"] == 2
             assert rec["tune_metrics"] is not None and "AP_S" in rec["tune_metrics"]
             assert rec["cost"]["peak_rss_mib"] > 100  # a process that imported torch
+            # where it ran: another kind of CPU trains other weights from the same spec
+            assert rec["machine"]["torch"] == torch.__version__
+            assert rec["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+            assert rec["machine"]["cpu"]
             # warm start: every row starts from the base student, paths kept portable
             assert rec["spec"]["student"]["weights"].startswith("<work>/stages/base-")
             assert rec["inputs"]["init"] == base["inputs"]["student.pt"]
@@ -81,9 +74,11 @@ def test_smoke_table_records_every_run_and_writes_summary_and_page(
     assert "python -m bench.table --preset smoke" in text
     assert "**Seeds**: 0, 1" in text
     assert "Goal " in text and "| hmkd | 2 |" in text
-    png = out.parent / "results" / "smoke_delta_ap_s.png"
+    assert f"run records in `{(results / 'smoke').as_posix()}/`" in text  # not the default
+    # records kept outside bench/results make a second table: its plot has a name of its own
+    png = out.parent / "results" / "smoke_results_delta_ap_s.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "results/smoke_delta_ap_s.png" in text
+    assert "results/smoke_results_delta_ap_s.png" in text
 
 
 def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
@@ -106,6 +101,16 @@ def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     table.main([*argv, "--render", "--out", str(tmp_path / "c.md")])
     assert "| mgd | 1 |" in (tmp_path / "c.md").read_text()
 
+    # a record made from another base is never paired with this table's runs
+    stale = json.loads(rec.read_text())
+    stale["inputs"]["init"] = "0" * 64
+    rec.write_text(json.dumps(stale))
+    table.main([*argv, "--render", "--out", str(tmp_path / "d.md")])
+    text = (tmp_path / "d.md").read_text()
+    assert "| mgd |" not in text and "Left out: 1 run record(s)" in text and "mgd seed 0" in text
+    summary = json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())
+    assert "mgd" not in summary["rows"]
+
 
 def test_a_record_made_from_other_weights_runs_again(tmp_path: Path, in_repo: None) -> None:
     # a teacher retrained elsewhere has another sha256: runs against the old one are unpaired
@@ -120,6 +125,24 @@ def test_a_record_made_from_other_weights_runs_again(tmp_path: Path, in_repo: No
     table.main(argv)
     assert json.loads(mgd.read_text())["inputs"]["teacher"] != "0" * 64
     assert none.stat().st_mtime_ns == kept  # `none` never read the teacher
+
+
+def test_a_stage_that_trains_other_weights_keeps_the_recorded_table(
+    tmp_path: Path, in_repo: None
+) -> None:
+    table.main(_argv(tmp_path, "--stages-only"))
+    path = record_path("smoke", "teacher", None, tmp_path / "results")
+    recorded = json.loads(path.read_text())
+    recorded["inputs"]["student.pt"] = "0" * 64  # as if trained on another kind of CPU
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(SystemExit, match=r"teacher: trained again .* another --results"):
+        table.main(_argv(tmp_path, "--rows", "none", "hmkd"))
+    assert json.loads(path.read_text()) == recorded  # nothing replaced
+    assert not (tmp_path / "results" / "smoke" / "hmkd").exists()  # and no row was run
+    # another folder starts a table of its own on the same trained stages
+    table.main(_argv(tmp_path, "--stages-only", "--results", str(tmp_path / "again")))
+    again = read_record(record_path("smoke", "teacher", None, tmp_path / "again"))
+    assert again is not None and again["inputs"]["student.pt"] != "0" * 64
 
 
 def test_the_citation_is_not_part_of_the_data_key(tmp_path: Path) -> None:
@@ -165,3 +188,12 @@ def test_a_base_still_gaining_continues_until_its_extensions_run_out(
     assert more["spec"]["student"]["weights"].startswith("<work>/stages/base-")
     assert more["spec"]["schedule"]["iterations"] == 2
     assert read_record(record_path("smoke", "base+2", None, results)) is None  # capped
+
+    # the rows read the last teacher stage, and the page and summary report that one
+    last = read_record(record_path("smoke", "teacher+1", None, results))
+    assert last is not None
+    out = tmp_path / "page.md"
+    table.main(_argv(tmp_path, "--rows", "none", "--seeds", "0", "--out", str(out)))
+    summary = json.loads((results / "smoke" / "summary.json").read_text())
+    assert summary["teacher_ap_s"] == pytest.approx(100 * last["metrics"]["AP_S"])
+    assert "; then, still gaining, AP_S" in out.read_text().split("**Teacher**")[1].split("\n")[0]

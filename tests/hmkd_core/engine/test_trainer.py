@@ -94,6 +94,24 @@ def test_stopped_and_resumed_equals_uninterrupted(
     assert [i for i in its] == sorted(set(its))
 
 
+def test_evaluating_during_training_leaves_the_trained_weights_unchanged(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    # an evaluation that drew from the training RNG would make every weight depend on how
+    # often a run was evaluated, and a benchmark's stages on its evaluation code
+    runs = {
+        every: train(
+            tiny_spec(tiny_digits, schedule={"iterations": 4}, eval={"every": every}),
+            tmp_path / str(every),
+        )
+        for every in (0, 1)
+    }
+    lines = (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()
+    assert sum("eval" in json.loads(x) for x in lines) >= 4  # it did evaluate at every step
+    a, b = (_weights(r.student_path) for r in runs.values())
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def test_two_process_gloo_ddp(tiny_digits: dict, tmp_path: Path) -> None:
     spec = tiny_spec(tiny_digits, schedule={"iterations": 3})
     result = train(spec, tmp_path, nproc=2)
