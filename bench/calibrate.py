@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--work", type=Path, default=Path("runs/bench"))
     p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--results", type=Path, default=RESULTS, help="whose stages (bench.table's)")
     p.add_argument("--write", action="store_true", help="store the weights for the preset")
     args = p.parse_args(argv)
     methods = [m for m in METHODS if m != "none" and m in ROWS]
-    specs = preset_specs(args.preset, args.work.resolve(), methods)
+    specs = preset_specs(args.preset, args.work.resolve(), methods, args.results)
     weights, blocks = {}, []
     for method, spec in specs.items():
         spec.distill.weight = 1.0  # measure at the library's defaults

@@ -22,14 +22,17 @@ from bench.records import RESULTS
 from hmkd_core.spec import TrainSpec, load_spec
 
 
-def preset_specs(name: str, work: Path, rows: list[str] | None) -> dict[str, TrainSpec]:
-    """Each distilling row's spec at the preset's trained teacher and starting student."""
+def preset_specs(
+    name: str, work: Path, rows: list[str] | None, results: Path = RESULTS
+) -> dict[str, TrainSpec]:
+    """Each distilling row's spec at the preset's trained teacher and starting student (the
+    stages recorded under `results`)."""
     from bench.data import prepare
     from bench.table import data_root, run_stages
 
     preset = PRESETS[name]
     splits = prepare(preset, data_root(preset, work))
-    teacher, base = run_stages(preset, work, splits, teacher=None, results=RESULTS)
+    teacher, base = run_stages(preset, work, splits, teacher=None, results=results)
     chosen = rows or [r for r in preset.rows if ROWS[r]["method"] != "none"]
     return {
         row: TrainSpec.model_validate(
@@ -46,11 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--rows", nargs="+", default=None)
     p.add_argument("--work", type=Path, default=Path("runs/bench"))
+    p.add_argument("--results", type=Path, default=RESULTS, help="whose stages (bench.table's)")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--out", type=Path, default=None, help="also write the text here")
     args = p.parse_args(argv)
     if args.preset:
-        specs = preset_specs(args.preset, args.work.resolve(), args.rows)
+        specs = preset_specs(args.preset, args.work.resolve(), args.rows, args.results)
     else:
         specs = {args.spec.name: load_spec(args.spec)}
     blocks = []
