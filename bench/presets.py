@@ -48,6 +48,11 @@ ROWS: dict[str, dict[str, Any]] = {
     # only the finest level, where the small objects are: on HIT-UAV the distillation gradient
     # on P3/P4 was 1.2-3.9x the detector's own (`bench.diagnose`), and every row lost AP_S
     "hmkd: P2 only": {"method": "hmkd", "levels": ["p2"]},
+    # the first quarter of the 200 iterations fits the distiller to the warm student's
+    # features before its gradient reaches them: a random adapter pulls a trained student's
+    # features toward re-encoding what it already has (the student's head reads the old code)
+    "hmkd: aligned": {"method": "hmkd", "align_iters": 50},
+    "mgd: aligned": {"method": "mgd", "align_iters": 50},
     # HM without SDM (the SDM-off ablation was the least harmful on HIT-UAV), deep query
     "hmkd: HM only, deep query": {
         "method": "hmkd",

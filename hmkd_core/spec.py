@@ -247,6 +247,14 @@ class DistillSpec(_Strict):
         description="Ramp the distillation losses linearly from 0 to full weight over this many "
         "iterations (0: full weight from the start).",
     )
+    align_iters: int = Field(
+        0,
+        ge=0,
+        le=MAX_ITERATIONS,
+        description="For this many first iterations the distillation losses train only the "
+        "distiller (adapters, matching, attention), on detached student features; the student "
+        "then meets a distiller fitted to its features, not a random one (0: from the start).",
+    )
     hmkd: HMKDOptions = Field(default_factory=HMKDOptions)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     fgd: FGDOptions = Field(default_factory=FGDOptions)
@@ -347,6 +355,11 @@ class TrainSpec(_Strict):
     def _teacher_when_distilling(self) -> TrainSpec:
         if self.distill.method != "none" and self.teacher is None:
             raise ValueError(f"distill.method {self.distill.method!r} needs a teacher")
+        if self.distill.method != "none" and self.distill.align_iters >= self.schedule.iterations:
+            raise ValueError(
+                f"distill.align_iters: {self.distill.align_iters} leaves none of the "
+                f"{self.schedule.iterations} iterations in which the teacher reaches the student"
+            )
         if self.teacher is not None and self.teacher.weights == "none":
             raise ValueError("teacher.weights must name trained weights (a path, or coco)")
         return self

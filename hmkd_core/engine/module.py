@@ -79,6 +79,8 @@ class TrainModule(nn.Module):
         self.distiller = distiller
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or synced
         self._recorder = FeatureRecorder(student) if teacher is not None else None
+        # while set, the distillation losses reach the distiller only (`distill.align_iters`)
+        self.detach_student = False
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         losses = {f"student.{k}": v for k, v in self.student(images, targets).items()}
@@ -86,8 +88,11 @@ class TrainModule(nn.Module):
             return losses
         rec = self._recorder
         batch = rec.images.tensors
+        student = rec.levels()
+        if self.detach_student:
+            student = {name: f.detach() for name, f in student.items()}
         inputs = DistillInputs(
-            student=rec.levels(),
+            student=student,
             teacher=self.teacher.features(batch.detach()),
             boxes=[t["boxes"].detach() for t in rec.targets],
             image_size=(int(batch.shape[-2]), int(batch.shape[-1])),

@@ -211,6 +211,7 @@ class Trainer:
             for t in targets
         ]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        self.module.detach_student = self.iteration < self.spec.distill.align_iters
         with autocast:
             losses = self.model(images, targets)
         self._check_finite(losses)

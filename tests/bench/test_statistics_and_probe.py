@@ -9,7 +9,7 @@ import pytest
 from bench.data import hold_out
 from bench.probe import format_probe, probe
 from bench.stats import paired
-from tests.conftest import tiny_model, tiny_spec
+from tests.conftest import tiny_model, tiny_spec, tiny_spec_dict
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
@@ -64,3 +64,24 @@ def test_probe_gradient_ratio_scales_with_the_weight_so_calibration_hits_its_tar
     assert second["terms"]["hm_p2"]["raw"] == pytest.approx(raw, rel=1e-4)
     text = format_probe("hmkd", second)
     assert "p2" in text and "ratio" in text and "clipping fired" in text
+
+
+def test_an_option_added_later_keeps_earlier_records_valid_at_its_default() -> None:
+    from bench.records import spec_hash
+
+    roots = {"work": Path("/w")}
+    paths = {
+        k: Path(f"/w/{k}")
+        for k in ("train_images", "train_annotations", "val_images", "val_annotations")
+    }
+    spec = tiny_spec_dict(paths, distill={"method": "mimic"})
+    spec["teacher"] = {**spec["student"], "weights": "/w/t.pt"}
+    spec["schedule"]["iterations"] = 10
+    h = spec_hash(spec, roots)
+    spec["distill"]["align_iters"] = 0  # said explicitly: the same experiment
+    assert spec_hash(spec, roots) == h
+    spec["distill"]["align_iters"] = 3
+    assert spec_hash(spec, roots) != h
+    spec["distill"]["align_iters"] = 0
+    spec["distill"]["warmup_iters"] = 3  # any other option still counts
+    assert spec_hash(spec, roots) != h

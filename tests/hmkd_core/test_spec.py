@@ -49,6 +49,16 @@ def test_distillation_needs_a_trained_teacher() -> None:
         parse_spec(d)
 
 
+def test_alignment_must_leave_iterations_to_distil() -> None:
+    d = tiny_spec_dict(PATHS, distill={"method": "mimic", "align_iters": 4})
+    d["teacher"] = {**d["student"], "weights": "t.pt"}
+    d["schedule"]["iterations"] = 4
+    with pytest.raises(SpecError, match=r"distill\.align_iters: 4 leaves none of the 4"):
+        parse_spec(d)
+    d["schedule"]["iterations"] = 5
+    assert parse_spec(d).distill.align_iters == 4
+
+
 def test_sdm_background_must_be_damped() -> None:
     d = tiny_spec_dict(PATHS, distill={"method": "hmkd", "hmkd": {"sdm": {"alpha": 1, "beta": 2}}})
     d["teacher"] = {"weights": "t.pt"}

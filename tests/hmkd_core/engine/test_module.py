@@ -57,3 +57,29 @@ def test_pairs_that_cannot_share_a_batch_are_refused() -> None:
         check_pair(S, T.model_copy(update={"image_mean": (0.5, 0.5, 0.5)}), ("p2",))
     with pytest.raises(IncompatiblePairError, match="p2"):
         check_pair(S, T.model_copy(update={"arch": "retinanet"}), ("p2", "p3", "p4"))
+
+
+@pytest.mark.parametrize("method", ["mimic", "hmkd"])
+def test_while_aligning_the_distillation_loss_trains_only_the_distiller(method: str) -> None:
+    # `distill.align_iters`: the distiller fits the student's features before it moves them
+    torch.manual_seed(0)
+    student = build_detector(S, 3)
+    distiller = build_distiller(
+        DistillSpec(method=method),
+        levels=("p2", "p3", "p4"),
+        student_channels=16,
+        teacher_channels=32,
+    )
+    module = TrainModule(student, distiller, FrozenTeacher(build_detector(T, 3)))
+    images, targets = _batch()
+    grads = {}
+    for detach in (False, True):
+        module.zero_grad(set_to_none=True)
+        module.detach_student = detach
+        losses = module(images, targets)
+        distill = sum(v for k, v in losses.items() if k.startswith("distill."))
+        distill.backward()
+        grads[detach] = student.backbone.fpn.layer_blocks[0][0].weight.grad
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.parameters())
+    assert grads[False] is not None and grads[False].abs().sum() > 0
+    assert grads[True] is None  # nothing of the distillation loss reached the student
