@@ -111,10 +111,14 @@ def _stages(preset: Preset, name: str, results: Path) -> list[dict[str, Any]]:
 
 
 def compare(
-    rows: dict[str, dict[int, dict]], row: str, key: str, split: str = "metrics"
+    rows: dict[str, dict[int, dict]],
+    row: str,
+    key: str,
+    split: str = "metrics",
+    against: str = "none",
 ) -> Paired | None:
-    """`row` minus `none` on `key`, over the seeds both have."""
-    base, mine = rows.get("none", {}), rows.get(row, {})
+    """`row` minus `against` on `key`, over the seeds both have."""
+    base, mine = rows.get(against, {}), rows.get(row, {})
     deltas = []
     for seed in sorted(set(base) & set(mine)):
         a, b = _metric(mine[seed], key, split), _metric(base[seed], key, split)
@@ -163,6 +167,14 @@ def summarize(
             "tune_delta_ap_s": t.mean if t else None,
             "tune_ci95": [t.lo, t.hi] if t and t.lo is not None else None,
         }
+        method = row.split(":", 1)[0]
+        if method != row and (v := compare(rows, row, "AP_S", against=method)):
+            out[row]["against_method"] = {
+                "method": method,
+                "delta_ap_s": v.mean,
+                "ci95": [v.lo, v.hi] if v.lo is not None else None,
+                "within_noise": v.within_noise,
+            }
     teacher_shas = sorted(
         {
             r["inputs"].get("teacher")
@@ -274,6 +286,23 @@ def _tune_table(found: dict[str, Any]) -> list[str]:
         p = compare(rows, row, "AP_S", "tune_metrics")
         lines.append(f"| {row} | {_delta_cell(p)} | {_verdict(p)} |")
     return lines
+
+
+def _variant_table(found: dict[str, Any]) -> list[str]:
+    """Each variant (`method: what changes`) against its own method's row, seed by seed: an
+    ablation is read against the method it changes, not only against `none`."""
+    rows = found["rows"]
+    lines = []
+    for row in rows:
+        method = row.split(":", 1)[0]
+        if method != row and method in rows and (p := compare(rows, row, "AP_S", against=method)):
+            t = compare(rows, row, "AP_S", "tune_metrics", against=method)
+            cells = f"{_delta_cell(p)} | {_verdict(p)} | {_delta_cell(t)}"
+            lines.append(f"| {row} | {method} | {cells} |")
+    if not lines:
+        return []
+    head = "| variant | against | Δ AP_S [95 % CI] | verdict | Δ AP_S on the tuning split |"
+    return [head, "|---|---|---|---|---|", *lines]
 
 
 def _stale_line(stale: list[str]) -> str:
@@ -496,6 +525,11 @@ def _page(
         [
             _section("Per class", classes, "AP (%), mean (paired Δ vs none [95 % CI]):\n\n"),
             _section("The tuning split (where defaults are chosen)", _tune_table(found)),
+            _section(
+                "Variants against their method",
+                _variant_table(found),
+                "Paired over the seeds both rows have (variant minus method, AP points):\n\n",
+            ),
             _section("The rows", rows_spec),
             _section(
                 "Diagnostics",

@@ -85,3 +85,21 @@ def test_an_option_added_later_keeps_earlier_records_valid_at_its_default() -> N
     spec["distill"]["align_iters"] = 0
     spec["distill"]["warmup_iters"] = 3  # any other option still counts
     assert spec_hash(spec, roots) != h
+
+
+def test_a_variant_is_also_paired_with_its_own_method() -> None:
+    from bench import report
+
+    def rec(ap_s: float) -> dict:
+        return {"metrics": {"AP_S": ap_s}, "tune_metrics": {"AP_S": ap_s / 2}}
+
+    rows = {
+        "none": {s: rec(0.30 + s / 100) for s in range(3)},
+        "hmkd": {s: rec(0.28 + s / 100) for s in range(3)},
+        "hmkd: aligned": {s: rec(0.29 + s / 100 + (s - 1) / 1000) for s in range(3)},
+        "mgd: aligned": {s: rec(0.25) for s in range(3)},  # its method has no row: left out
+    }
+    lines = report._variant_table({"rows": rows})
+    assert len(lines) == 3 and lines[2].startswith("| hmkd: aligned | hmkd | +1.00 [")
+    assert "better" in lines[2]
+    assert report._variant_table({"rows": {"none": rows["none"]}}) == []
