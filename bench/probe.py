@@ -23,6 +23,7 @@ from hmkd_core.distill.base import DistillInputs
 from hmkd_core.distill.hooks import FeatureRecorder
 from hmkd_core.distill.masks import level_masks, spatial_attention
 from hmkd_core.engine.module import FrozenTeacher
+from hmkd_core.engine.optim import clip_groups
 from hmkd_core.models import build_detector
 from hmkd_core.spec import DEFAULT_LEVELS, FocalOptions, TrainSpec
 
@@ -88,6 +89,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     ).train()
     focal = focal_options(spec)
     params = [p for m in (student, distiller) for p in m.parameters() if p.requires_grad]
+    # the student's step is what a clip shrinks: its own group when clipped apart
+    student_group = clip_groups([student, distiller], spec.distill.clip_apart)[0]
     per_level: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     terms: dict[str, list[float]] = defaultdict(list)
     clipped = 0
@@ -122,7 +125,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             for prm in params:
                 prm.grad = None
             (det + kd).backward()
-            total = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
+            grads = [q.grad for q in student_group if q.grad is not None]
+            total = torch.nn.utils.get_total_norm(grads)
             clip = spec.schedule.clip_grad_norm
             clipped += int(clip is not None and float(total) > clip)
             rec.reset()

@@ -31,7 +31,10 @@ def _portable(spec: dict[str, Any], roots: dict[str, Path]) -> dict[str, Any]:
 # Options added after records were made, with the default that does what every run did before
 # they existed: at that default they are left out of the hash, so those records stay valid (a
 # changed default of any other option still changes every hash, and its runs run again).
-LATER_OPTIONS: dict[tuple[str, ...], Any] = {("distill", "align_iters"): 0}
+LATER_OPTIONS: dict[tuple[str, ...], Any] = {
+    ("distill", "align_iters"): 0,
+    ("distill", "clip_apart"): False,
+}
 
 
 def spec_hash(spec: dict[str, Any], roots: dict[str, Path]) -> str:

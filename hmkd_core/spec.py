@@ -255,6 +255,12 @@ class DistillSpec(_Strict):
         "distiller (adapters, matching, attention), on detached student features; the student "
         "then meets a distiller fitted to its features, not a random one (0: from the start).",
     )
+    clip_apart: bool = Field(
+        False,
+        description="Clip the distiller's gradient norm (schedule.clip_grad_norm) apart from "
+        "the student's: a distiller with large gradients of its own then never shrinks the "
+        "student's step (false: one norm over both, as before).",
+    )
     hmkd: HMKDOptions = Field(default_factory=HMKDOptions)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     fgd: FGDOptions = Field(default_factory=FGDOptions)

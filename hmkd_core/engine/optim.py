@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -116,3 +116,16 @@ def build_scheduler(optimizer: Optimizer, schedule: ScheduleSpec) -> LambdaLR:
         return lr_factor(iteration, spec)
 
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def clip_groups(modules: Sequence[nn.Module], apart: bool) -> list[list[nn.Parameter]]:
+    """The parameter sets whose gradient norm is clipped as one, the student's first.
+
+    Clipped jointly, a distiller whose own gradients are large (MGD's generator at its
+    calibrated weight fires the clip on every step) scales the student's detection step down
+    with its own; clipped apart, each module's step is bounded by its own norm only.
+    """
+    groups = [[p for p in m.parameters() if p.requires_grad] for m in modules]
+    if not apart:
+        return [[p for g in groups for p in g]]
+    return [g for g in groups if g]

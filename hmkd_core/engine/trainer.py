@@ -29,7 +29,7 @@ from hmkd_core.engine.checkpoint import CheckpointManager, capture_rng_state, re
 from hmkd_core.engine.distributed import DistContext, any_true, gather_objects
 from hmkd_core.engine.evaluate import evaluate_detector, evaluation_ranges
 from hmkd_core.engine.module import FrozenTeacher, TrainModule, check_pair
-from hmkd_core.engine.optim import build_optimizer, build_scheduler, param_groups
+from hmkd_core.engine.optim import build_optimizer, build_scheduler, clip_groups, param_groups
 from hmkd_core.engine.reporter import MultiReporter, Progress, Reporter
 from hmkd_core.engine.sampler import ResumableSampler
 from hmkd_core.engine.tensorboard import TensorBoardReporter
@@ -99,6 +99,7 @@ class Trainer:
             param_groups(trainable, spec.schedule.weight_decay), spec.schedule
         )
         self.scheduler = build_scheduler(self.optimizer, spec.schedule)
+        self.clip_groups = clip_groups(trainable, spec.distill.clip_apart)
         self.amp = spec.runtime.amp and ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
         self.model: torch.nn.Module = (
@@ -222,8 +223,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.spec.schedule.clip_grad_norm:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.spec.schedule.clip_grad_norm)
+            for group in self.clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, self.spec.schedule.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return {k: float(v.detach()) for k, v in losses.items()}

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from hmkd_core.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from hmkd_core.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_groups,
+    lr_factor,
+    param_groups,
+)
 from hmkd_core.spec import ScheduleSpec
 
 
@@ -127,3 +133,22 @@ def test_distillation_ramp_is_linear_then_full() -> None:
 
     assert distill_ramp(0, 0) == 1.0
     assert [distill_ramp(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_a_distiller_with_large_gradients_shrinks_the_student_step_only_when_clipped_jointly(
+    apart: bool,
+) -> None:
+    student, distiller = nn.Linear(3, 3), nn.Linear(3, 3)
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    for p in student.parameters():
+        p.grad = torch.full_like(p, 0.1)  # norm 0.4, under the clip
+    for p in distiller.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    groups = clip_groups([student, distiller, frozen], apart)
+    assert groups[0][0] is student.weight and len(groups) == (2 if apart else 1)
+    for group in groups:
+        torch.nn.utils.clip_grad_norm_(group, 1.0)
+    kept = torch.allclose(student.weight.grad, torch.full((3, 3), 0.1))
+    assert kept == apart
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in distiller.parameters()])) <= 1.0001
