@@ -68,13 +68,15 @@ def run(spec: dict[str, Any], env: dict[str, str], out: Path) -> str:
     out.mkdir(parents=True)
     (out / "spec.json").write_text(json.dumps(spec))
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "bench.run_one", str(out / "spec.json"), str(out)],
         env={**os.environ, **threads, **env},
-        check=True,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
     )
+    if done.returncode != 0:  # the scratch folder goes with the run: say why here
+        raise SystemExit(f"{out.name}: the run failed:\n{done.stdout[-3000:]}")
     return weights_digest(out / "student.pt")
 
 
