@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ import torch
 from bench.data import prepare
 from bench.presets import PRESETS, base_student_spec
 from bench.run_one import machine
+from bench.runs import Run, run_grid
 from bench.table import data_root
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
@@ -65,18 +63,10 @@ def variants(spec: dict[str, Any], iterations: int) -> dict[str, tuple[dict, dic
 
 
 def run(spec: dict[str, Any], env: dict[str, str], out: Path) -> str:
-    out.mkdir(parents=True)
-    (out / "spec.json").write_text(json.dumps(spec))
-    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run_one", str(out / "spec.json"), str(out)],
-        env={**os.environ, **threads, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if done.returncode != 0:  # the scratch folder goes with the run: say why here
-        raise SystemExit(f"{out.name}: the run failed:\n{done.stdout[-3000:]}")
+    """Train `spec` in its own process, as the table's grid does, and digest its weights."""
+    if run_grid([Run(out.name, spec, out, env=env)], jobs=1, threads=1):
+        log = (out / "bench.log").read_text()[-3000:]  # the scratch folder goes with the run
+        raise SystemExit(f"{out.name}: the run failed:\n{log}")
     return weights_digest(out / "student.pt")
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class Run:
     spec: dict[str, Any]  # a TrainSpec as a user writes it; defaults apply when the run starts
     out: Path
     tune: tuple[Path, Path] | None = None  # (images, annotations) to evaluate the result on too
+    env: dict[str, str] = field(default_factory=dict)  # on top of the grid's (kernel caps, say)
 
     @property
     def done(self) -> bool:
@@ -66,7 +67,9 @@ def run_grid(
             cmd.append(str(run.out))
             if run.tune is not None:
                 cmd += [str(run.tune[0]), str(run.tune[1])]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, **run.env}
+            )
             log.close()
             active.append((run, proc, time.monotonic()))
             print(f"[bench] start {run.key}", flush=True)
