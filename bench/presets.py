@@ -221,11 +221,13 @@ HITUAV_CPU = Preset(
 # The same stages as `hituav-cpu` (identical specs, so a table reuses trained ones), but every
 # row continues three times as long. At 200 iterations every distilling row loses AP_S and
 # the harm grows with how hard the features are pulled: is that a transient the student
-# recovers from, or a lasting cost, once it has time to use what it is pulled toward?
+# recovers from, or a lasting cost, once it has time to use what it is pulled toward? The
+# rows are evaluated every 200 iterations to show that (a run still keeps its last weights).
 HITUAV_CPU_LONG = replace(
     HITUAV_CPU,
     name="hituav-cpu-long",
     student_schedule={"iterations": 600, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
+    eval_every=200,
     rows=("none", "hmkd", "hmkd: P2 only"),
 )
 

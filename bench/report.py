@@ -175,6 +175,13 @@ def summarize(
                 "ci95": [v.lo, v.hi] if v.lo is not None else None,
                 "within_noise": v.within_noise,
             }
+    for row, points in along_run(rows).items():  # JSON keys are strings
+        out[row]["along_run"] = {
+            str(i): {"ap_s": v}
+            if isinstance(v, float)
+            else {"delta_ap_s": v.mean, "ci95": [v.lo, v.hi] if v.lo is not None else None}
+            for i, v in points.items()
+        }
     teacher_shas = sorted(
         {
             r["inputs"].get("teacher")
@@ -303,6 +310,57 @@ def _variant_table(found: dict[str, Any]) -> list[str]:
         return []
     head = "| variant | against | Δ AP_S [95 % CI] | verdict | Δ AP_S on the tuning split |"
     return [head, "|---|---|---|---|---|", *lines]
+
+
+def along_run(rows: dict[str, dict[int, dict]]) -> dict[str, dict[int, Paired | float]]:
+    """Each row against `none` at every evaluation during the runs (`none`: its mean AP_S),
+    when they were evaluated more than once, else nothing: whether a row's loss (or gain)
+    shrinks, holds or grows as training goes on. The evaluations choose nothing (a run keeps
+    its last weights), so the last point is the table's own figure."""
+
+    def at(record: dict[str, Any]) -> dict[int, float]:
+        curves = record.get("curves") or {}
+        pairs = zip(curves.get("eval_iter", []), curves.get("eval_ap_s", []), strict=True)
+        return {i: 100.0 * v for i, v in pairs if v is not None}
+
+    points = {row: {seed: at(r) for seed, r in recs.items()} for row, recs in rows.items()}
+    iters = sorted({i for recs in points.values() for p in recs.values() for i in p})
+    if len(iters) < 2 or "none" not in points:
+        return {}
+    none = points.pop("none")
+    out: dict[str, dict[int, Paired | float]] = {"none": {}}
+    for i in iters:
+        if values := [p[i] for p in none.values() if i in p]:
+            out["none"][i] = statistics.fmean(values)
+    for row, recs in points.items():
+        out[row] = {}
+        for i in iters:
+            deltas = [p[i] - none[s][i] for s, p in recs.items() if i in p and i in none.get(s, {})]
+            if deltas:
+                out[row][i] = paired(deltas)
+    return out
+
+
+def _along_table(found: dict[str, Any]) -> list[str]:
+    along = along_run(found["rows"])
+    if not along:
+        return []
+    iters = sorted({i for points in along.values() for i in points})
+    lines = [
+        "| row | " + " | ".join(f"iteration {i}" for i in iters) + " |",
+        "|---|" + "---|" * len(iters),
+    ]
+    for row, points in along.items():
+        cells = [
+            "–"
+            if (v := points.get(i)) is None
+            else f"AP_S {v:.1f}"
+            if isinstance(v, float)
+            else _delta_cell(v)
+            for i in iters
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _stale_line(stale: list[str]) -> str:
@@ -524,6 +582,12 @@ def _page(
     sections = "".join(
         [
             _section("Per class", classes, "AP (%), mean (paired Δ vs none [95 % CI]):\n\n"),
+            _section(
+                "Along the run",
+                _along_table(found),
+                "AP_S on the reported split at each evaluation: `none`'s mean, and every other "
+                "row's paired Δ vs none [95 % CI]:\n\n",
+            ),
             _section("The tuning split (where defaults are chosen)", _tune_table(found)),
             _section(
                 "Variants against their method",

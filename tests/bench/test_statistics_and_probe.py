@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.data import hold_out
+from bench.presets import PRESETS
 from bench.probe import format_probe, probe
 from bench.stats import paired
 from tests.conftest import tiny_model, tiny_spec, tiny_spec_dict
@@ -103,3 +104,38 @@ def test_a_variant_is_also_paired_with_its_own_method() -> None:
     assert len(lines) == 3 and lines[2].startswith("| hmkd: aligned | hmkd | +1.00 [")
     assert "better" in lines[2]
     assert report._variant_table({"rows": {"none": rows["none"]}}) == []
+
+
+def test_rows_are_paired_at_every_evaluation_along_the_run() -> None:
+    from bench import report
+
+    def rec(curve: list[float]) -> dict:
+        iters = [200 * (k + 1) for k in range(len(curve))]
+        curves = {"eval_iter": iters, "eval_ap_s": curve}
+        return {"metrics": {"AP_S": curve[-1]}, "curves": curves, "inputs": {}}
+
+    rows = {
+        "none": {s: rec([0.10 + s / 100, 0.11 + s / 100, 0.12 + s / 100]) for s in range(3)},
+        # 2 points below none at iteration 200, level at 400, 1 point above at 600
+        "hmkd": {
+            s: rec([0.08 + s / 100, 0.11 + s / 100, 0.13 + s / 100 + (s - 1) / 1000])
+            for s in range(3)
+        },
+    }
+    along = report.along_run(rows)
+    assert along["none"] == pytest.approx({200: 11.0, 400: 12.0, 600: 13.0})
+    assert along["hmkd"][200].mean == pytest.approx(-2.0) and not along["hmkd"][200].within_noise
+    assert along["hmkd"][400].mean == pytest.approx(0.0, abs=1e-9)
+    assert along["hmkd"][600].mean == pytest.approx(1.0) and along["hmkd"][600].lo < 1.0
+    table = report._along_table({"rows": rows})
+    assert table[0] == "| row | iteration 200 | iteration 400 | iteration 600 |"
+    assert table[2].startswith("| none | AP_S 11.0 | AP_S 12.0 | AP_S 13.0 |")
+    assert table[3].startswith("| hmkd | -2.00 [")
+    summary = report.summarize(PRESETS["smoke"], {"rows": rows, "teacher": None, "bases": []}, None)
+    assert summary["rows"]["hmkd"]["along_run"]["600"]["delta_ap_s"] == pytest.approx(1.0)
+    # evaluated once (the usual table): no section, nothing in the summary
+    once = {
+        row: {s: rec([r["curves"]["eval_ap_s"][-1]]) for s, r in recs.items()}
+        for row, recs in rows.items()
+    }
+    assert report.along_run(once) == {} and report._along_table({"rows": once}) == []
