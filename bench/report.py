@@ -351,16 +351,16 @@ def _along_table(found: dict[str, Any]) -> list[str]:
         "|---|" + "---|" * len(iters),
     ]
     for row, points in along.items():
-        cells = [
-            "–"
-            if (v := points.get(i)) is None
-            else f"AP_S {v:.1f}"
-            if isinstance(v, float)
-            else _delta_cell(v)
-            for i in iters
-        ]
+        cells = [_along_cell(points.get(i)) for i in iters]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _along_cell(v: Paired | float | None) -> str:
+    """`none`'s mean AP_S, another row's paired Δ, or a dash where no seed reached it."""
+    if v is None:
+        return "–"
+    return f"AP_S {v:.1f}" if isinstance(v, float) else _delta_cell(v)
 
 
 def _stale_line(stale: list[str]) -> str:
