@@ -104,7 +104,7 @@ def collect(
 
 def _stages(preset: Preset, name: str, results: Path) -> list[dict[str, Any]]:
     """A stage's records in training order: `name`, then each extension that was run."""
-    labels = (name, *(f"{name}+{k}" for k in range(1, preset.max_extensions + 1)))
+    labels = (name, *(f"{name}+{k}" for k in range(1, preset.extensions(name) + 1)))
     return [
         r for label in labels if (r := read_record(record_path(preset.name, label, None, results)))
     ]

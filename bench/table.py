@@ -21,6 +21,7 @@ import json
 import platform
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ def run_stages(
 ) -> tuple[Path, Path | None]:
     """Train the teacher and (warm protocol) the base student, side by side, each to its
     plateau: one still gaining continues for another chunk, up to `max_extensions` times.
-    Every stage is recorded (`teacher`, `teacher+1`, `base`, `base+1`, ...).
+    Every stage is recorded (`teacher`, `teacher+1`, `base`, `base+1`, ...). A preset may cap
+    the teacher apart (`teacher_extensions`), to distil one base from teachers of two strengths.
 
     Returns the last teacher's and base's `student.pt` (None for the scratch protocol).
     """
@@ -83,7 +85,7 @@ def run_stages(
     if preset.protocol == "warm":
         specs["base"] = base_student_spec(preset, splits)
     latest: dict[str, tuple[Path, dict[str, Any]]] = {}  # stage -> (weights, record)
-    for k in range(preset.max_extensions + 1):
+    for k in range(max(preset.extensions(name) for name in specs) + 1 if specs else 0):
         runs = {
             (name if k == 0 else f"{name}+{k}"): Run(
                 name, spec, work / "stages" / f"{name}{k or ''}-{spec_hash(spec, roots)[:10]}"
@@ -101,7 +103,8 @@ def run_stages(
         specs = {  # what is still gaining continues from where it stopped
             name: extension_spec(preset, splits, name, latest[name][0])
             for name in specs
-            if (gain := report.plateau_gain(latest[name][1])) is not None
+            if k < preset.extensions(name)
+            and (gain := report.plateau_gain(latest[name][1])) is not None
             and gain >= report.PLATEAU_GAIN
         }
     teacher_path = teacher.resolve() if teacher is not None else latest["teacher"][0]
@@ -172,9 +175,11 @@ def run_rows(
             used = _inputs_of(row, inputs)
             if read_record(record_path(preset.name, row, seed, results), h, used) is not None:
                 continue
-            # the folder is named by what the run reads too: a retrained teacher keeps its path
+            # the folder is named by what the run computes: its spec and the weights it reads
+            # (a retrained teacher keeps its path), not by the preset that asked for it, so
+            # presets sharing stages share the runs they have in common, as they share stages
             key = hashlib.sha256(f"{h} {sorted(used.items())}".encode()).hexdigest()
-            out = work / preset.name / slug(row) / f"seed{seed}-{key[:10]}"
+            out = work / "rows" / slug(row) / f"seed{seed}-{key[:10]}"
             pending[out] = (row, seed, h)
             runs.append(Run(f"{row} seed {seed}", spec, out, splits.tune))
 
@@ -212,8 +217,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=RESULTS, help="where records are kept")
     p.add_argument("--out", type=Path, default=None, help="results page (default docs/...)")
     p.add_argument("--overhead-rounds", type=int, default=8)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once (default: the preset's); fewer where other work shares the cores",
+    )
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise SystemExit(f"--jobs: must be at least 1, got {args.jobs}")
+        preset = replace(preset, jobs=args.jobs)
     seeds = tuple(args.seeds or preset.seeds)
     rows = tuple(args.rows or preset.rows)
     unknown = [r for r in rows if r not in ROWS]

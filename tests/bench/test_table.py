@@ -88,7 +88,7 @@ def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     table.main([*argv, "--out", str(tmp_path / "a.md")])
     rec = record_path("smoke", "mgd", 0, tmp_path / "results")
     stamp = rec.stat().st_mtime_ns
-    runs = sorted((tmp_path / "work" / "smoke").rglob("bench.json"))
+    runs = sorted((tmp_path / "work" / "rows").rglob("bench.json"))
     times = [p.stat().st_mtime_ns for p in runs]
     table.main([*argv, "--out", str(tmp_path / "b.md")])
     assert rec.stat().st_mtime_ns == stamp
@@ -97,7 +97,7 @@ def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     # the run folders gone (another machine): --render still builds the page from records
     import shutil
 
-    shutil.rmtree(tmp_path / "work" / "smoke")
+    shutil.rmtree(tmp_path / "work" / "rows")
     table.main([*argv, "--render", "--out", str(tmp_path / "c.md")])
     assert "| mgd | 1 |" in (tmp_path / "c.md").read_text()
 
@@ -167,6 +167,8 @@ def test_bad_arguments_are_named(tmp_path: Path, in_repo: None) -> None:
         table.main(_argv(tmp_path, "--rows", "nonsense"))
     with pytest.raises(SystemExit, match="needs the 'none' row"):
         table.main(_argv(tmp_path, "--rows", "hmkd"))
+    with pytest.raises(SystemExit, match="--jobs: must be at least 1"):
+        table.main(_argv(tmp_path, "--jobs", "0"))
 
 
 def test_a_base_still_gaining_continues_until_its_extensions_run_out(
@@ -197,3 +199,37 @@ def test_a_base_still_gaining_continues_until_its_extensions_run_out(
     summary = json.loads((results / "smoke" / "summary.json").read_text())
     assert summary["teacher_ap_s"] == pytest.approx(100 * last["metrics"]["AP_S"])
     assert "; then, still gaining, AP_S" in out.read_text().split("**Teacher**")[1].split("\n")[0]
+
+
+def test_a_teacher_capped_apart_stays_while_the_base_continues_and_presets_share_runs(
+    tmp_path: Path, in_repo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from bench import presets, report
+
+    chunk = {"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0}
+    both = replace(presets.SMOKE, extension_schedule=chunk, max_extensions=1)
+    monkeypatch.setitem(presets.PRESETS, "smoke", both)
+    monkeypatch.setitem(
+        presets.PRESETS, "smoke-base", replace(both, name="smoke-base", teacher_extensions=0)
+    )
+    monkeypatch.setattr(report, "PLATEAU_GAIN", -1.0)  # every run "still gains"
+    argv = _argv(tmp_path, "--rows", "none", "--seeds", "0", "--jobs", "1")
+    table.main([*argv, "--out", str(tmp_path / "both.md")])
+    runs = sorted((tmp_path / "work" / "rows").rglob("bench.json"))
+    times = [p.stat().st_mtime_ns for p in runs]
+
+    table.main([*argv, "--preset", "smoke-base", "--out", str(tmp_path / "base.md")])
+    results = tmp_path / "results"
+    assert read_record(record_path("smoke", "teacher+1", None, results)) is not None
+    assert read_record(record_path("smoke-base", "teacher+1", None, results)) is None
+    extended = read_record(record_path("smoke", "base+1", None, results))
+    again = read_record(record_path("smoke-base", "base+1", None, results))
+    assert extended is not None and again is not None
+    assert again["inputs"] == extended["inputs"] and again["spec"] == extended["spec"]
+    # `none` never reads the teacher: the second preset records the first's run, not a new one
+    none = read_record(record_path("smoke-base", "none", 0, results))
+    assert none is not None and none["inputs"]["init"] == extended["inputs"]["student.pt"]
+    assert sorted((tmp_path / "work" / "rows").rglob("bench.json")) == runs
+    assert [p.stat().st_mtime_ns for p in runs] == times
