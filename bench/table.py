@@ -9,7 +9,9 @@ plateau), then trains every row for every seed, each row from the same starting 
 the same seeds, so each row minus `none` is a paired difference. Each finished run leaves a
 record under `bench/results/<preset>/` (committed); a run whose record matches its spec is
 not run again, so a table can be built over several sittings. Run folders (weights, logs)
-live in `--work` and are not committed.
+live in `--work` and are not committed; they are named by what they compute, so presets with
+the same stages share them, and two table commands that share runs must not run at once on
+one `--work` (the second would restart the first's unfinished runs).
 """
 
 from __future__ import annotations
