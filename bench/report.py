@@ -504,6 +504,12 @@ def _plot_name(preset: Preset, results: Path) -> str:
     return slug(f"{preset.name}-{results.name}")
 
 
+def _results_arg(folder: Path) -> str:
+    """` --results DIR` when a preset's records are kept outside the default folder."""
+    results = folder.parent
+    return "" if results.resolve() == RESULTS.resolve() else f" --results {_shown(results)}"
+
+
 def _shown(folder: Path) -> str:
     """The records' folder as the page names it: relative to the project when inside it."""
     try:
@@ -598,7 +604,7 @@ def _page(
             _section(
                 "Diagnostics",
                 _fenced(diagnose),
-                f"`python -m bench.diagnose --preset {preset.name}`:\n\n"
+                f"`python -m bench.diagnose --preset {preset.name}{_results_arg(folder)}`:\n\n"
                 if diagnose.name == "diagnose.txt"
                 else f"`python -m bench.calibrate --preset {preset.name} --write`, each method "
                 "at weight 1 (at the calibrated weight every gradient ratio is the target and "

@@ -98,8 +98,12 @@ def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     import shutil
 
     shutil.rmtree(tmp_path / "work" / "rows")
+    (tmp_path / "results" / "smoke" / "diagnose.txt").write_text("p2 teacher rms 1.0\n")
     table.main([*argv, "--render", "--out", str(tmp_path / "c.md")])
-    assert "| mgd | 1 |" in (tmp_path / "c.md").read_text()
+    page = (tmp_path / "c.md").read_text()
+    assert "| mgd | 1 |" in page and "p2 teacher rms 1.0" in page
+    # the records are kept outside the default folder: the page's command says where
+    assert f"`python -m bench.diagnose --preset smoke --results {tmp_path / 'results'}`" in page
 
     # a record made from another base is never paired with this table's runs
     stale = json.loads(rec.read_text())
