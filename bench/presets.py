@@ -247,7 +247,7 @@ HITUAV_CPU_EXTENDED = replace(
     HITUAV_CPU,
     name="hituav-cpu-extended",
     max_extensions=1,
-    rows=("none", "hmkd", "mimic"),
+    rows=("none", "hmkd", "mimic", "fgd", "mgd"),
 )
 
 # The same extended base, distilled from the first teacher (`hituav-cpu`'s, not extended): with
@@ -257,7 +257,7 @@ HITUAV_CPU_EXTENDED_BASE = replace(
     HITUAV_CPU_EXTENDED,
     name="hituav-cpu-extended-base",
     teacher_extensions=0,
-    rows=("none", "hmkd"),
+    rows=("none", "hmkd", "mimic"),
 )
 
 HITUAV_GPU = Preset(
