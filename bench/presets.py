@@ -247,7 +247,7 @@ HITUAV_CPU_EXTENDED = replace(
     HITUAV_CPU,
     name="hituav-cpu-extended",
     max_extensions=1,
-    rows=("none", "hmkd", "mimic", "fgd", "mgd"),
+    rows=("none", "hmkd", "mimic", "fgd", "mgd", "hmkd: P2 only"),
 )
 
 # The same extended base, distilled from the first teacher (`hituav-cpu`'s, not extended): with
