@@ -241,8 +241,8 @@ HITUAV_CPU_LONG = replace(
 # The same first stages as `hituav-cpu`, then a stage still gaining continues for one more
 # chunk (800 iterations at its own batch size). On every `hituav-cpu` pair the teacher was
 # only about 4 AP_S above the base, and the student alone reached within 2 AP_S of it in 600
-# more iterations: a teacher with little to teach. Here the teacher sees 7200 images against
-# the base's 4000.
+# more iterations, which suggested a teacher with little to teach. Here the teacher sees 7200
+# images against the base's 4000 (it ended 5.6 AP_S above `none`, and HMKD lost the same).
 HITUAV_CPU_EXTENDED = replace(
     HITUAV_CPU,
     name="hituav-cpu-extended",
