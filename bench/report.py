@@ -496,10 +496,15 @@ def write_all(
     return summary
 
 
+def _elsewhere(results: Path) -> bool:
+    """Records kept outside the default folder: a second table of a preset's, say."""
+    return results.resolve() != RESULTS.resolve()
+
+
 def _plot_name(preset: Preset, results: Path) -> str:
     """The preset's name for the committed table; a second table of the same preset (records
     kept elsewhere) gets its folder's name too, so its plot never replaces the first's."""
-    if results.resolve() == RESULTS.resolve():
+    if not _elsewhere(results):
         return slug(preset.name)
     return slug(f"{preset.name}-{results.name}")
 
@@ -507,7 +512,7 @@ def _plot_name(preset: Preset, results: Path) -> str:
 def _results_arg(folder: Path) -> str:
     """` --results DIR` when a preset's records are kept outside the default folder."""
     results = folder.parent
-    return "" if results.resolve() == RESULTS.resolve() else f" --results {_shown(results)}"
+    return f" --results {_shown(results)}" if _elsewhere(results) else ""
 
 
 def _shown(folder: Path) -> str:

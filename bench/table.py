@@ -87,15 +87,14 @@ def run_stages(
     if preset.protocol == "warm":
         specs["base"] = base_student_spec(preset, splits)
     latest: dict[str, tuple[Path, dict[str, Any]]] = {}  # stage -> (weights, record)
-    for k in range(max(preset.extensions(name) for name in specs) + 1 if specs else 0):
+    k = 0  # the chunk: 0 is the stage's own schedule, k > 0 its k-th extension
+    while specs:  # each stage stops at its plateau or at its own cap (the filter below)
         runs = {
             (name if k == 0 else f"{name}+{k}"): Run(
                 name, spec, work / "stages" / f"{name}{k or ''}-{spec_hash(spec, roots)[:10]}"
             )
             for name, spec in specs.items()
         }
-        if not runs:
-            break
         failed = run_grid(list(runs.values()), jobs=preset.jobs, threads=preset.threads)
         if failed:
             raise SystemExit(f"{failed} failed; see bench.log in {work / 'stages'}")
@@ -109,6 +108,7 @@ def run_stages(
             and (gain := report.plateau_gain(latest[name][1])) is not None
             and gain >= report.PLATEAU_GAIN
         }
+        k += 1
     teacher_path = teacher.resolve() if teacher is not None else latest["teacher"][0]
     return teacher_path, latest["base"][0] if "base" in latest else None
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bench import table
+from bench.presets import Preset
 from bench.records import read_record, record_path
 
 pytestmark = pytest.mark.slow
@@ -175,9 +176,9 @@ def test_bad_arguments_are_named(tmp_path: Path, in_repo: None) -> None:
         table.main(_argv(tmp_path, "--jobs", "0"))
 
 
-def test_a_base_still_gaining_continues_until_its_extensions_run_out(
-    tmp_path: Path, in_repo: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _extending_smoke(monkeypatch: pytest.MonkeyPatch) -> Preset:
+    """The smoke preset with one 2-iteration extension, registered as "smoke", where every
+    stage "still gains", so each takes its extension."""
     from dataclasses import replace
 
     from bench import presets, report
@@ -185,7 +186,14 @@ def test_a_base_still_gaining_continues_until_its_extensions_run_out(
     chunk = {"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0}
     smoke = replace(presets.SMOKE, extension_schedule=chunk, max_extensions=1)
     monkeypatch.setitem(presets.PRESETS, "smoke", smoke)
-    monkeypatch.setattr(report, "PLATEAU_GAIN", -1.0)  # every run "still gains"
+    monkeypatch.setattr(report, "PLATEAU_GAIN", -1.0)
+    return smoke
+
+
+def test_a_base_still_gaining_continues_until_its_extensions_run_out(
+    tmp_path: Path, in_repo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _extending_smoke(monkeypatch)
     table.main(_argv(tmp_path, "--stages-only"))
     results = tmp_path / "results"
     base = read_record(record_path("smoke", "base", None, results))
@@ -210,15 +218,12 @@ def test_a_teacher_capped_apart_stays_while_the_base_continues_and_presets_share
 ) -> None:
     from dataclasses import replace
 
-    from bench import presets, report
+    from bench import presets
 
-    chunk = {"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0}
-    both = replace(presets.SMOKE, extension_schedule=chunk, max_extensions=1)
-    monkeypatch.setitem(presets.PRESETS, "smoke", both)
+    both = _extending_smoke(monkeypatch)
     monkeypatch.setitem(
         presets.PRESETS, "smoke-base", replace(both, name="smoke-base", teacher_extensions=0)
     )
-    monkeypatch.setattr(report, "PLATEAU_GAIN", -1.0)  # every run "still gains"
     argv = _argv(tmp_path, "--rows", "none", "--seeds", "0", "--jobs", "1")
     table.main([*argv, "--out", str(tmp_path / "both.md")])
     runs = sorted((tmp_path / "work" / "rows").rglob("bench.json"))
