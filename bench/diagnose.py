@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.presets import PRESETS, ROWS, row_distill, student_spec
+from bench.controls import random_teacher
+from bench.presets import PRESETS, ROWS, row_distill, row_teacher, student_spec
 from bench.probe import format_probe, probe
 from bench.records import RESULTS
 from hmkd_core.spec import TrainSpec, load_spec
@@ -34,9 +35,16 @@ def preset_specs(
     splits = prepare(preset, data_root(preset, work))
     teacher, base = run_stages(preset, work, splits, teacher=None, results=results)
     chosen = rows or [r for r in preset.rows if ROWS[r]["method"] != "none"]
+
+    def teacher_of(row: str) -> Path:  # seed 0's draw for a row with a random teacher
+        random = row_teacher(row) == "random"
+        return random_teacher(teacher, 0, work / "controls") if random else teacher
+
     return {
         row: TrainSpec.model_validate(
-            student_spec(preset, splits, teacher, row_distill(preset, row), seed=0, init=base)
+            student_spec(
+                preset, splits, teacher_of(row), row_distill(preset, row), seed=0, init=base
+            )
         )
         for row in chosen
     }

@@ -61,7 +61,26 @@ ROWS: dict[str, dict[str, Any]] = {
         "method": "hmkd",
         "hmkd": {"sdm": {"enabled": False}, "hm": {"query_levels": "deep"}},
     },
+    # Negative controls: the teacher's architecture with random weights (one draw per seed,
+    # `bench.controls`), which knows nothing of the data. Paired with the row of the trained
+    # teacher, the difference is what the teacher's knowledge is worth to the method; paired
+    # with `none`, what pulling the student toward some fixed function of the image costs.
+    "hmkd: random teacher": {"method": "hmkd", "teacher": "random"},
+    "mimic: random teacher": {"method": "mimic", "teacher": "random"},
 }
+
+# What a row may say beside its `DistillSpec` options: which teacher it reads.
+TEACHERS = ("trained", "random")
+
+
+def row_teacher(row: str) -> str:
+    """The teacher a row reads: `trained` (the preset's teacher stage) or `random`."""
+    return ROWS[row].get("teacher", "trained")
+
+
+def row_options(row: str) -> dict[str, Any]:
+    """A row's `DistillSpec` dict, as declared (no calibrated weight, no teacher choice)."""
+    return {k: copy.deepcopy(v) for k, v in ROWS[row].items() if k != "teacher"}
 
 
 @dataclass(frozen=True)
@@ -390,7 +409,7 @@ def extension_spec(preset: Preset, splits: Splits, stage: str, previous: Path) -
 
 def row_distill(preset: Preset, row: str) -> dict[str, Any]:
     """A row's `DistillSpec` dict with the preset's calibrated weight for its method."""
-    distill = copy.deepcopy(ROWS[row])
+    distill = row_options(row)
     weight = preset.weights.get(distill["method"])
     if weight is not None and distill["method"] != "none":
         distill["weight"] = weight * distill.get("weight", 1.0)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.controls import random_teacher
 from bench.data import prepare
 from bench.presets import (
     PRESETS,
@@ -37,6 +38,7 @@ from bench.presets import (
     base_student_spec,
     extension_spec,
     row_distill,
+    row_teacher,
     student_spec,
     teacher_spec,
 )
@@ -144,11 +146,15 @@ def _record_stage(
     )
 
 
-def _inputs_of(row: str, inputs: dict[str, str]) -> dict[str, str]:
-    """The weights a row reads: a student trained alone never reads the teacher."""
-    if ROWS[row]["method"] == "none":
-        return {k: v for k, v in inputs.items() if k != "teacher"}
-    return dict(inputs)
+def _inputs_of(row: str, inputs: dict[str, str], random: Path | None) -> dict[str, str]:
+    """The weights a row reads: a student trained alone never reads the teacher, and a row
+    with a random teacher reads that one (under its own key: it is no stage of the table)."""
+    used = {k: v for k, v in inputs.items() if k != "teacher"}
+    if random is not None:
+        used["random_teacher"] = file_sha256(random)
+    elif ROWS[row]["method"] != "none":
+        used["teacher"] = inputs["teacher"]
+    return used
 
 
 def run_rows(
@@ -167,14 +173,19 @@ def run_rows(
     inputs = {"teacher": file_sha256(teacher)}
     if base is not None:
         inputs["init"] = file_sha256(base)
-    pending: dict[Path, tuple[str, int, str]] = {}
+    pending: dict[Path, tuple[str, int, str, dict[str, str]]] = {}
     runs: list[Run] = []
     for row in rows:  # a row's seeds run side by side, under the same load
         for seed in seeds:
             distill = row_distill(preset, row)
-            spec = student_spec(preset, splits, teacher, distill, seed=seed, init=base)
+            random = (
+                random_teacher(teacher, seed, work / "controls")
+                if row_teacher(row) == "random"
+                else None
+            )
+            spec = student_spec(preset, splits, random or teacher, distill, seed=seed, init=base)
             h = spec_hash(spec, roots)
-            used = _inputs_of(row, inputs)
+            used = _inputs_of(row, inputs, random)
             if read_record(record_path(preset.name, row, seed, results), h, used) is not None:
                 continue
             # the folder is named by what the run computes: its spec and the weights it reads
@@ -182,11 +193,11 @@ def run_rows(
             # presets sharing stages share the runs they have in common, as they share stages
             key = hashlib.sha256(f"{h} {sorted(used.items())}".encode()).hexdigest()
             out = work / "rows" / slug(row) / f"seed{seed}-{key[:10]}"
-            pending[out] = (row, seed, h)
+            pending[out] = (row, seed, h, used)
             runs.append(Run(f"{row} seed {seed}", spec, out, splits.tune))
 
     def record(run: Run) -> None:
-        row, seed, h = pending[run.out]
+        row, seed, h, used = pending[run.out]
         write_record(
             record_path(preset.name, row, seed, results),
             preset=preset.name,
@@ -196,7 +207,7 @@ def run_rows(
             run=read_run(run.out),
             spec=run.spec,
             roots=roots,
-            inputs=_inputs_of(row, inputs),
+            inputs=used,
         )
 
     return run_grid(runs, jobs=preset.jobs, threads=preset.threads, on_done=record)

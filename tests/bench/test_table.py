@@ -242,3 +242,33 @@ def test_a_teacher_capped_apart_stays_while_the_base_continues_and_presets_share
     assert none is not None and none["inputs"]["init"] == extended["inputs"]["student.pt"]
     assert sorted((tmp_path / "work" / "rows").rglob("bench.json")) == runs
     assert [p.stat().st_mtime_ns for p in runs] == times
+
+
+def test_a_random_teacher_row_reads_its_own_draw_and_is_paired_with_its_method(
+    tmp_path: Path, in_repo: None
+) -> None:
+    from bench.records import file_sha256
+
+    argv = _argv(tmp_path, "--rows", "none", "mimic", "mimic: random teacher", "--jobs", "1")
+    table.main([*argv, "--out", str(tmp_path / "page.md")])
+    results = tmp_path / "results"
+    teacher = read_record(record_path("smoke", "teacher", None, results))
+    assert teacher is not None
+    for seed in (0, 1):
+        rec = read_record(record_path("smoke", "mimic: random teacher", seed, results))
+        assert rec is not None
+        draw = f"controls/random-teacher-seed{seed}.pt"
+        assert rec["spec"]["teacher"]["weights"] == f"<work>/{draw}"
+        assert "teacher" not in rec["inputs"]  # no stage of the table: never left out as stale
+        assert rec["inputs"]["random_teacher"] == file_sha256(tmp_path / "work" / draw)
+        assert rec["inputs"]["random_teacher"] != teacher["inputs"]["student.pt"]
+    summary = json.loads((results / "smoke" / "summary.json").read_text())
+    control = summary["rows"]["mimic: random teacher"]
+    assert control["seeds"] == 2 and control["against_method"]["method"] == "mimic"
+    assert summary["teachers"] == 1  # the draws are not counted among the table's teachers
+
+    # a finished control is recognised by its draw's digest and not run again
+    rec = record_path("smoke", "mimic: random teacher", 0, results)
+    stamp = rec.stat().st_mtime_ns
+    table.main([*argv, "--out", str(tmp_path / "again.md")])
+    assert rec.stat().st_mtime_ns == stamp
