@@ -7,36 +7,47 @@ shapes but freshly drawn weights separates the two: the method's loss and its ma
 unchanged, only what the teacher knows is gone.
 
 Each seed draws its own random teacher, so a row's interval spans the draws as well as the
-data order. The draw is a pure function of the seed (the CPU generator), so every machine
-draws the same weights, and a finished run is recognised by the file's digest.
+data order. The draw is a pure function of the teacher's description, the data's categories
+and the seed (the CPU generator), so every machine draws the same weights, and it needs no
+trained teacher: the controls can run while the teacher still trains.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 
+from hmkd_core.data import CocoDetectionDataset
 from hmkd_core.models import build_detector
-from hmkd_core.models.export import export_student, load_student
+from hmkd_core.models.export import StudentHeader, export_student
+from hmkd_core.spec import ModelSpec
 
 # Keeps the teachers' draws apart from the streams a run seeds with its own seed.
 DRAW_OFFSET = 7_000_003
 
 
-def random_teacher(trained: Path, seed: int, folder: Path) -> Path:
-    """The detector `trained` describes, with weights drawn from `seed`, as a student file.
-
-    Written once under `folder` and reused; the header keeps the trained teacher's categories
-    so the run reads it exactly as it reads the trained one.
-    """
-    out = folder / f"random-teacher-seed{seed}.pt"
+def random_teacher(teacher: ModelSpec, train: tuple[Path, Path], seed: int, folder: Path) -> Path:
+    """The detector `teacher` describes (its `weights` aside), for the categories of the
+    training split `train` (images, annotations), with weights drawn from `seed`, written as
+    a student file under `folder` the first time and reused after."""
+    model = teacher.model_copy(update={"weights": "none"})
+    data = CocoDetectionDataset(*train)
+    described = json.dumps([model.model_dump(mode="json"), data.categories], sort_keys=True)
+    key = hashlib.sha256(described.encode()).hexdigest()[:10]
+    out = folder / f"random-teacher-{key}-seed{seed}.pt"
     if out.is_file():
         return out
-    with torch.random.fork_rng(devices=[]):  # rebuilding a detector draws weights too
-        _, header = load_student(trained)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DRAW_OFFSET + seed)
-        model = build_detector(header.model, header.num_classes)
+        detector = build_detector(model, data.num_classes)
+    header = StudentHeader(
+        model=model,
+        num_classes=data.num_classes,
+        categories=data.categories,
+        label_to_category_id=data.label_to_category_id,
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    return export_student(model, replace(header, metrics={}), out)
+    return export_student(detector, header, out)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.controls import random_teacher
-from bench.presets import PRESETS, ROWS, row_distill, row_teacher, student_spec
+from bench.presets import PRESETS, ROWS
 from bench.probe import format_probe, probe
 from bench.records import RESULTS
 from hmkd_core.spec import TrainSpec, load_spec
@@ -29,22 +28,15 @@ def preset_specs(
     """Each distilling row's spec at the preset's trained teacher and starting student (the
     stages recorded under `results`)."""
     from bench.data import prepare
-    from bench.table import data_root, run_stages
+    from bench.table import data_root, row_spec, run_stages
 
     preset = PRESETS[name]
     splits = prepare(preset, data_root(preset, work))
     teacher, base = run_stages(preset, work, splits, teacher=None, results=results)
     chosen = rows or [r for r in preset.rows if ROWS[r]["method"] != "none"]
-
-    def teacher_of(row: str) -> Path:  # seed 0's draw for a row with a random teacher
-        random = row_teacher(row) == "random"
-        return random_teacher(teacher, 0, work / "controls") if random else teacher
-
-    return {
+    return {  # seed 0's, with seed 0's draw for a row of a random teacher
         row: TrainSpec.model_validate(
-            student_spec(
-                preset, splits, teacher_of(row), row_distill(preset, row), seed=0, init=base
-            )
+            row_spec(preset, work, splits, row, 0, teacher=teacher, base=base)[0]
         )
         for row in chosen
     }

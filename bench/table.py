@@ -52,6 +52,7 @@ from bench.records import (
     write_record,
 )
 from bench.runs import Run, read_run, run_grid
+from hmkd_core.spec import ModelSpec
 
 
 def data_root(preset: Preset, work: Path) -> Path:
@@ -157,6 +158,27 @@ def _inputs_of(row: str, inputs: dict[str, str], random: Path | None) -> dict[st
     return used
 
 
+def row_spec(
+    preset: Preset,
+    work: Path,
+    splits: Splits,
+    row: str,
+    seed: int,
+    *,
+    teacher: Path,
+    base: Path | None,
+) -> tuple[dict[str, Any], Path | None]:
+    """A row's run spec for `seed`, and the random teacher it reads instead of `teacher`
+    (None for a row of the trained teacher)."""
+    spec = student_spec(preset, splits, teacher, row_distill(preset, row), seed=seed, init=base)
+    if row_teacher(row) != "random":
+        return spec, None
+    model = ModelSpec.model_validate(spec["teacher"])
+    drawn = random_teacher(model, splits.train, seed, work / "controls")
+    spec["teacher"]["weights"] = str(drawn)
+    return spec, drawn
+
+
 def run_rows(
     preset: Preset,
     work: Path,
@@ -177,13 +199,7 @@ def run_rows(
     runs: list[Run] = []
     for row in rows:  # a row's seeds run side by side, under the same load
         for seed in seeds:
-            distill = row_distill(preset, row)
-            random = (
-                random_teacher(teacher, seed, work / "controls")
-                if row_teacher(row) == "random"
-                else None
-            )
-            spec = student_spec(preset, splits, random or teacher, distill, seed=seed, init=base)
+            spec, random = row_spec(preset, work, splits, row, seed, teacher=teacher, base=base)
             h = spec_hash(spec, roots)
             used = _inputs_of(row, inputs, random)
             if read_record(record_path(preset.name, row, seed, results), h, used) is not None:

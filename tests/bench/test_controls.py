@@ -9,63 +9,67 @@ import torch
 
 from bench.controls import random_teacher
 from bench.presets import ROWS, TEACHERS, row_distill, row_options, row_teacher
+from hmkd_core.data import make_small_digits
 from hmkd_core.models import build_detector
-from hmkd_core.models.export import StudentHeader, export_student, load_student
+from hmkd_core.models.export import load_student
 from hmkd_core.spec import DistillSpec, ModelSpec
 
 TINY = dict(fpn_channels=16, min_size=64, max_size=64, anchor_sizes=[8, 16, 32, 64, 128])
 
 
-@pytest.fixture
-def trained(tmp_path: Path) -> Path:
-    spec = ModelSpec(**TINY)
-    model = build_detector(spec, num_classes=3)
-    with torch.no_grad():  # "trained": weights no fresh draw would give
-        for p in model.parameters():
-            p.fill_(0.5)
-    categories = [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}]
-    header = StudentHeader(spec, 3, categories, {1: 5, 2: 9}, {"AP": 0.4})
-    return export_student(model, header, tmp_path / "teacher.pt")
+@pytest.fixture(scope="module")
+def train(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    paths = make_small_digits(tmp_path_factory.mktemp("digits"), train=2, val=1, size=64, seed=0)
+    return paths["train_images"], paths["train_annotations"]
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_student(path)[0].state_dict()
 
 
-def test_a_random_teacher_is_the_trained_detector_with_weights_drawn_from_the_seed(
-    tmp_path: Path, trained: Path
+def test_a_random_teacher_is_the_described_detector_with_weights_drawn_from_the_seed(
+    tmp_path: Path, train: tuple[Path, Path]
 ) -> None:
-    path = random_teacher(trained, 3, tmp_path / "a")
+    spec = ModelSpec(**TINY, weights=str(tmp_path / "trained.pt"))  # its path is not read
+    path = random_teacher(spec, train, 3, tmp_path / "a")
     model, header = load_student(path)
-    own, theirs = model.state_dict(), _tensors(trained)
-    assert own.keys() == theirs.keys()
-    assert all(own[k].shape == theirs[k].shape for k in own)
-    assert not any(torch.equal(own[k], theirs[k]) for k in own if k.endswith("conv1.weight"))
-    # the categories stay (the run maps labels through them), the metrics do not
-    assert header.label_to_category_id == {1: 5, 2: 9} and header.metrics == {}
+    fresh = build_detector(ModelSpec(**TINY), 11)  # SmallDigits: ten digits and background
+    own = model.state_dict()
+    assert own.keys() == fresh.state_dict().keys()
+    assert all(own[k].shape == v.shape for k, v in fresh.state_dict().items())
+    assert header.num_classes == 11 and len(header.label_to_category_id) == 10
+    assert header.model.weights == "none" and header.metrics == {}
+    # the file serves as a teacher's `weights:` (the way the row's run reads it)
+    as_teacher = build_detector(spec.model_copy(update={"weights": str(path)}), 11)
+    assert all(torch.equal(own[k], v) for k, v in as_teacher.state_dict().items())
 
     # the same seed draws the same weights anywhere; another seed, others
-    again = _tensors(random_teacher(trained, 3, tmp_path / "b"))
+    again = _tensors(random_teacher(spec, train, 3, tmp_path / "b"))
     assert all(torch.equal(own[k], again[k]) for k in own)
-    other = _tensors(random_teacher(trained, 4, tmp_path / "a"))
-    assert not torch.equal(own["backbone.fpn.layer_blocks.0.0.weight"],
-                           other["backbone.fpn.layer_blocks.0.0.weight"])  # fmt: skip
+    other = _tensors(random_teacher(spec, train, 4, tmp_path / "a"))
+    layer = "backbone.fpn.layer_blocks.0.0.weight"
+    assert not torch.equal(own[layer], other[layer])
+    # another architecture is another draw, not the same file
+    wider = random_teacher(ModelSpec(**{**TINY, "fpn_channels": 32}), train, 3, tmp_path / "a")
+    assert wider != path and load_student(wider)[0].state_dict()[layer].shape[0] == 32
 
 
 def test_drawing_a_random_teacher_leaves_the_callers_generator_alone(
-    tmp_path: Path, trained: Path
+    tmp_path: Path, train: tuple[Path, Path]
 ) -> None:
     torch.manual_seed(11)
     expected = torch.rand(4)
     torch.manual_seed(11)
-    random_teacher(trained, 0, tmp_path)
+    random_teacher(ModelSpec(**TINY), train, 0, tmp_path)
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_an_existing_draw_is_reused_not_drawn_again(tmp_path: Path, trained: Path) -> None:
-    first = random_teacher(trained, 0, tmp_path)
+def test_an_existing_draw_is_reused_not_drawn_again(
+    tmp_path: Path, train: tuple[Path, Path]
+) -> None:
+    first = random_teacher(ModelSpec(**TINY), train, 0, tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert random_teacher(trained, 0, tmp_path) == first
+    assert random_teacher(ModelSpec(**TINY), train, 0, tmp_path) == first
     assert first.stat().st_mtime_ns == stamp
 
 
