@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only; no display on build machines
 import matplotlib.pyplot as plt
 import torch
 
-from bench.presets import Preset, Splits, row_distill
+from bench.presets import Preset, Splits, row_distill, row_teacher
 from bench.records import RESULTS, read_record, record_path, slug
 from bench.stats import Paired, paired
 from hmkd_core.spec import BASELINE_METHODS
@@ -569,7 +569,16 @@ def _page(
 ) -> str:
     teacher = found["teacher"]
     weights = ", ".join(f"{m} {w:g}" for m, w in sorted(preset.weights.items()))
-    rows_spec = [f"- `{r}`: `{json.dumps(row_distill(preset, r))}`" for r in found["rows"]]
+    rows_spec = [
+        f"- `{r}`: `{json.dumps(row_distill(preset, r))}`"
+        + (", from a random teacher (`bench.controls`)" if row_teacher(r) == "random" else "")
+        for r in found["rows"]
+    ]
+    readers = (
+        "the weights every row reads but the random-teacher controls"
+        if any(row_teacher(r) == "random" for r in found["rows"])
+        else "the weights every row reads"
+    )
     wall = sum(r["cost"]["wall_s"] for recs in found["rows"].values() for r in recs.values())
     ovh = (
         f"{overhead['rounds']} interleaved rounds, 1 thread, batch {overhead['batch_size']}, "
@@ -625,7 +634,7 @@ def _page(
   {preset.jobs} at a time, {preset.threads} thread(s) each.
 - **Data**: {_data_line(preset)}
 - **Teacher**: {_model_line(preset.teacher)} from scratch, {_stage_chain(found["teachers"])};
-  AP {t_ap}, AP_S {t_aps} (the weights every row reads).
+  AP {t_ap}, AP_S {t_aps} ({readers}).
 - **Protocol**: {protocol}.
 - **Seeds**: {", ".join(map(str, seeds))}; a seed fixes data order, augmentation and the
   distiller's initialisation, the same in every row, so each row minus `none` is paired.

@@ -268,6 +268,9 @@ def test_a_random_teacher_row_reads_its_own_draw_and_is_paired_with_its_method(
     control = summary["rows"]["mimic: random teacher"]
     assert control["seeds"] == 2 and control["against_method"]["method"] == "mimic"
     assert summary["teachers"] == 1  # the draws are not counted among the table's teachers
+    page = (tmp_path / "page.md").read_text()
+    assert "every row reads but the random-teacher controls" in page
+    assert "- `mimic: random teacher`: `" in page and "from a random teacher" in page
 
     # a finished control is recognised by its draw's digest and not run again
     rec = record_path("smoke", "mimic: random teacher", 0, results)
