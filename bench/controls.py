@@ -7,9 +7,11 @@ shapes but freshly drawn weights separates the two: the method's loss and its ma
 unchanged, only what the teacher knows is gone.
 
 Each seed draws its own random teacher, so a row's interval spans the draws as well as the
-data order. The draw is a pure function of the teacher's description, the data's categories
-and the seed (the CPU generator), so every machine draws the same weights, and it needs no
-trained teacher: the controls can run while the teacher still trains.
+data order. The draw depends only on the teacher's description, the data's categories and the
+seed (the CPU generator): machines with the same torch and torchvision draw the same weights,
+and it needs no trained teacher, so a table of controls runs while the teacher still trains.
+A draw made elsewhere with other weights is recognised by its digest, which every record
+keeps, and runs again rather than being paired with records of another draw.
 """
 
 from __future__ import annotations
@@ -29,13 +31,18 @@ from hmkd_core.spec import ModelSpec
 DRAW_OFFSET = 7_000_003
 
 
-def random_teacher(teacher: ModelSpec, train: tuple[Path, Path], seed: int, folder: Path) -> Path:
-    """The detector `teacher` describes (its `weights` aside), for the categories of the
-    training split `train` (images, annotations), with weights drawn from `seed`, written as
-    a student file under `folder` the first time and reused after."""
+def random_teacher(
+    teacher: ModelSpec, train: tuple[Path, Path], *, seed: int, folder: Path
+) -> Path:
+    """The detector `teacher` describes (its `weights` aside), sized for the categories of the
+    training split `train` (images, annotations) as the trained teacher is, with weights drawn
+    from `seed`; written as a student file, the format a run reads a teacher from, under
+    `folder` the first time and reused after."""
     model = teacher.model_copy(update={"weights": "none"})
     data = CocoDetectionDataset(*train)
-    described = json.dumps([model.model_dump(mode="json"), data.categories], sort_keys=True)
+    described = json.dumps(
+        [model.model_dump(mode="json"), data.categories, DRAW_OFFSET], sort_keys=True
+    )
     key = hashlib.sha256(described.encode()).hexdigest()[:10]
     out = folder / f"random-teacher-{key}-seed{seed}.pt"
     if out.is_file():

@@ -22,18 +22,18 @@ from typing import Any
 
 import torch
 
-from bench.presets import PRESETS, ROWS, Splits, row_options, student_spec
+from bench.presets import PRESETS, ROWS, Splits, is_control, row_options, student_spec
 from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
 from hmkd_core.distill import build_distiller
 from hmkd_core.engine.module import FrozenTeacher, TrainModule
 from hmkd_core.models import build_detector
 from hmkd_core.spec import DEFAULT_LEVELS, DistillSpec, TrainSpec, load_spec
 
-# Every distilling row of the table, with the same options.
+# Every distilling row of the table, with the same options (a control's step is its method's).
 METHODS: dict[str, DistillSpec] = {
     name: DistillSpec.model_validate(row_options(name))
     for name, row in ROWS.items()
-    if row["method"] != "none"
+    if row["method"] != "none" and not is_control(name)
 }
 
 

@@ -22,7 +22,7 @@ import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from hmkd_core.spec import METHODS, TrainSpec
 
@@ -70,12 +70,26 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 
 # What a row may say beside its `DistillSpec` options: which teacher it reads.
-TEACHERS = ("trained", "random")
+Teacher = Literal["trained", "random"]
+TEACHERS: tuple[Teacher, ...] = get_args(Teacher)
 
 
-def row_teacher(row: str) -> str:
+def row_teacher(row: str) -> Teacher:
     """The teacher a row reads: `trained` (the preset's teacher stage) or `random`."""
     return ROWS[row].get("teacher", "trained")
+
+
+def is_control(row: str) -> bool:
+    """Whether a row distils from a random teacher (a negative control)."""
+    return row_teacher(row) == "random"
+
+
+def measured_as(row: str) -> str:
+    """The row whose training step a row's step is: a control's is its method's row (the same
+    options, the same teacher architecture; only the teacher's weights differ)."""
+    if not is_control(row):
+        return row
+    return next(r for r in ROWS if not is_control(r) and row_options(r) == row_options(row))
 
 
 def row_options(row: str) -> dict[str, Any]:
@@ -366,6 +380,11 @@ def _model(preset: Preset, part: dict[str, Any], weights: str = "none") -> dict[
     }
 
 
+def teacher_model(preset: Preset, weights: str = "none") -> dict[str, Any]:
+    """The preset's teacher detector as a `ModelSpec` dict."""
+    return _model(preset, preset.teacher, weights)
+
+
 def _split(pair: tuple[Path, Path]) -> dict[str, str]:
     return {"images": str(pair[0]), "annotations": str(pair[1])}
 
@@ -430,17 +449,20 @@ def row_distill(preset: Preset, row: str) -> dict[str, Any]:
 def student_spec(
     preset: Preset,
     splits: Splits,
-    teacher_weights: Path,
+    teacher_weights: Path | None,
     distill: dict[str, Any],
     *,
     seed: int,
     init: Path | None = None,
 ) -> dict[str, Any]:
-    """A student run; `distill` is a `DistillSpec` dict; `init` the warm start's weights."""
+    """A student run; `distill` is a `DistillSpec` dict; `init` the warm start's weights.
+    `teacher_weights` may be None only for `method: none`, which reads no teacher."""
     spec = base_spec(preset, splits, seed=seed)
     spec["student"] = _model(preset, preset.student, weights=str(init) if init else "none")
     spec["distill"] = copy.deepcopy(distill)
     if distill.get("method", "none") != "none":
-        spec["teacher"] = _model(preset, preset.teacher, weights=str(teacher_weights))
+        if teacher_weights is None:
+            raise ValueError(f"method {distill['method']} distils from a teacher; none given")
+        spec["teacher"] = teacher_model(preset, weights=str(teacher_weights))
     spec["schedule"].update(preset.student_schedule)
     return _checked(spec)

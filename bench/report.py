@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only; no display on build machines
 import matplotlib.pyplot as plt
 import torch
 
-from bench.presets import Preset, Splits, row_distill, row_teacher
+from bench.presets import Preset, Splits, is_control, measured_as, row_distill
 from bench.records import RESULTS, read_record, record_path, slug
 from bench.stats import Paired, paired
 from hmkd_core.spec import BASELINE_METHODS
@@ -41,7 +41,8 @@ def page_path(preset: Preset) -> Path:
 def measure_overhead(
     preset: Preset, splits: Splits, *, rows: tuple[str, ...], rounds: int
 ) -> dict[str, Any]:
-    """Each row's step over the floor, at the preset's sizes, on one thread."""
+    """Each row's step over the floor, at the preset's sizes, on one thread (a control's step
+    is its method's, measured once under the method's row)."""
     from bench.overhead import measure, preset_spec
 
     threads = torch.get_num_threads()
@@ -49,7 +50,8 @@ def measure_overhead(
     try:
         spec = preset_spec(preset.name, splits)
         batch = preset.student_schedule["batch_size"]
-        return measure(spec, rounds=rounds, batch_size=batch, rows=rows)
+        steps = tuple(dict.fromkeys(measured_as(r) for r in rows))
+        return measure(spec, rounds=rounds, batch_size=batch, rows=steps)
     finally:
         torch.set_num_threads(threads)
 
@@ -163,7 +165,7 @@ def summarize(
             "ci95": [d.lo, d.hi] if d and d.lo is not None else None,
             "within_noise": d.within_noise if d else None,
             "seeds": len(records),
-            "step_over_floor": ratios.get(row, 1.0 if row == "none" else None),
+            "step_over_floor": ratios.get(measured_as(row), 1.0 if row == "none" else None),
             "tune_delta_ap_s": t.mean if t else None,
             "tune_ci95": [t.lo, t.hi] if t and t.lo is not None else None,
         }
@@ -571,12 +573,12 @@ def _page(
     weights = ", ".join(f"{m} {w:g}" for m, w in sorted(preset.weights.items()))
     rows_spec = [
         f"- `{r}`: `{json.dumps(row_distill(preset, r))}`"
-        + (", from a random teacher (`bench.controls`)" if row_teacher(r) == "random" else "")
+        + (", from a random teacher (`bench.controls`)" if is_control(r) else "")
         for r in found["rows"]
     ]
     readers = (
         "the weights every row reads but the random-teacher controls"
-        if any(row_teacher(r) == "random" for r in found["rows"])
+        if any(is_control(r) for r in found["rows"])
         else "the weights every row reads"
     )
     wall = sum(r["cost"]["wall_s"] for recs in found["rows"].values() for r in recs.values())

@@ -37,9 +37,10 @@ from bench.presets import (
     Splits,
     base_student_spec,
     extension_spec,
+    is_control,
     row_distill,
-    row_teacher,
     student_spec,
+    teacher_model,
     teacher_spec,
 )
 from bench.records import (
@@ -74,18 +75,28 @@ def roots_of(work: Path, preset: Preset) -> dict[str, Path]:
 
 
 def run_stages(
-    preset: Preset, work: Path, splits: Splits, *, teacher: Path | None, results: Path
-) -> tuple[Path, Path | None]:
+    preset: Preset,
+    work: Path,
+    splits: Splits,
+    *,
+    teacher: Path | None,
+    results: Path,
+    train_teacher: bool = True,
+) -> tuple[Path | None, Path | None]:
     """Train the teacher and (warm protocol) the base student, side by side, each to its
     plateau: one still gaining continues for another chunk, up to `max_extensions` times.
     Every stage is recorded (`teacher`, `teacher+1`, `base`, `base+1`, ...). A preset may cap
     the teacher apart (`teacher_extensions`), to distil one base from teachers of two strengths.
 
-    Returns the last teacher's and base's `student.pt` (None for the scratch protocol).
+    A table whose rows read no trained teacher (`none` and random-teacher controls) passes
+    `train_teacher=False` and starts its rows without waiting for one.
+
+    Returns the last teacher's (None if not trained) and base's `student.pt` (None for the
+    scratch protocol).
     """
     roots = roots_of(work, preset)
     specs: dict[str, dict[str, Any]] = {}
-    if teacher is None:
+    if teacher is None and train_teacher:
         specs["teacher"] = teacher_spec(preset, splits)
     if preset.protocol == "warm":
         specs["base"] = base_student_spec(preset, splits)
@@ -112,7 +123,8 @@ def run_stages(
             and gain >= report.PLATEAU_GAIN
         }
         k += 1
-    teacher_path = teacher.resolve() if teacher is not None else latest["teacher"][0]
+    trained = latest["teacher"][0] if "teacher" in latest else None
+    teacher_path = teacher.resolve() if teacher is not None else trained
     return teacher_path, latest["base"][0] if "base" in latest else None
 
 
@@ -147,12 +159,12 @@ def _record_stage(
     )
 
 
-def _inputs_of(row: str, inputs: dict[str, str], random: Path | None) -> dict[str, str]:
+def _inputs_of(row: str, inputs: dict[str, str], drawn: Path | None) -> dict[str, str]:
     """The weights a row reads: a student trained alone never reads the teacher, and a row
     with a random teacher reads that one (under its own key: it is no stage of the table)."""
     used = {k: v for k, v in inputs.items() if k != "teacher"}
-    if random is not None:
-        used["random_teacher"] = file_sha256(random)
+    if drawn is not None:
+        used["random_teacher"] = file_sha256(drawn)
     elif ROWS[row]["method"] != "none":
         used["teacher"] = inputs["teacher"]
     return used
@@ -165,17 +177,17 @@ def row_spec(
     row: str,
     seed: int,
     *,
-    teacher: Path,
+    teacher: Path | None,
     base: Path | None,
 ) -> tuple[dict[str, Any], Path | None]:
-    """A row's run spec for `seed`, and the random teacher it reads instead of `teacher`
-    (None for a row of the trained teacher)."""
-    spec = student_spec(preset, splits, teacher, row_distill(preset, row), seed=seed, init=base)
-    if row_teacher(row) != "random":
-        return spec, None
-    model = ModelSpec.model_validate(spec["teacher"])
-    drawn = random_teacher(model, splits.train, seed, work / "controls")
-    spec["teacher"]["weights"] = str(drawn)
+    """A row's run spec for `seed`, and the random teacher it reads (None for a row of the
+    trained teacher, `teacher`, which only a table without such rows may lack)."""
+    drawn = None
+    if is_control(row):
+        model = ModelSpec.model_validate(teacher_model(preset))
+        drawn = random_teacher(model, splits.train, seed=seed, folder=work / "controls")
+    distill = row_distill(preset, row)
+    spec = student_spec(preset, splits, drawn or teacher, distill, seed=seed, init=base)
     return spec, drawn
 
 
@@ -184,7 +196,7 @@ def run_rows(
     work: Path,
     splits: Splits,
     *,
-    teacher: Path,
+    teacher: Path | None,
     base: Path | None,
     rows: tuple[str, ...],
     seeds: tuple[int, ...],
@@ -192,16 +204,16 @@ def run_rows(
 ) -> list[str]:
     """Every (row, seed) without a matching record; records written as runs finish."""
     roots = roots_of(work, preset)
-    inputs = {"teacher": file_sha256(teacher)}
+    inputs = {"teacher": file_sha256(teacher)} if teacher is not None else {}
     if base is not None:
         inputs["init"] = file_sha256(base)
     pending: dict[Path, tuple[str, int, str, dict[str, str]]] = {}
     runs: list[Run] = []
     for row in rows:  # a row's seeds run side by side, under the same load
         for seed in seeds:
-            spec, random = row_spec(preset, work, splits, row, seed, teacher=teacher, base=base)
+            spec, drawn = row_spec(preset, work, splits, row, seed, teacher=teacher, base=base)
             h = spec_hash(spec, roots)
-            used = _inputs_of(row, inputs, random)
+            used = _inputs_of(row, inputs, drawn)
             if read_record(record_path(preset.name, row, seed, results), h, used) is not None:
                 continue
             # the folder is named by what the run computes: its spec and the weights it reads
@@ -274,7 +286,15 @@ def main(argv: list[str] | None = None) -> None:
     failed: list[str] = []
     splits = prepare(preset, data_root(preset, work))
     if not args.render:
-        teacher, base = run_stages(preset, work, splits, teacher=args.teacher, results=args.results)
+        teacher, base = run_stages(
+            preset,
+            work,
+            splits,
+            teacher=args.teacher,
+            results=args.results,
+            train_teacher=args.stages_only
+            or any(ROWS[r]["method"] != "none" and not is_control(r) for r in rows),
+        )
         if args.stages_only:
             print(f"[bench] teacher {teacher}\n[bench] base {base}")
             return

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from bench.controls import random_teacher
-from bench.presets import ROWS, TEACHERS, row_distill, row_options, row_teacher
+from bench.presets import (
+    ROWS,
+    TEACHERS,
+    is_control,
+    measured_as,
+    row_distill,
+    row_options,
+    row_teacher,
+)
 from hmkd_core.data import make_small_digits
 from hmkd_core.models import build_detector
 from hmkd_core.models.export import load_student
@@ -31,26 +39,29 @@ def test_a_random_teacher_is_the_described_detector_with_weights_drawn_from_the_
     tmp_path: Path, train: tuple[Path, Path]
 ) -> None:
     spec = ModelSpec(**TINY, weights=str(tmp_path / "trained.pt"))  # its path is not read
-    path = random_teacher(spec, train, 3, tmp_path / "a")
+    path = random_teacher(spec, train, seed=3, folder=tmp_path / "a")
     model, header = load_student(path)
     fresh = build_detector(ModelSpec(**TINY), 11)  # SmallDigits: ten digits and background
     own = model.state_dict()
     assert own.keys() == fresh.state_dict().keys()
     assert all(own[k].shape == v.shape for k, v in fresh.state_dict().items())
     assert header.num_classes == 11 and len(header.label_to_category_id) == 10
-    assert header.model.weights == "none" and header.metrics == {}
+    assert header.metrics == {}
     # the file serves as a teacher's `weights:` (the way the row's run reads it)
     as_teacher = build_detector(spec.model_copy(update={"weights": str(path)}), 11)
     assert all(torch.equal(own[k], v) for k, v in as_teacher.state_dict().items())
 
-    # the same seed draws the same weights anywhere; another seed, others
-    again = _tensors(random_teacher(spec, train, 3, tmp_path / "b"))
+    # the same seed draws the same weights anywhere, whatever trained teacher the spec names;
+    # another seed, others
+    elsewhere = spec.model_copy(update={"weights": str(tmp_path / "another.pt")})
+    again = _tensors(random_teacher(elsewhere, train, seed=3, folder=tmp_path / "b"))
     assert all(torch.equal(own[k], again[k]) for k in own)
-    other = _tensors(random_teacher(spec, train, 4, tmp_path / "a"))
+    other = _tensors(random_teacher(spec, train, seed=4, folder=tmp_path / "a"))
     layer = "backbone.fpn.layer_blocks.0.0.weight"
     assert not torch.equal(own[layer], other[layer])
     # another architecture is another draw, not the same file
-    wider = random_teacher(ModelSpec(**{**TINY, "fpn_channels": 32}), train, 3, tmp_path / "a")
+    wider_spec = ModelSpec(**{**TINY, "fpn_channels": 32})
+    wider = random_teacher(wider_spec, train, seed=3, folder=tmp_path / "a")
     assert wider != path and load_student(wider)[0].state_dict()[layer].shape[0] == 32
 
 
@@ -60,16 +71,16 @@ def test_drawing_a_random_teacher_leaves_the_callers_generator_alone(
     torch.manual_seed(11)
     expected = torch.rand(4)
     torch.manual_seed(11)
-    random_teacher(ModelSpec(**TINY), train, 0, tmp_path)
+    random_teacher(ModelSpec(**TINY), train, seed=0, folder=tmp_path)
     assert torch.equal(torch.rand(4), expected)
 
 
 def test_an_existing_draw_is_reused_not_drawn_again(
     tmp_path: Path, train: tuple[Path, Path]
 ) -> None:
-    first = random_teacher(ModelSpec(**TINY), train, 0, tmp_path)
+    first = random_teacher(ModelSpec(**TINY), train, seed=0, folder=tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert random_teacher(ModelSpec(**TINY), train, 0, tmp_path) == first
+    assert random_teacher(ModelSpec(**TINY), train, seed=0, folder=tmp_path) == first
     assert first.stat().st_mtime_ns == stamp
 
 
@@ -85,3 +96,10 @@ def test_rows_declare_their_teacher_apart_from_their_distill_options() -> None:
 
     assert row_distill(HITUAV_CPU, "hmkd: random teacher") == row_distill(HITUAV_CPU, "hmkd")
     assert row_distill(HITUAV_CPU, "mimic: random teacher") == row_distill(HITUAV_CPU, "mimic")
+
+
+def test_a_controls_step_is_measured_as_its_methods() -> None:
+    assert measured_as("hmkd: random teacher") == "hmkd"
+    assert measured_as("mimic: random teacher") == "mimic"
+    assert measured_as("hmkd: P2 only") == "hmkd: P2 only"
+    assert all(not is_control(measured_as(r)) for r in ROWS)

@@ -244,36 +244,49 @@ def test_a_teacher_capped_apart_stays_while_the_base_continues_and_presets_share
     assert [p.stat().st_mtime_ns for p in runs] == times
 
 
-def test_a_random_teacher_row_reads_its_own_draw_and_is_paired_with_its_method(
+def test_random_teacher_rows_need_no_trained_teacher_and_outlive_a_retrained_one(
     tmp_path: Path, in_repo: None
 ) -> None:
     from bench.records import file_sha256
 
-    argv = _argv(tmp_path, "--rows", "none", "mimic", "mimic: random teacher", "--jobs", "1")
-    table.main([*argv, "--out", str(tmp_path / "page.md")])
+    argv = _argv(tmp_path, "--jobs", "1")
+    controls = ["--rows", "none", "mimic: random teacher"]
+    table.main([*argv, *controls, "--out", str(tmp_path / "controls.md")])
     results = tmp_path / "results"
-    teacher = read_record(record_path("smoke", "teacher", None, results))
-    assert teacher is not None
+    # no row read a trained teacher, so none was trained: the controls ran at once
+    assert read_record(record_path("smoke", "teacher", None, results)) is None
+    assert not list((tmp_path / "work" / "stages").glob("teacher*"))
     for seed in (0, 1):
         rec = read_record(record_path("smoke", "mimic: random teacher", seed, results))
         assert rec is not None
         draw = rec["spec"]["teacher"]["weights"]
         assert draw.startswith("<work>/controls/random-teacher-")
         assert draw.endswith(f"-seed{seed}.pt")
-        assert "teacher" not in rec["inputs"]  # no stage of the table: never left out as stale
+        assert "teacher" not in rec["inputs"]  # no stage of the table
         path = tmp_path / "work" / draw.removeprefix("<work>/")
         assert rec["inputs"]["random_teacher"] == file_sha256(path)
-        assert rec["inputs"]["random_teacher"] != teacher["inputs"]["student.pt"]
-    summary = json.loads((results / "smoke" / "summary.json").read_text())
-    control = summary["rows"]["mimic: random teacher"]
-    assert control["seeds"] == 2 and control["against_method"]["method"] == "mimic"
-    assert summary["teachers"] == 1  # the draws are not counted among the table's teachers
-    page = (tmp_path / "page.md").read_text()
-    assert "every row reads but the random-teacher controls" in page
-    assert "- `mimic: random teacher`: `" in page and "from a random teacher" in page
+    control = record_path("smoke", "mimic: random teacher", 0, results)
+    stamp = control.stat().st_mtime_ns
 
-    # a finished control is recognised by its draw's digest and not run again
-    rec = record_path("smoke", "mimic: random teacher", 0, results)
-    stamp = rec.stat().st_mtime_ns
-    table.main([*argv, "--out", str(tmp_path / "again.md")])
-    assert rec.stat().st_mtime_ns == stamp
+    # the method's own row trains the teacher; the finished controls are not run again
+    page = tmp_path / "page.md"
+    table.main([*argv, "--rows", "none", "mimic", "mimic: random teacher", "--out", str(page)])
+    assert control.stat().st_mtime_ns == stamp
+    summary = json.loads((results / "smoke" / "summary.json").read_text())
+    row = summary["rows"]["mimic: random teacher"]
+    assert row["seeds"] == 2 and row["against_method"]["method"] == "mimic"
+    assert row["step_over_floor"] == summary["rows"]["mimic"]["step_over_floor"]  # its step
+    assert summary["teachers"] == 1  # the draws are not counted among the table's teachers
+    text = page.read_text()
+    assert "every row reads but the random-teacher controls" in text
+    assert "- `mimic: random teacher`: `" in text and "from a random teacher" in text
+
+    # a teacher retrained elsewhere leaves `mimic` unpaired, but not the controls
+    teacher = record_path("smoke", "teacher", None, results)
+    retrained = json.loads(teacher.read_text())
+    retrained["inputs"]["student.pt"] = "0" * 64
+    teacher.write_text(json.dumps(retrained))
+    rows = ["--rows", "none", "mimic", "mimic: random teacher"]
+    table.main([*argv, *rows, "--render", "--out", str(tmp_path / "after.md")])
+    summary = json.loads((results / "smoke" / "summary.json").read_text())
+    assert "mimic" not in summary["rows"] and summary["rows"]["mimic: random teacher"]["seeds"] == 2
