@@ -12,6 +12,10 @@ not run again, so a table can be built over several sittings. Run folders (weigh
 live in `--work` and are not committed; they are named by what they compute, so presets with
 the same stages share them, and two table commands that share runs must not run at once on
 one `--work` (the second would restart the first's unfinished runs).
+
+A row may distil from a random teacher (`bench.controls`), a negative control; rows that read
+no trained teacher (`none` and the controls) can run before the teacher is trained: a table
+asked for those rows alone does not train it.
 """
 
 from __future__ import annotations
