@@ -225,10 +225,13 @@ def test_a_teacher_capped_apart_stays_while_the_base_continues_and_presets_share
         presets.PRESETS, "smoke-base", replace(both, name="smoke-base", teacher_extensions=0)
     )
     argv = _argv(tmp_path, "--rows", "none", "--seeds", "0", "--jobs", "1")
+    # `none` reads no teacher: the stages are trained first, the teacher among them
+    table.main(_argv(tmp_path, "--stages-only", "--jobs", "1"))
     table.main([*argv, "--out", str(tmp_path / "both.md")])
     runs = sorted((tmp_path / "work" / "rows").rglob("bench.json"))
     times = [p.stat().st_mtime_ns for p in runs]
 
+    table.main(_argv(tmp_path, "--stages-only", "--jobs", "1", "--preset", "smoke-base"))
     table.main([*argv, "--preset", "smoke-base", "--out", str(tmp_path / "base.md")])
     results = tmp_path / "results"
     assert read_record(record_path("smoke", "teacher+1", None, results)) is not None
