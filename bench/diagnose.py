@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.presets import PRESETS, ROWS
+from bench.presets import PRESETS, ROWS, reads_trained_teacher
 from bench.probe import format_probe, probe
 from bench.records import RESULTS
 from hmkd_core.spec import TrainSpec, load_spec
@@ -32,8 +32,15 @@ def preset_specs(
 
     preset = PRESETS[name]
     splits = prepare(preset, data_root(preset, work))
-    teacher, base = run_stages(preset, work, splits, teacher=None, results=results)
     chosen = rows or [r for r in preset.rows if ROWS[r]["method"] != "none"]
+    teacher, base = run_stages(
+        preset,
+        work,
+        splits,
+        teacher=None,
+        results=results,
+        train_teacher=any(reads_trained_teacher(r) for r in chosen),
+    )
     return {  # seed 0's, with seed 0's draw for a row of a random teacher
         row: TrainSpec.model_validate(
             row_spec(preset, work, splits, row, 0, teacher=teacher, base=base)[0]

@@ -61,6 +61,9 @@ ROWS: dict[str, dict[str, Any]] = {
         "method": "hmkd",
         "hmkd": {"sdm": {"enabled": False}, "hm": {"query_levels": "deep"}},
     },
+    # the method at a quarter of its calibrated weight: whether its loss against `none` shrinks
+    # with the pull (from a random teacher, the pull alone cost more than a point)
+    "hmkd: quarter weight": {"method": "hmkd", "weight": 0.25},
     # Negative controls: the teacher's architecture with random weights (one draw per seed,
     # `bench.controls`), which knows nothing of the data. Paired with the row of the trained
     # teacher, the difference is what the teacher's knowledge is worth to the method; paired
@@ -86,6 +89,12 @@ def row_teacher(row: str) -> Teacher:
 def is_control(row: str) -> bool:
     """Whether a row distils from a random teacher (a negative control)."""
     return row_teacher(row) == "random"
+
+
+def reads_trained_teacher(row: str) -> bool:
+    """Whether a row needs the preset's trained teacher: tables and diagnostics of rows that
+    don't (`none`, the controls) start without waiting for one to train."""
+    return ROWS[row]["method"] != "none" and not is_control(row)
 
 
 def measured_as(row: str) -> str:

@@ -42,6 +42,7 @@ from bench.presets import (
     base_student_spec,
     extension_spec,
     is_control,
+    reads_trained_teacher,
     row_distill,
     student_spec,
     teacher_model,
@@ -296,8 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             splits,
             teacher=args.teacher,
             results=args.results,
-            train_teacher=args.stages_only
-            or any(ROWS[r]["method"] != "none" and not is_control(r) for r in rows),
+            train_teacher=args.stages_only or any(reads_trained_teacher(r) for r in rows),
         )
         if args.stages_only:
             print(f"[bench] teacher {teacher}\n[bench] base {base}")

@@ -271,6 +271,16 @@ def test_random_teacher_rows_need_no_trained_teacher_and_outlive_a_retrained_one
     control = record_path("smoke", "mimic: random teacher", 0, results)
     stamp = control.stat().st_mtime_ns
 
+    # diagnosing the control alone needs no trained teacher either: it reads seed 0's draw
+    from bench import diagnose
+
+    out = tmp_path / "diagnose.txt"
+    where = ["--work", str(tmp_path / "work"), "--results", str(results)]
+    diagnose.main(["--preset", "smoke", "--rows", "mimic: random teacher", *where,
+                   "--batches", "1", "--out", str(out)])  # fmt: skip
+    assert out.read_text().startswith("mimic: random teacher: ")
+    assert not list((tmp_path / "work" / "stages").glob("teacher*"))
+
     # the method's own row trains the teacher; the finished controls are not run again
     page = tmp_path / "page.md"
     table.main([*argv, "--rows", "none", "mimic", "mimic: random teacher", "--out", str(page)])
