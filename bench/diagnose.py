@@ -25,7 +25,8 @@ from hmkd_core.spec import TrainSpec, load_spec
 def preset_specs(
     name: str, work: Path, rows: list[str] | None, results: Path = RESULTS
 ) -> dict[str, TrainSpec]:
-    """Each distilling row's spec at the preset's trained teacher and starting student (the
+    """Each distilling row's spec at the preset's starting student and the teacher it reads
+    (the trained one, trained only if a chosen row reads it, or a control's seed-0 draw; the
     stages recorded under `results`)."""
     from bench.data import prepare
     from bench.table import data_root, row_spec, run_stages
