@@ -41,8 +41,8 @@ def page_path(preset: Preset) -> Path:
 def measure_overhead(
     preset: Preset, splits: Splits, *, rows: tuple[str, ...], rounds: int
 ) -> dict[str, Any]:
-    """Each row's step over the floor, at the preset's sizes, on one thread (a control's step
-    is its method's, measured once under the method's row)."""
+    """Each row's step over the floor, at the preset's sizes, on one thread (a control's or a
+    weight-only variant's step is its method's, measured once under the method's row)."""
     from bench.overhead import measure, preset_spec
 
     threads = torch.get_num_threads()
@@ -643,7 +643,8 @@ def _page(
 - **Distillation weights** (this preset's, by gradient ratio, `python -m bench.calibrate`):
   {weights or "the library's defaults"}.
 - **Step / floor**: one training step of the method over one student step plus one teacher
-  forward ({ovh}).
+  forward ({ovh}). A random-teacher control, or a variant that changes only the weight, shows
+  its method's step: it computes the same thing.
 
 {_goal(summary)}{_stale_line(found["stale"])}
 

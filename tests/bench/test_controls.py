@@ -109,4 +109,8 @@ def test_a_controls_step_is_measured_as_its_methods() -> None:
     assert measured_as("hmkd: random teacher") == "hmkd"
     assert measured_as("mimic: random teacher") == "mimic"
     assert measured_as("hmkd: P2 only") == "hmkd: P2 only"
+    # a variant that changes only the weight computes its method's step
+    assert measured_as("hmkd: quarter weight") == "hmkd"
+    assert measured_as("mimic: random teacher, quarter weight") == "mimic"
+    assert measured_as("hmkd: HM only, full weight") == "hmkd: HM only"
     assert all(not is_control(measured_as(r)) for r in ROWS)
