@@ -138,10 +138,14 @@ def _record_stage(
 ) -> dict[str, Any]:
     """Record a finished stage, unless the folder holds this stage made from the same spec
     with other weights: training on another kind of CPU rounds differently, and the rows
-    recorded there were paired on the old weights, so they must not be replaced silently."""
+    recorded there were paired on the old weights, so they must not be replaced silently.
+    A record of these very weights is kept as it is: every command that reuses a stage passes
+    here, and rewriting would only churn its time and cost in the committed records."""
     path = record_path(preset.name, name, None, results)
     sha = file_sha256(run.out / "student.pt")
     earlier = read_record(path, spec_hash(run.spec, roots))
+    if earlier is not None and earlier["inputs"]["student.pt"] == sha:
+        return earlier
     if earlier is not None and earlier["inputs"]["student.pt"] != sha:
         raise SystemExit(
             f"{name}: trained again from the same spec, it came out with other weights "

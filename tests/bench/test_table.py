@@ -88,11 +88,14 @@ def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     argv = _argv(tmp_path, "--rows", "none", "mgd", "--seeds", "0")
     table.main([*argv, "--out", str(tmp_path / "a.md")])
     rec = record_path("smoke", "mgd", 0, tmp_path / "results")
+    stages = [record_path("smoke", s, None, tmp_path / "results") for s in ("teacher", "base")]
     stamp = rec.stat().st_mtime_ns
+    stage_bytes = [p.read_bytes() for p in stages]
     runs = sorted((tmp_path / "work" / "rows").rglob("bench.json"))
     times = [p.stat().st_mtime_ns for p in runs]
     table.main([*argv, "--out", str(tmp_path / "b.md")])
     assert rec.stat().st_mtime_ns == stamp
+    assert [p.read_bytes() for p in stages] == stage_bytes  # reused stages: records untouched
     assert [p.stat().st_mtime_ns for p in runs] == times
 
     # the run folders gone (another machine): --render still builds the page from records
