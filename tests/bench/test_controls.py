@@ -103,6 +103,14 @@ def test_rows_declare_their_teacher_apart_from_their_distill_options() -> None:
     control = row_distill(HITUAV_CPU, "mimic: random teacher")
     assert control["weight"] == pytest.approx(1.11 * mimic["weight"])
     assert {**control, "weight": mimic["weight"]} == mimic
+    # matched at the from-scratch rows' start, on that preset's own calibrated weight
+    from bench.presets import CPU_SCRATCH
+
+    mimic = row_distill(CPU_SCRATCH, "mimic")
+    control = row_distill(CPU_SCRATCH, "mimic: random teacher, from-scratch match")
+    assert control["weight"] == pytest.approx(1.75 * mimic["weight"])
+    assert {**control, "weight": mimic["weight"]} == mimic
+    assert measured_as("mimic: random teacher, from-scratch match") == "mimic"
 
 
 def test_a_controls_step_is_measured_as_its_methods() -> None:
