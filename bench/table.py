@@ -143,10 +143,11 @@ def _record_stage(
     here, and rewriting would only churn its time and cost in the committed records."""
     path = record_path(preset.name, name, None, results)
     sha = file_sha256(run.out / "student.pt")
-    earlier = read_record(path, spec_hash(run.spec, roots))
-    if earlier is not None and earlier["inputs"]["student.pt"] == sha:
-        return earlier
-    if earlier is not None and earlier["inputs"]["student.pt"] != sha:
+    hash_ = spec_hash(run.spec, roots)
+    earlier = read_record(path, hash_)
+    if earlier is not None:
+        if earlier["inputs"]["student.pt"] == sha:
+            return earlier
         raise SystemExit(
             f"{name}: trained again from the same spec, it came out with other weights "
             f"(sha256 {sha[:12]}…; {path} records {earlier['inputs']['student.pt'][:12]}…), "
@@ -160,7 +161,7 @@ def _record_stage(
         preset=preset.name,
         row=name,
         seed=None,
-        hash_=spec_hash(run.spec, roots),
+        hash_=hash_,
         run=read_run(run.out),
         spec=run.spec,
         roots=roots,
