@@ -34,6 +34,9 @@ def _portable(spec: dict[str, Any], roots: dict[str, Path]) -> dict[str, Any]:
 LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "align_iters"): 0,
     ("distill", "clip_apart"): False,
+    ("distill", "hmkd", "hm", "cell_weights"): "masks",
+    ("distill", "hmkd", "hm", "generator"): False,
+    ("distill", "hmkd", "hm", "mask_ratio"): 0.0,
 }
 
 

@@ -141,6 +141,24 @@ class HMOptions(_Strict):
     background_weight: float = Field(
         0.5, ge=0.0, description="Weight of background cells relative to foreground in WeightedMSE."
     )
+    cell_weights: Literal["masks", "uniform"] = Field(
+        "masks",
+        description="How WeightedMSE weighs a level's cells: by the scale-aware masks (each box "
+        "and the background share a total of one), or every cell alike (MGD's plain sum).",
+    )
+    generator: bool = Field(
+        False,
+        description="Pass each decoded level through a conv3x3-ReLU-conv3x3 generator (MGD's) "
+        "before comparing it with the teacher, so the student's values need only hold what "
+        "a small network can rebuild the teacher's feature from, not be a linear map of it.",
+    )
+    mask_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of the aligned student's positions zeroed (across all channels) "
+        "before the decoder reads them, as MGD masks its input; 0 keeps every position.",
+    )
 
     @field_validator("window")
     @classmethod

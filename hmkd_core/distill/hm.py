@@ -8,7 +8,10 @@ mapped to the teacher's channels and compared to the teacher's feature there.
 The invariant that makes this distillation rather than reconstruction: a level's prediction
 `D_l = Wout_l(A_l)` is a mixture of the student's values `Wv_l(Align_l(S_l))` only; the
 teacher steers the mixing weights through the query and never reaches `D_l` by a residual path.
-If the student's features are all zero, `D_l` is the same vector at every position.
+If the student's features are all zero, `D_l` is the same vector at every position. The
+MGD-style options keep the teacher out of `D_l`'s values: `mask_ratio` zeroes some of the
+student's positions before they are read, and `generator` maps the mixture through a small conv
+net that sees nothing else (a zero student then gives one map whatever the teacher).
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmkd_core.distill.attention import WindowCrossAttention
 from hmkd_core.distill.base import level_stride
+from hmkd_core.distill.mgd import Generator, random_spatial_mask
 from hmkd_core.spec import HMOptions
 
 
@@ -152,7 +157,8 @@ class DecoderLevel(nn.Module):
     """One decoding step: query (B, dim, H, W) and aligned student (B, C_t, H, W) ->
     (D (B, C_t, H, W), h (B, dim, H, W) or None).
 
-    `A = WindowAttention(Q, Wk(S'), Wv(S'))`, `D = Wout(A)`, `h = GroupNorm(Q + Wproj(A))`.
+    `A = WindowAttention(Q, Wk(S'), Wv(S'))`, `D = Wout(A)` (or `G(Wout(A))` with
+    `opts.generator`), `h = GroupNorm(Q + Wproj(A))`.
     `D` depends on the query only through the attention weights. The finest level
     (`hands_on=False`) has nobody to hand `h` to, so it has no `Wproj`/norm: a parameter that
     never gets a gradient would trip DDP.
@@ -162,6 +168,7 @@ class DecoderLevel(nn.Module):
         super().__init__()
         self.attend = WindowCrossAttention(channels, opts.dim, window=opts.window, heads=opts.heads)
         self.out = nn.Conv2d(opts.dim, channels, 1)
+        self.generate = Generator(channels) if opts.generator else None
         self.proj = nn.Conv2d(opts.dim, opts.dim, 1) if hands_on else None
         self.norm = nn.GroupNorm(group_count(opts.dim), opts.dim) if hands_on else None
 
@@ -174,9 +181,12 @@ class DecoderLevel(nn.Module):
             attended = self.attend(query, aligned)
         else:
             attended = self.attend(query, raw[0], adapter=raw[1])
+        pred = self.out(attended)
+        if self.generate is not None:
+            pred = self.generate(pred)
         if self.proj is None or self.norm is None:
-            return self.out(attended), None
-        return self.out(attended), self.norm(query + self.proj(attended))
+            return pred, None
+        return pred, self.norm(query + self.proj(attended))
 
 
 class HierarchicalMatching(nn.Module):
@@ -191,6 +201,8 @@ class HierarchicalMatching(nn.Module):
         self.levels = consecutive_levels(levels)
         self.query_source = opts.query_source
         self.background_weight = opts.background_weight
+        self.uniform = opts.cell_weights == "uniform"
+        self.mask_ratio = opts.mask_ratio
         self.level_weights = resolve_level_weights(self.levels, opts.level_weights)
         self.query_levels = deep_levels(self.levels) if opts.query_levels == "deep" else self.levels
         self.encoder: nn.Module = (
@@ -214,6 +226,12 @@ class HierarchicalMatching(nn.Module):
         Returns level -> D_l (B, C_t, H_l, W_l), decoded coarse to fine.
         """
         query = self.encoder(query_feats)
+        if self.mask_ratio > 0:  # the mask falls on Align_l(S_l), so the composed map can't serve
+            aligned = {
+                lv: aligned[lv] * random_spatial_mask(aligned[lv], self.mask_ratio)
+                for lv in self.levels
+            }
+            raw = None
         preds: dict[str, Tensor] = {}
         for lv in reversed(self.levels):
             if query.shape[-2:] != aligned[lv].shape[-2:]:  # up2(h_{l+1}) onto this grid
@@ -240,6 +258,9 @@ class HierarchicalMatching(nn.Module):
         losses = {}
         for lv in self.levels:
             fg, weight = masks[lv]
-            weights = hm_weights(fg, weight, self.background_weight)
+            if self.uniform:
+                weights = torch.ones_like(fg)
+            else:
+                weights = hm_weights(fg, weight, self.background_weight)
             losses[lv] = self.level_weights[lv] * weighted_mse(preds[lv], teacher[lv], weights)
         return losses

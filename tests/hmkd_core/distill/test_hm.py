@@ -207,3 +207,72 @@ def test_hmkd_distiller_with_deep_query_trains_through_the_adapters(make_feature
     assert set(losses) == {f"loss_hm_{lv}" for lv in LEVELS}
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student.values())
     assert distiller.hm.encoder.lateral["p5"].weight.grad is not None
+
+
+@torch.no_grad()
+def test_generator_and_mask_keep_the_teacher_out_of_the_prediction(make_features) -> None:
+    hm = hm_module(generator=True, mask_ratio=0.45)
+    zeros = {lv: torch.zeros_like(t) for lv, t in make_features(2, 16).items()}
+    torch.manual_seed(0)
+    first = hm.decode(zeros, make_features(2, 16))
+    torch.manual_seed(0)
+    second = hm.decode(zeros, {lv: 5 * t + 1 for lv, t in make_features(2, 16).items()})
+    for lv in LEVELS:
+        assert torch.allclose(first[lv], second[lv], atol=1e-5), lv
+
+
+@torch.no_grad()
+def test_generator_maps_the_linear_prediction(make_features) -> None:
+    student, teacher = make_features(2, 16), make_features(2, 16)
+    plain, generative = hm_module(), hm_module(generator=True)
+    missing, _ = generative.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(".generate." in key for key in missing)
+    linear, generated = plain.decode(student, teacher), generative.decode(student, teacher)
+    for lv in LEVELS:
+        expected = generative.decoder[lv].generate(linear[lv])
+        assert torch.allclose(generated[lv], expected, atol=1e-5), lv
+
+
+@torch.no_grad()
+def test_mask_ratio_hides_that_share_of_the_student_positions(make_features) -> None:
+    # window 1, no generator: a masked position predicts what an all-zero student gives
+    hm = hm_module(window=1, mask_ratio=0.3)
+    student = make_features(4, 16, sizes={"p2": (32, 32), "p3": (16, 16), "p4": (8, 8)})
+    teacher = make_features(4, 16, sizes={"p2": (32, 32), "p3": (16, 16), "p4": (8, 8)})
+    torch.manual_seed(0)
+    preds = hm.decode(student, teacher)
+    zero = hm.decode({lv: torch.zeros_like(s) for lv, s in student.items()}, teacher)
+    p2 = preds["p2"]
+    hidden = torch.isclose(p2, zero["p2"], atol=1e-6).all(dim=1)
+    assert 0.25 < hidden.float().mean().item() < 0.35
+    unmasked = hm_module(window=1).decode(student, teacher)["p2"]
+    assert not torch.isclose(unmasked, zero["p2"], atol=1e-6).all(dim=1).any()
+
+
+def test_masking_skips_the_composed_adapter_and_still_trains_it(make_inputs) -> None:
+    inputs = make_inputs(student_channels=8, teacher_channels=16)
+    distiller = HMKDDistiller(
+        LEVELS, student_channels=8, teacher_channels=16, opts=hm_only(mask_ratio=0.45)
+    )
+    assert distiller.compose_align
+    sum(distiller(inputs).values()).backward()
+    for name, param in distiller.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_uniform_cell_weights_are_the_plain_sum(make_inputs) -> None:
+    inputs = make_inputs(student_channels=16, teacher_channels=16)
+    distiller = HMKDDistiller(
+        LEVELS, student_channels=16, teacher_channels=16, opts=hm_only(cell_weights="uniform")
+    )
+    losses = distiller(inputs)
+    aligned = {lv: distiller.align[lv](s) for lv, s in inputs.student.items()}
+    preds = distiller.hm.decode(aligned, inputs.teacher)
+    for lv in LEVELS:
+        expected = (preds[lv] - inputs.teacher[lv]).pow(2).sum() / 2
+        assert torch.allclose(losses[f"loss_hm_{lv}"], expected, rtol=1e-5), lv
+
+
+def test_mask_ratio_of_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="mask_ratio"):
+        HMOptions(mask_ratio=1.0)
