@@ -267,7 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--results", type=Path, default=RESULTS, help="where records are kept")
     p.add_argument("--out", type=Path, default=None, help="results page (default docs/...)")
-    p.add_argument("--overhead-rounds", type=int, default=8)
+    p.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=8,
+        help="rounds of the step / floor measure; 0 keeps the stored ratios (runs scheduled "
+        "one by one beside other work, measured once on the idle machine at the end)",
+    )
     p.add_argument(
         "--jobs",
         type=int,
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--jobs: must be at least 1, got {args.jobs}")
         preset = replace(preset, jobs=args.jobs)
     seeds = tuple(args.seeds or preset.seeds)
-    rows = tuple(args.rows or preset.rows)
+    rows = tuple(dict.fromkeys(args.rows or preset.rows))  # a row named twice runs once
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {unknown}; choose from {list(ROWS)}")
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "--rows: the table needs the 'none' row, every other row is paired with it"
         )
+    if args.overhead_rounds < 0:
+        raise SystemExit(f"--overhead-rounds: must be 0 or more, got {args.overhead_rounds}")
     if args.teacher is not None and not args.teacher.is_file():
         raise SystemExit(f"--teacher: {args.teacher} is not a file")
     work = args.work.resolve()
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     overhead = (
         report.measure_overhead(preset, splits, rows=rows, rounds=args.overhead_rounds)
-        if not args.render or args.measure_overhead
+        if args.overhead_rounds > 0 and (not args.render or args.measure_overhead)
         else None
     )
     out = args.out or report.page_path(preset)

@@ -93,7 +93,13 @@ def test_finished_runs_are_reused_and_the_page_renders_from_records_alone(
     stage_bytes = [p.read_bytes() for p in stages]
     runs = sorted((tmp_path / "work" / "rows").rglob("bench.json"))
     times = [p.stat().st_mtime_ns for p in runs]
-    table.main([*argv, "--out", str(tmp_path / "b.md")])
+    overhead = tmp_path / "results" / "smoke" / "overhead.json"
+    measured = overhead.read_bytes()
+    # a row named twice runs once; 0 rounds keep the stored step / floor ratios
+    twice = [*argv, "mgd", "--overhead-rounds", "0", "--out", str(tmp_path / "b.md")]
+    table.main(twice)
+    assert overhead.read_bytes() == measured
+    assert "| mgd | 1 |" in (tmp_path / "b.md").read_text()
     assert rec.stat().st_mtime_ns == stamp
     assert [p.read_bytes() for p in stages] == stage_bytes  # reused stages: records untouched
     assert [p.stat().st_mtime_ns for p in runs] == times
@@ -177,6 +183,8 @@ def test_bad_arguments_are_named(tmp_path: Path, in_repo: None) -> None:
         table.main(_argv(tmp_path, "--rows", "hmkd"))
     with pytest.raises(SystemExit, match="--jobs: must be at least 1"):
         table.main(_argv(tmp_path, "--jobs", "0"))
+    with pytest.raises(SystemExit, match="--overhead-rounds: must be 0 or more"):
+        table.main(_argv(tmp_path, "--overhead-rounds", "-1"))
 
 
 def _extending_smoke(monkeypatch: pytest.MonkeyPatch) -> Preset:
