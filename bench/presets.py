@@ -264,7 +264,6 @@ CPU_SCRATCH_GENERATIVE = replace(
     CPU_SCRATCH,
     name="cpu-scratch-generative",
     rows=("none", "hmkd", "mgd", "hmkd: generative", "hmkd: generative, uniform cells"),
-    weights=calibrated("cpu-scratch"),
 )
 
 GPU = Preset(

@@ -22,6 +22,17 @@ def hm_only(**kw) -> HMKDOptions:
     return HMKDOptions(hm=hm, sdm=FocalOptions(enabled=False), w_hm=1.0)
 
 
+def losses_and_predictions(
+    distiller: HMKDDistiller, inputs: DistillInputs, query: str = "teacher"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The distiller's losses, and HM's predictions recomputed from the same inputs, with the
+    query read from the teacher or from the aligned student."""
+    losses = distiller(inputs)
+    aligned = {lv: distiller.align[lv](s) for lv, s in inputs.student.items()}
+    preds = distiller.hm.decode(aligned, inputs.teacher if query == "teacher" else aligned)
+    return losses, preds
+
+
 @torch.no_grad()
 def test_zero_student_gives_constant_prediction_for_any_teacher(make_features) -> None:
     hm = hm_module()
@@ -82,9 +93,7 @@ def test_query_source_student_reads_the_aligned_student(make_inputs) -> None:
     distiller = HMKDDistiller(
         LEVELS, student_channels=8, teacher_channels=16, opts=hm_only(query_source="student")
     )
-    losses = distiller(inputs)
-    aligned = {lv: distiller.align[lv](s) for lv, s in inputs.student.items()}
-    preds = distiller.hm.decode(aligned, aligned)
+    losses, preds = losses_and_predictions(distiller, inputs, query="student")
     masks = level_masks(inputs.boxes, inputs.teacher, LEVELS)
     for lv in LEVELS:
         expected = weighted_mse(preds[lv], inputs.teacher[lv], hm_weights(*masks[lv], 0.5))
@@ -265,9 +274,7 @@ def test_uniform_cell_weights_are_the_plain_sum(make_inputs) -> None:
     distiller = HMKDDistiller(
         LEVELS, student_channels=16, teacher_channels=16, opts=hm_only(cell_weights="uniform")
     )
-    losses = distiller(inputs)
-    aligned = {lv: distiller.align[lv](s) for lv, s in inputs.student.items()}
-    preds = distiller.hm.decode(aligned, inputs.teacher)
+    losses, preds = losses_and_predictions(distiller, inputs)
     for lv in LEVELS:
         expected = (preds[lv] - inputs.teacher[lv]).pow(2).sum() / 2
         assert torch.allclose(losses[f"loss_hm_{lv}"], expected, rtol=1e-5), lv
