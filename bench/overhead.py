@@ -1,6 +1,8 @@
 """What each distiller costs: one training step of each method over the floor every feature
 distillation pays (one student training step + one teacher backbone forward without grad).
 A step here is forward + backward; the optimizer update is the same for every method.
+On a CUDA preset (`runtime.device: cuda`) the steps run on the GPU under the spec's bf16
+autocast, and each timing waits for the device to finish.
 
 All methods run in one process on the same batch, interleaved round by round, and the median
 of each is used, so machine noise hits every method alike. Prints a table of milliseconds and
@@ -8,6 +10,7 @@ ratios; `--json` writes them too.
 
     python -m bench.overhead --preset cpu --rounds 8 --threads 1   # the table's sizes
     python -m bench.overhead --spec configs/smalldigits/hmkd.yaml   # any distill spec
+    python -m bench.overhead --preset hituav-gpu --data-root /data/hituav  # real images, GPU
 """
 
 from __future__ import annotations
@@ -17,12 +20,22 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.presets import PRESETS, ROWS, Splits, is_control, row_options, student_spec
+from bench.data import prepare
+from bench.presets import (
+    PRESETS,
+    ROWS,
+    Splits,
+    is_control,
+    row_options,
+    student_spec,
+    with_data_root,
+)
 from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
 from hmkd_core.distill import build_distiller
 from hmkd_core.engine.module import FrozenTeacher, TrainModule
@@ -54,7 +67,34 @@ def _batch(
     return images, targets, ds.num_classes
 
 
-def _module(spec: TrainSpec, method: DistillSpec | None, n: int, teacher: FrozenTeacher) -> tuple:
+class _Device:
+    """Where the steps run, and a clock that waits for that device: CUDA kernels return before
+    they finish, so a host timer alone would time the launches, not the work."""
+
+    def __init__(self, spec: TrainSpec) -> None:
+        cuda = spec.runtime.device == "cuda"
+        if cuda and not torch.cuda.is_available():
+            raise SystemExit("runtime.device is cuda but no CUDA device is visible")
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.amp = cuda and spec.runtime.amp
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def autocast(self) -> AbstractContextManager:
+        # the trainer's own precision: bf16 autocast on CUDA when the spec asks for it
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+
+def _module(
+    spec: TrainSpec,
+    method: DistillSpec | None,
+    n: int,
+    teacher: FrozenTeacher,
+    device: torch.device,
+) -> tuple:
     torch.manual_seed(0)
     student = build_detector(spec.student, n).train()
     if method is None:
@@ -68,22 +108,26 @@ def _module(spec: TrainSpec, method: DistillSpec | None, n: int, teacher: Frozen
             teacher_channels=teacher.out_channels,
         )
         module = TrainModule(student, distiller, teacher)
+    module.to(device)
     opt = torch.optim.SGD(
         [p for p in module.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
     )
     return module, opt
 
 
-def _step(module: TrainModule, opt: torch.optim.Optimizer, images: list, targets: list) -> float:
+def _step(
+    module: TrainModule, opt: torch.optim.Optimizer, images: list, targets: list, on: _Device
+) -> float:
     """Forward and backward of one training step. The weights are never updated: a student
     that moves changes its own proposals and RoI counts, hence the detector's cost, and would
     blur the comparison; the update itself costs the same for every method."""
-    t0 = time.perf_counter()
-    losses = module(images, targets)
+    t0 = on.now()
+    with on.autocast():
+        losses = module(images, targets)
     loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    elapsed = time.perf_counter() - t0
+    elapsed = on.now() - t0
     bad = [k for k, v in losses.items() if not torch.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite {bad}: the timing would not be of a real step")
@@ -95,23 +139,27 @@ def measure(
 ) -> dict[str, Any]:
     """Step times of `rows` (default every distilling row) and the floor, interleaved."""
     methods = {k: v for k, v in METHODS.items() if rows is None or k in rows}
+    on = _Device(spec)
     images, targets, n = _batch(spec, batch_size)
+    images = [i.to(on.device) for i in images]
+    targets = [{k: v.to(on.device) for k, v in t.items()} for t in targets]
     assert spec.teacher is not None, "the spec needs a teacher"
     teacher_spec = spec.teacher.model_copy(update={"weights": "none"})
-    teacher = FrozenTeacher(build_detector(teacher_spec, n))
-    runs = {"student": _module(spec, None, n, teacher)}
-    runs.update({name: _module(spec, m, n, teacher) for name, m in methods.items()})
+    teacher = FrozenTeacher(build_detector(teacher_spec, n)).to(on.device)
+    runs = {"student": _module(spec, None, n, teacher, on.device)}
+    runs.update({name: _module(spec, m, n, teacher, on.device) for name, m in methods.items()})
     times: dict[str, list[float]] = {name: [] for name in [*runs, "teacher_forward"]}
     batch = runs["student"][0].student.transform(images)[0].tensors
     for r in range(rounds + 2):  # two warm-up rounds
         for name, (module, opt) in runs.items():
-            dt = _step(module, opt, images, targets)
+            dt = _step(module, opt, images, targets, on)
             if r >= 2:
                 times[name].append(dt)
-        t0 = time.perf_counter()
-        teacher.features(batch)
+        t0 = on.now()
+        with on.autocast():
+            teacher.features(batch)
         if r >= 2:
-            times["teacher_forward"].append(time.perf_counter() - t0)
+            times["teacher_forward"].append(on.now() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = med["student"] + med["teacher_forward"]
     return {
@@ -122,6 +170,8 @@ def measure(
         "batch_size": batch_size,
         "image_size": spec.student.min_size,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(on.device) if on.device.type == "cuda" else "cpu",
+        "amp": on.amp,
     }
 
 
@@ -148,15 +198,33 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 is steadier on a busy host)"
     )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="a COCO preset's data set here instead of its usual place (real images, not "
+        "a made-up batch)",
+    )
+    p.add_argument("--work", type=Path, default=Path("runs/bench"), help="where splits are kept")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = preset_spec(args.preset) if args.preset or not args.spec else load_spec(args.spec)
+    if args.data_root and not args.preset:
+        p.error("--data-root needs --preset")
+    if args.data_root:
+        preset = with_data_root(PRESETS[args.preset], args.data_root)
+        splits = prepare(preset, args.work / preset.name / "data")
+        spec = preset_spec(args.preset, splits)
+    elif args.preset or not args.spec:
+        spec = preset_spec(args.preset)
+    else:
+        spec = load_spec(args.spec)
     result = measure(
         spec, rounds=args.rounds, batch_size=args.batch_size or spec.schedule.batch_size
     )
     print(
-        f"batch {result['batch_size']} x {result['image_size']}px, {result['threads']} threads, "
+        f"batch {result['batch_size']} x {result['image_size']}px on {result['device']}"
+        f"{' (bf16)' if result['amp'] else ''}, {result['threads']} threads, "
         f"median of {result['rounds']} interleaved rounds"
     )
     print(f"{'step':<22}{'ms':>10}{'ratio':>8}")

@@ -446,6 +446,13 @@ class Splits:
     tune: tuple[Path, Path]
 
 
+def with_data_root(preset: Preset, root: Path) -> Preset:
+    """`preset` reading its COCO data set from `root` (a copy of it on another machine)."""
+    if preset.data["kind"] != "coco":
+        raise ValueError(f"{preset.name} makes its own data ({preset.data['kind']}); no root")
+    return replace(preset, data={**preset.data, "root": str(root)})
+
+
 def _model(preset: Preset, part: dict[str, Any], weights: str = "none") -> dict[str, Any]:
     return {
         "arch": "faster_rcnn",

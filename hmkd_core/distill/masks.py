@@ -5,8 +5,8 @@ background. Foreground cells are weighted by the inverse area of the smallest bo
 so a small object weighs about as much in total as a large one instead of being drowned by it;
 background cells share a total weight of one. The same weights drive HM's `WeightedMSE`.
 
-All functions are pure tensor maths, vectorised over boxes by broadcasting (no loop over cells
-or over boxes), so they stay cheap on a P2 grid with many boxes.
+All functions are pure tensor maths, vectorised over boxes and images by broadcasting (no loop
+over cells, boxes or images), so they stay cheap on a P2 grid with many boxes.
 """
 
 from __future__ import annotations
@@ -26,46 +26,20 @@ def _axis_cover(lo: Tensor, hi: Tensor, size: int) -> Tensor:
     whose edge lands exactly on a cell centre does not gain an extra row or column, and a box
     covers as many cells as its side spans (give or take one, by position). A box that holds no
     cell centre (narrower than a cell, or between two centres) covers the cell holding its
-    centre instead of vanishing from the grid.
+    centre instead of vanishing from the grid. The fallback is applied by arithmetic, not by a
+    branch on its tensor: a branch would wait for the GPU at every image and level.
     """
-    centres = torch.arange(size, device=lo.device, dtype=lo.dtype) + 0.5
+    cells = torch.arange(size, device=lo.device)
+    centres = cells.to(lo.dtype) + 0.5
     cover = (centres >= lo[:, None]) & (centres < hi[:, None])
-    empty = ~cover.any(dim=1)
-    if empty.any():
-        mid = ((lo + hi) * 0.5).floor().long().clamp_(0, size - 1)
-        rows = torch.arange(lo.shape[0], device=lo.device)[empty]
-        cover[rows, mid[empty]] = True
-    return cover
+    mid = ((lo + hi) * 0.5).floor().long().clamp_(0, size - 1)
+    fallback = (cells == mid[:, None]) & ~cover.any(dim=1, keepdim=True)
+    return cover | fallback
 
 
-def scale_aware_mask(boxes: Tensor, grid_hw: tuple[int, int], stride: int) -> tuple[Tensor, Tensor]:
-    """Foreground mask and scale weights of one image on one level's grid.
-
-    boxes: (N, 4) float xyxy in input pixels (N may be 0). grid_hw: (H, W) of the level.
-    stride: input pixels per cell.
-    Returns fg (H, W) in {0, 1} and weight (H, W), both float32 on the boxes' device:
-    - on foreground, `1 / (h_b * w_b)` of the smallest box covering the cell, `h_b * w_b` being
-      the number of cells the box covers (at least 1), so one box's cells sum to at most 1;
-    - on background, `1 / N_bg`; with no boxes every cell is background.
-    """
-    h, w = grid_hw
-    boxes = boxes.reshape(-1, 4).float()
-    if boxes.shape[0] == 0:
-        fg = torch.zeros(h, w, device=boxes.device)
-        return fg, torch.full((h, w), 1.0 / (h * w), device=boxes.device)
-    cells = boxes / float(stride)
-    cover_x = _axis_cover(cells[:, 0], cells[:, 2], w)  # (N, W)
-    cover_y = _axis_cover(cells[:, 1], cells[:, 3], h)  # (N, H)
-    # Each box's cells share a weight of one (FGD's rule): the inverse of the number of cells
-    # it covers, so its total does not swing with where it falls on the grid.
-    inv_area = 1.0 / (cover_x.sum(dim=1) * cover_y.sum(dim=1)).float()  # (N,)
-    covered = cover_y[:, :, None] & cover_x[:, None, :]  # (N, H, W)
-    # The smallest covering box has the largest inverse area; uncovered boxes contribute 0.
-    fg_weight = (covered * inv_area[:, None, None]).amax(dim=0)  # (H, W)
-    fg = covered.any(dim=0).float()
-    n_bg = (1.0 - fg).sum().clamp(min=1.0)
-    weight = fg_weight * fg + (1.0 - fg) / n_bg
-    return fg, weight
+# Boxes whose (boxes x cells) products are built at once; more are taken in chunks, so a batch
+# crowded with boxes on a fine grid costs time, not memory (2**24 floats are 64 MB).
+_MAX_ELEMENTS = 2**24
 
 
 def batch_masks(
@@ -74,19 +48,57 @@ def batch_masks(
     stride: int,
     *,
     device: torch.device | str | None = None,
+    max_elements: int = _MAX_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
-    """`scale_aware_mask` for a batch: B tensors of (N_i, 4) boxes -> fg, weight (B, 1, H, W).
+    """Foreground masks and scale weights of a batch on one level's grid.
 
-    Boxes are moved to `device` (default: where they are) before the masks are built.
+    boxes_list: per image, (N_i, 4) float xyxy in input pixels (N_i may be 0), moved to
+    `device` (default: where the first image's boxes are). grid_hw: (H, W) of the level.
+    stride: input pixels per cell. Returns fg (B, 1, H, W) in {0, 1} and weight (B, 1, H, W),
+    float32:
+    - on foreground, `1 / (h_b * w_b)` of the smallest box covering the cell, `h_b * w_b` being
+      the number of cells the box covers (at least 1), so one box's cells sum to at most 1;
+    - on background, `1 / N_bg` of its image; an image with no boxes is all background.
+
+    The whole batch is one set of tensor ops (boxes of every image side by side, reduced per
+    image), with no loop over images and nothing that waits for the device: on a GPU a
+    training step is bound by how many ops the host launches, and a per-image loop here was
+    most of a distiller's launches.
     """
-    fgs, weights = [], []
-    for boxes in boxes_list:
-        if device is not None:
-            boxes = boxes.to(device)
-        fg, weight = scale_aware_mask(boxes, grid_hw, stride)
-        fgs.append(fg)
-        weights.append(weight)
-    return torch.stack(fgs)[:, None], torch.stack(weights)[:, None]
+    h, w = grid_hw
+    if device is None:
+        device = boxes_list[0].device if len(boxes_list) else "cpu"
+    per_image = [b.reshape(-1, 4) for b in boxes_list]
+    counts = [b.shape[0] for b in per_image]
+    boxes = torch.cat(per_image).to(device=device, dtype=torch.float32) / float(stride)
+    image = torch.repeat_interleave(
+        torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long)
+    )
+    image = image.to(device, non_blocking=True)
+    cover_x = _axis_cover(boxes[:, 0], boxes[:, 2], w)  # (N, W)
+    cover_y = _axis_cover(boxes[:, 1], boxes[:, 3], h)  # (N, H)
+    # Each box's cells share a weight of one (FGD's rule): the inverse of the number of cells
+    # it covers, so its total does not swing with where it falls on the grid.
+    inv_area = 1.0 / (cover_x.sum(dim=1) * cover_y.sum(dim=1)).float()  # (N,)
+    # Per image, the smallest covering box has the largest inverse area; 0 where none covers.
+    fg_weight = torch.zeros(len(counts), h * w, device=device)
+    chunk = max(1, max_elements // (h * w))
+    for start in range(0, boxes.shape[0], chunk):
+        part = slice(start, start + chunk)
+        covered = cover_y[part, :, None] & cover_x[part, None, :]  # (n, H, W)
+        values = (covered * inv_area[part, None, None]).reshape(-1, h * w)
+        index = image[part, None].expand_as(values)
+        fg_weight.scatter_reduce_(0, index, values, reduce="amax")
+    fg = (fg_weight > 0).float()  # every covering box's inverse area is positive
+    n_bg = (1.0 - fg).sum(dim=1, keepdim=True).clamp(min=1.0)
+    weight = fg_weight * fg + (1.0 - fg) / n_bg
+    return fg.reshape(-1, 1, h, w), weight.reshape(-1, 1, h, w)
+
+
+def scale_aware_mask(boxes: Tensor, grid_hw: tuple[int, int], stride: int) -> tuple[Tensor, Tensor]:
+    """`batch_masks` of one image: (N, 4) boxes -> fg (H, W), weight (H, W)."""
+    fg, weight = batch_masks([boxes], grid_hw, stride)
+    return fg[0, 0], weight[0, 0]
 
 
 def _scaled(activity: Tensor, normalize: bool) -> Tensor:

@@ -139,3 +139,34 @@ def test_normalized_attention_ignores_the_feature_scale() -> None:
         assert torch.allclose(small, fn(feat * 40.0, 0.5, normalize=True), atol=1e-5)
         # without normalisation a strong feature gives a sharper map
         assert not torch.allclose(fn(feat, 0.5), fn(feat * 40.0, 0.5), atol=1e-3)
+
+
+def _reference_masks(boxes: torch.Tensor, h: int, w: int, stride: int) -> tuple:
+    """One image's fg and weight by loops over boxes and cells, from `_reference_cover`."""
+    fg, fg_weight = torch.zeros(h, w), torch.zeros(h, w)
+    for x0, y0, x1, y1 in (boxes / stride).tolist():
+        xs, ys = _reference_cover(x0, x1, w), _reference_cover(y0, y1, h)
+        for y in ys:
+            for x in xs:
+                fg[y, x] = 1.0
+                fg_weight[y, x] = max(fg_weight[y, x], 1.0 / (len(xs) * len(ys)))
+    n_bg = max(float((1 - fg).sum()), 1.0)
+    return fg, torch.where(fg > 0, fg_weight, torch.full_like(fg, 1.0 / n_bg))
+
+
+@pytest.mark.parametrize("max_elements", [2**24, 1, 50])
+def test_batch_masks_match_a_loop_reference_image_by_image(max_elements: int) -> None:
+    # Overlapping boxes of every size, boxes narrower than a cell, boxes past the grid's edge,
+    # images without boxes; in chunks of one box and of a few, as in one piece.
+    g = torch.Generator().manual_seed(0)
+    boxes = []
+    for n in (7, 0, 1, 12, 0, 3):
+        xy = torch.rand(n, 2, generator=g) * 70 - 6
+        wh = torch.rand(n, 2, generator=g) ** 2 * 40 + 0.5
+        boxes.append(torch.cat([xy, xy + wh], dim=1))
+    fg, weight = batch_masks(boxes, (14, 16), stride=4, max_elements=max_elements)
+    assert fg.shape == weight.shape == (6, 1, 14, 16)
+    for i, image_boxes in enumerate(boxes):
+        ref_fg, ref_weight = _reference_masks(image_boxes, 14, 16, 4)
+        assert torch.equal(fg[i, 0], ref_fg), i
+        assert torch.allclose(weight[i, 0], ref_weight, rtol=0, atol=1e-7), i

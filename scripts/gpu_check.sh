@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# What only a CUDA machine can check, in pieces that each write their result to OUT_DIR and
+# each have their own time limit, so one piece that hangs or fails leaves the others' results:
+#   1. the machine (GPU, driver, torch);
+#   2. the CUDA tests: bf16 distillation training, the window attention's kernel against the
+#      CPU, two-process NCCL DDP (where two GPUs are visible);
+#   3. every distilling row's step over the floor at the GPU preset's sizes, on real images;
+#   4. the GPU preset's stages timed on short runs, and its whole table's projected hours.
+#
+#   scripts/gpu_check.sh OUT_DIR [HITUAV_ROOT]      (PYTHON=... to pick the interpreter)
+set -u
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [HITUAV_ROOT]}
+data=${2:-../shared/datasets/hituav}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+piece() {  # piece NAME SECONDS COMMAND...: output to NAME.txt, its exit status on the last line
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date -u +%T))"
+    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    echo "exit status $?" >>"$out/$name.txt"
+    tail -n 3 "$out/$name.txt"
+}
+
+piece machine 30 bash -c "nvidia-smi; $py -c 'import torch; print(torch.__version__, \
+torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.device_count())'"
+piece cuda_tests 120 "$py" -m pytest -m needs_cuda tests/hmkd_core/engine/test_cuda.py \
+    -p no:cacheprovider -q -rs
+piece overhead 120 "$py" -m bench.overhead --preset hituav-gpu --data-root "$data" \
+    --rounds 20 --json "$out/overhead.json"
+piece throughput 200 "$py" -m bench.throughput --preset hituav-gpu --data-root "$data" \
+    --iterations 60 --rows none mimic fgd mgd hmkd --json "$out/throughput.json"
