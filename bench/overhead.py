@@ -11,6 +11,8 @@ ratios; `--json` writes them too.
     python -m bench.overhead --preset cpu --rounds 8 --threads 1   # the table's sizes
     python -m bench.overhead --spec configs/smalldigits/hmkd.yaml   # any distill spec
     python -m bench.overhead --preset hituav-gpu --data-root /data/hituav  # real images, GPU
+    python -m bench.overhead --preset hituav-gpu --count-ops --rows hmkd   # ops, any machine
+    python -m bench.overhead --preset hituav-gpu --profile prof.txt --rows hmkd fgd
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.data import prepare
 from bench.presets import (
@@ -115,18 +119,26 @@ def _module(
     return module, opt
 
 
-def _step(
+def _forward_backward(
     module: TrainModule, opt: torch.optim.Optimizer, images: list, targets: list, on: _Device
-) -> float:
+) -> dict[str, Tensor]:
     """Forward and backward of one training step. The weights are never updated: a student
     that moves changes its own proposals and RoI counts, hence the detector's cost, and would
     blur the comparison; the update itself costs the same for every method."""
-    t0 = on.now()
     with on.autocast():
         losses = module(images, targets)
     loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    return losses
+
+
+def _step(
+    module: TrainModule, opt: torch.optim.Optimizer, images: list, targets: list, on: _Device
+) -> float:
+    """Seconds of one `_forward_backward`, its losses checked after the clock stops."""
+    t0 = on.now()
+    losses = _forward_backward(module, opt, images, targets, on)
     elapsed = on.now() - t0
     bad = [k for k, v in losses.items() if not torch.isfinite(v)]
     if bad:
@@ -134,10 +146,9 @@ def _step(
     return elapsed
 
 
-def measure(
-    spec: TrainSpec, *, rounds: int, batch_size: int, rows: tuple[str, ...] | None = None
-) -> dict[str, Any]:
-    """Step times of `rows` (default every distilling row) and the floor, interleaved."""
+def _setup(spec: TrainSpec, batch_size: int, rows: tuple[str, ...] | None) -> tuple:
+    """The device, one batch on it, the teacher, and a (module, optimizer) per run: the
+    student alone (`student`) and each of `rows` (default every distilling row)."""
     methods = {k: v for k, v in METHODS.items() if rows is None or k in rows}
     on = _Device(spec)
     images, targets, n = _batch(spec, batch_size)
@@ -148,6 +159,81 @@ def measure(
     teacher = FrozenTeacher(build_detector(teacher_spec, n)).to(on.device)
     runs = {"student": _module(spec, None, n, teacher, on.device)}
     runs.update({name: _module(spec, m, n, teacher, on.device) for name, m in methods.items()})
+    return on, images, targets, teacher, runs
+
+
+# Ops that hand a device value to the host: on a GPU each one waits for every queued kernel.
+_HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique"}
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += 1
+        self.host_reads += str(func.overloadpacket) in _HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(
+    spec: TrainSpec, *, batch_size: int, rows: tuple[str, ...] | None = None
+) -> dict[str, dict[str, int]]:
+    """Tensor ops dispatched, and how many hand a value to the host, in one step of each run.
+
+    On a GPU a detector's step is bound by the host: each op costs the host microseconds to
+    launch whatever its size, and each host read stalls it until the device catches up. These
+    counts are the same on any machine, so what a distiller adds to that bill can be seen
+    without a GPU. Counted on the CPU (a CUDA spec's autocast casts are left out) in the step
+    after one warm-up step, so lazily built state is not counted.
+    """
+    cpu = spec.runtime.model_copy(update={"device": "cpu"})
+    on, images, targets, _, runs = _setup(
+        spec.model_copy(update={"runtime": cpu}), batch_size, rows
+    )
+    counts = {}
+    for name, (module, opt) in runs.items():
+        _step(module, opt, images, targets, on)
+        with _OpCounter() as counter:
+            _forward_backward(module, opt, images, targets, on)
+        counts[name] = {"ops": counter.ops, "host_reads": counter.host_reads}
+    return counts
+
+
+def profile(
+    spec: TrainSpec, *, batch_size: int, rows: tuple[str, ...] | None = None, steps: int = 5
+) -> str:
+    """`torch.profiler` tables of `steps` steps of each run, by device time, host time and
+    call count: where a step's time goes, and how many launches and waits it makes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run_profiler
+
+    on, images, targets, _, runs = _setup(spec, batch_size, rows)
+    activities = [ProfilerActivity.CPU]
+    if on.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    by_device = "self_cuda_time_total" if on.device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for name, (module, opt) in runs.items():
+        for _ in range(3):  # warm-up: allocator, cuDNN's choice of kernels
+            _step(module, opt, images, targets, on)
+        with run_profiler(activities=activities) as prof:
+            times = [_step(module, opt, images, targets, on) for _ in range(steps)]
+        table = prof.key_averages()
+        out.append(f"######## {name}: steps ms {[round(1000 * t, 1) for t in times]}")
+        for key, limit in ((by_device, 30), ("self_cpu_time_total", 30), ("count", 20)):
+            out.append(table.table(sort_by=key, row_limit=limit, max_name_column_width=60))
+    return "\n".join(out)
+
+
+def measure(
+    spec: TrainSpec, *, rounds: int, batch_size: int, rows: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Step times of `rows` (default every distilling row) and the floor, interleaved."""
+    on, images, targets, teacher, runs = _setup(spec, batch_size, rows)
+    methods = [name for name in runs if name != "student"]
     times: dict[str, list[float]] = {name: [] for name in [*runs, "teacher_forward"]}
     batch = runs["student"][0].student.transform(images)[0].tensors
     for r in range(rounds + 2):  # two warm-up rounds
@@ -187,6 +273,16 @@ def preset_spec(name: str | None, splits: Splits | None = None) -> TrainSpec:
     return TrainSpec.model_validate(spec)
 
 
+def _print_counts(counts: dict[str, dict[str, int]], json_path: Path | None) -> None:
+    base = counts["student"]
+    print(f"{'step':<34}{'ops':>8}{'+ops':>8}{'host reads':>12}{'+reads':>8}")
+    for name, c in counts.items():
+        extra_ops, extra_reads = c["ops"] - base["ops"], c["host_reads"] - base["host_reads"]
+        print(f"{name:<34}{c['ops']:>8}{extra_ops:>8}{c['host_reads']:>12}{extra_reads:>8}")
+    if json_path:
+        json_path.write_text(json.dumps(counts, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
@@ -206,7 +302,17 @@ def main() -> None:
         "a made-up batch)",
     )
     p.add_argument("--work", type=Path, default=Path("runs/bench"), help="where splits are kept")
+    p.add_argument("--rows", nargs="+", default=None, help="default: every distilling row")
+    p.add_argument("--profile", type=Path, default=None, help="write profiler tables here")
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count each step's tensor ops and host reads instead of timing (any machine)",
+    )
     args = p.parse_args()
+    unknown = sorted(set(args.rows or ()) - set(METHODS))
+    if unknown:
+        p.error(f"--rows: {unknown} are not distilling rows ({', '.join(METHODS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data_root and not args.preset:
@@ -219,9 +325,15 @@ def main() -> None:
         spec = preset_spec(args.preset)
     else:
         spec = load_spec(args.spec)
-    result = measure(
-        spec, rounds=args.rounds, batch_size=args.batch_size or spec.schedule.batch_size
-    )
+    batch_size = args.batch_size or spec.schedule.batch_size
+    rows = tuple(args.rows) if args.rows else None
+    if args.profile:
+        args.profile.write_text(profile(spec, batch_size=batch_size, rows=rows))
+        return
+    if args.count_ops:
+        _print_counts(count_ops(spec, batch_size=batch_size, rows=rows), args.json)
+        return
+    result = measure(spec, rounds=args.rounds, batch_size=batch_size, rows=rows)
     print(
         f"batch {result['batch_size']} x {result['image_size']}px on {result['device']}"
         f"{' (bf16)' if result['amp'] else ''}, {result['threads']} threads, "

@@ -4,7 +4,8 @@
 #   1. the machine (GPU, driver, torch);
 #   2. the CUDA tests: bf16 distillation training, the window attention's kernel against the
 #      CPU, two-process NCCL DDP (where two GPUs are visible);
-#   3. every distilling row's step over the floor at the GPU preset's sizes, on real images;
+#   3. every distilling row's step over the floor at the GPU preset's sizes, on real images,
+#      and a profile of the student's step beside the main methods' (launches, waits, kernels);
 #   4. the GPU preset's stages timed on short runs, and its whole table's projected hours.
 #
 #   scripts/gpu_check.sh OUT_DIR [HITUAV_ROOT]      (PYTHON=... to pick the interpreter)
@@ -31,5 +32,7 @@ piece cuda_tests 120 "$py" -m pytest -m needs_cuda tests/hmkd_core/engine/test_c
     -p no:cacheprovider -q -rs
 piece overhead 120 "$py" -m bench.overhead --preset hituav-gpu --data-root "$data" \
     --rounds 20 --json "$out/overhead.json"
+piece profile 120 "$py" -m bench.overhead --preset hituav-gpu --data-root "$data" \
+    --rows hmkd fgd "hmkd: SDM only" "hmkd: HM only" --profile "$out/profile.txt"
 piece throughput 200 "$py" -m bench.throughput --preset hituav-gpu --data-root "$data" \
     --iterations 60 --rows none mimic fgd mgd hmkd --json "$out/throughput.json"

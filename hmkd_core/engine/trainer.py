@@ -204,7 +204,9 @@ class Trainer:
         restore_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else rng[0])
 
     # ---- the loop -----------------------------------------------------------------------
-    def step(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, float]:
+    def step(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """One update; returns the loss terms as detached device tensors, read by the host
+        only when they are reported (a read per term per step would stall a GPU each time)."""
         dev = self.ctx.device
         images = [i.as_subclass(Tensor).to(dev, non_blocking=True) for i in images]
         targets = [
@@ -215,24 +217,27 @@ class Trainer:
         self.module.detach_student = self.iteration < self.spec.distill.align_iters
         with autocast:
             losses = self.model(images, targets)
-        self._check_finite(losses)
         ramp = distill_ramp(self.iteration, self.spec.distill.warmup_iters)
         if ramp < 1.0:
             losses = {k: v * ramp if k.startswith("distill.") else v for k, v in losses.items()}
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        # Checked once the backward is queued, so the device is not left idle while the host
+        # waits for the answer; still before any weight is touched.
+        self._check_finite(losses)
         if self.spec.schedule.clip_grad_norm:
             for group in self.clip_groups:
                 torch.nn.utils.clip_grad_norm_(group, self.spec.schedule.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     def _check_finite(self, losses: dict[str, Tensor]) -> None:
-        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
-        if not any_true(bool(bad), self.ctx):
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
+        if not any_true(not bool(finite.all()), self.ctx):  # one host read for every term
             return
+        bad = [k for k, ok in zip(losses, finite.tolist(), strict=True) if not ok]
         names = sorted({k for part in gather_objects(bad, self.ctx) for k in part})
         raise NonFiniteLossError(
             f"loss {', '.join(names)} became non-finite at iteration {self.iteration + 1}; the "
@@ -298,7 +303,9 @@ class Trainer:
         rank 0, the answer shared so every rank takes the same branch)."""
         return not any_true(self.ctx.is_main and not self.reporter.may_write(), self.ctx)
 
-    def _report(self, losses: dict[str, float], dt: float, imgs_per_it: int, total: int) -> None:
+    def _report(self, terms: dict[str, Tensor], dt: float, imgs_per_it: int, total: int) -> None:
+        values = torch.stack([v.float() for v in terms.values()]).tolist()  # one host read
+        losses = dict(zip(terms, values, strict=True))
         lr = self.optimizer.param_groups[0]["lr"]
         progress = Progress(
             iteration=self.iteration,

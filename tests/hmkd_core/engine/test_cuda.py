@@ -1,6 +1,6 @@
-"""The CUDA paths: bf16 autocast training with distillation, the window attention's kernel on
-the GPU against the CPU, NCCL DDP. Skipped without a CUDA device (CI has none); run on a GPU
-machine with `pytest -m needs_cuda`."""
+"""The CUDA paths: bf16 autocast training with distillation, the window attention's kernel and
+the batched masks on the GPU against the CPU, NCCL DDP. Skipped without a CUDA device (CI has
+none); run on a GPU machine with `pytest -m needs_cuda` (`scripts/gpu_check.sh` does)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hmkd_core.distill.attention import WindowCrossAttention
+from hmkd_core.distill.masks import batch_masks
 from hmkd_core.engine import train
 from hmkd_core.models import load_student
 from hmkd_core.spec import TrainSpec
@@ -48,6 +49,17 @@ def test_window_attention_on_the_gpu_matches_the_cpu() -> None:
     on_cpu = attend(query, source)
     on_gpu = attend.cuda()(query.cuda(), source.cuda()).cpu()
     assert torch.allclose(on_cpu, on_gpu, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_masks_on_the_gpu_match_the_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    boxes = []
+    for n in (5, 0, 40, 1):
+        xy = torch.rand(n, 2, generator=g) * 120
+        boxes.append(torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 60 + 0.5], dim=1))
+    on_cpu = batch_masks(boxes, (32, 40), stride=4)
+    on_gpu = batch_masks(boxes, (32, 40), stride=4, device="cuda", max_elements=4000)
+    assert all(torch.equal(c, d.cpu()) for c, d in zip(on_cpu, on_gpu, strict=True))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -1,0 +1,31 @@
+"""What `bench.overhead` counts: a distiller must not make the host wait for the device.
+
+On a GPU a detector's training step is bound by the host, so a value read back to the host
+inside a distiller (a branch on a tensor, `.item()`, a boolean index) stalls every step. The
+count is the same on the CPU, so the rule is checked here, on every method.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import overhead
+
+ROWS = ("mimic", "fgd", "mgd", "hmkd", "hmkd: generative")
+
+
+@pytest.mark.slow
+def test_no_distiller_reads_a_device_value_back_to_the_host() -> None:
+    spec = overhead.preset_spec("smoke")
+    counts = overhead.count_ops(spec, batch_size=2, rows=ROWS)
+    student = counts["student"]
+    assert student["host_reads"] > 0  # the detector's own reads are seen (NMS, sampling)
+    for row in ROWS:
+        assert counts[row]["ops"] > student["ops"], row
+        assert counts[row]["host_reads"] == student["host_reads"], row
+
+
+def test_profile_writes_tables_for_the_student_and_every_row() -> None:
+    spec = overhead.preset_spec("smoke")
+    text = overhead.profile(spec, batch_size=1, rows=("mimic",), steps=1)
+    assert "######## student" in text and "######## mimic" in text
