@@ -140,10 +140,14 @@ def _step(
     t0 = on.now()
     losses = _forward_backward(module, opt, images, targets, on)
     elapsed = on.now() - t0
+    _check_finite(losses)
+    return elapsed
+
+
+def _check_finite(losses: dict[str, Tensor]) -> None:
     bad = [k for k, v in losses.items() if not torch.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite {bad}: the timing would not be of a real step")
-    return elapsed
 
 
 def _setup(spec: TrainSpec, batch_size: int, rows: tuple[str, ...] | None) -> tuple:
@@ -163,7 +167,30 @@ def _setup(spec: TrainSpec, batch_size: int, rows: tuple[str, ...] | None) -> tu
 
 
 # Ops that hand a device value to the host: on a GPU each one waits for every queued kernel.
-_HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique"}
+_HOST_READS = {
+    "aten._local_scalar_dense",  # .item(), bool(t), float(t), `if t:`
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.equal",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten._unique",
+    "aten._unique2",
+}
+_INDEXING = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
+
+
+def _reads_host(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether an op waits for the device to hand the host a value. Not seen here, since they
+    do not pass the dispatcher as ops or copy nothing on a CPU: `.tolist()`, `.cpu()`."""
+    name = str(func.overloadpacket)
+    if name in _HOST_READS:
+        return True
+    if name in _INDEXING:  # a boolean index is a nonzero inside the op
+        return any(i is not None and i.dtype == torch.bool for i in args[1])
+    if name == "aten.repeat_interleave" and isinstance(args[0], Tensor):
+        return kwargs.get("output_size", args[2] if len(args) > 2 else None) is None
+    return False
 
 
 class _OpCounter(TorchDispatchMode):
@@ -173,9 +200,10 @@ class _OpCounter(TorchDispatchMode):
         self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
         self.ops += 1
-        self.host_reads += str(func.overloadpacket) in _HOST_READS
-        return func(*args, **(kwargs or {}))
+        self.host_reads += _reads_host(func, args, kwargs)
+        return func(*args, **kwargs)
 
 
 def count_ops(
@@ -184,10 +212,11 @@ def count_ops(
     """Tensor ops dispatched, and how many hand a value to the host, in one step of each run.
 
     On a GPU a detector's step is bound by the host: each op costs the host microseconds to
-    launch whatever its size, and each host read stalls it until the device catches up. These
-    counts are the same on any machine, so what a distiller adds to that bill can be seen
-    without a GPU. Counted on the CPU (a CUDA spec's autocast casts are left out) in the step
-    after one warm-up step, so lazily built state is not counted.
+    launch whatever its size, and each host read stalls it until the device catches up. The
+    ops a distiller dispatches do not depend on the device, so what it adds to that bill can be
+    seen without a GPU. Counted on the CPU (a CUDA spec's autocast casts are left out, and so
+    are the copies a GPU makes to and from the host) in the step after one warm-up step, so
+    lazily built state is not counted.
     """
     cpu = spec.runtime.model_copy(update={"device": "cpu"})
     on, images, targets, _, runs = _setup(
@@ -219,8 +248,14 @@ def profile(
     for name, (module, opt) in runs.items():
         for _ in range(3):  # warm-up: allocator, cuDNN's choice of kernels
             _step(module, opt, images, targets, on)
+        times, results = [], []
         with run_profiler(activities=activities) as prof:
-            times = [_step(module, opt, images, targets, on) for _ in range(steps)]
+            for _ in range(steps):
+                t0 = on.now()
+                results.append(_forward_backward(module, opt, images, targets, on))
+                times.append(on.now() - t0)
+        for losses in results:  # checked once the profile is taken: the check reads the host
+            _check_finite(losses)
         table = prof.key_averages()
         out.append(f"######## {name}: steps ms {[round(1000 * t, 1) for t in times]}")
         for key, limit in ((by_device, 30), ("self_cpu_time_total", 30), ("count", 20)):

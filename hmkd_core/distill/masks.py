@@ -6,7 +6,8 @@ so a small object weighs about as much in total as a large one instead of being 
 background cells share a total weight of one. The same weights drive HM's `WeightedMSE`.
 
 All functions are pure tensor maths, vectorised over boxes and images by broadcasting (no loop
-over cells, boxes or images), so they stay cheap on a P2 grid with many boxes.
+over cells or images; boxes are taken in chunks only when very many meet a fine grid), so they
+stay cheap on a P2 grid with many boxes.
 """
 
 from __future__ import annotations
@@ -61,18 +62,22 @@ def batch_masks(
     - on background, `1 / N_bg` of its image; an image with no boxes is all background.
 
     The whole batch is one set of tensor ops (boxes of every image side by side, reduced per
-    image), with no loop over images and nothing that waits for the device: on a GPU a
-    training step is bound by how many ops the host launches, and a per-image loop here was
-    most of a distiller's launches.
+    image), with no loop over images and no value read back to the host: on a GPU a training
+    step is bound by how many ops the host launches, and a per-image loop here was most of a
+    distiller's launches. (Boxes not yet on `device` are copied there first.) An empty batch
+    (no images) is refused by `torch.cat`.
     """
     h, w = grid_hw
     if device is None:
-        device = boxes_list[0].device if len(boxes_list) else "cpu"
-    per_image = [b.reshape(-1, 4) for b in boxes_list]
+        device = boxes_list[0].device
+    # each image's boxes moved and made float before they meet: images may differ in device
+    # or dtype, and a mixed concatenation would round them in the narrower one
+    per_image = [b.reshape(-1, 4).to(device=device, dtype=torch.float32) for b in boxes_list]
     counts = [b.shape[0] for b in per_image]
-    boxes = torch.cat(per_image).to(device=device, dtype=torch.float32) / float(stride)
+    boxes = torch.cat(per_image) / float(stride)
+    # built on the host from the host's counts (its size given, so nothing is read back)
     image = torch.repeat_interleave(
-        torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long)
+        torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long), output_size=sum(counts)
     )
     image = image.to(device, non_blocking=True)
     cover_x = _axis_cover(boxes[:, 0], boxes[:, 2], w)  # (N, W)

@@ -1,6 +1,6 @@
 """One trainer for plain training (teachers) and distillation, on one process or many.
 
-The loop is short on purpose: `step()` does forward, finiteness check, backward, clip, step;
+The loop is short on purpose: `step()` does forward, backward, finiteness check, clip, step;
 evaluation, checkpointing, reporting and stopping are calls to collaborators at fixed points.
 Everything that decides what happens next (iteration, epoch position, RNG states, optimizer,
 scheduler, scaler, best metric) lives in the checkpoint, so a stopped run resumes bit-exactly.
@@ -235,7 +235,8 @@ class Trainer:
 
     def _check_finite(self, losses: dict[str, Tensor]) -> None:
         finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
-        if not any_true(not bool(finite.all()), self.ctx):  # one host read for every term
+        # one host read for every term (and one more under DDP, for the shared answer)
+        if not any_true(not bool(finite.all()), self.ctx):
             return
         bad = [k for k, ok in zip(losses, finite.tolist(), strict=True) if not ok]
         names = sorted({k for part in gather_objects(bad, self.ctx) for k in part})

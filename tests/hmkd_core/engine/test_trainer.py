@@ -136,6 +136,33 @@ def test_non_finite_loss_names_component_and_keeps_checkpoint(
     assert not (tmp_path / "student.pt").exists()
 
 
+def test_a_non_finite_step_is_refused_before_any_weight_or_state_moves(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    # The check runs after the backward (so the device is not idle while the host waits); the
+    # update, the clipping and the schedule must still never see the bad step.
+    from hmkd_core.engine.distributed import DistContext
+    from hmkd_core.engine.reporter import Reporter
+    from hmkd_core.engine.trainer import Trainer
+
+    spec = tiny_spec(tiny_digits, schedule={"iterations": 3, "clip_grad_norm": 1.0})
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
+    trainer = Trainer(spec, tmp_path, ctx, Reporter(), checkpoint_dir=tmp_path / "ckpt")
+    images, targets = next(trainer._batches())
+    trainer.step(images, targets)  # one good step: the optimizer has state to compare
+    weights = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    optimizer = [{k: v.clone() for k, v in st.items()} for st in trainer.optimizer.state.values()]
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    bad = [torch.full_like(images[0].as_subclass(torch.Tensor), float("nan")), *images[1:]]
+    with pytest.raises(NonFiniteLossError, match="became non-finite"):
+        trainer.step(bad, targets)
+    after = trainer.module.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    for before, now in zip(optimizer, trainer.optimizer.state.values(), strict=True):
+        assert all(torch.equal(before[k], now[k]) for k in before)
+    assert trainer.optimizer.param_groups[0]["lr"] == lr
+
+
 def test_failure_in_a_child_process_reaches_the_caller(tiny_digits: dict, tmp_path: Path) -> None:
     spec = tiny_spec(tiny_digits, schedule={"iterations": 2, "batch_size": 8})  # 8 images / 2 ranks
     with pytest.raises(TrainingError, match="cannot fill one batch"):
