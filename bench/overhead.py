@@ -42,6 +42,7 @@ from bench.presets import (
 )
 from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
 from hmkd_core.distill import build_distiller
+from hmkd_core.engine.distributed import pick_device
 from hmkd_core.engine.module import FrozenTeacher, TrainModule
 from hmkd_core.models import build_detector
 from hmkd_core.spec import DEFAULT_LEVELS, DistillSpec, TrainSpec, load_spec
@@ -76,11 +77,11 @@ class _Device:
     they finish, so a host timer alone would time the launches, not the work."""
 
     def __init__(self, spec: TrainSpec) -> None:
-        cuda = spec.runtime.device == "cuda"
-        if cuda and not torch.cuda.is_available():
-            raise SystemExit("runtime.device is cuda but no CUDA device is visible")
-        self.device = torch.device("cuda" if cuda else "cpu")
-        self.amp = cuda and spec.runtime.amp
+        try:  # the trainer's choice of device, `auto` included
+            self.device = pick_device(spec.runtime.device, local_rank=0)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from e
+        self.amp = self.device.type == "cuda" and spec.runtime.amp
 
     def now(self) -> float:
         if self.device.type == "cuda":

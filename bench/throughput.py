@@ -32,10 +32,8 @@ from bench.presets import (
     teacher_spec,
     with_data_root,
 )
-from hmkd_core.data import CocoDetectionDataset
-from hmkd_core.engine.evaluate import evaluate_detector
+from hmkd_core.engine.evaluate import evaluate_spec
 from hmkd_core.engine.run import train
-from hmkd_core.models import load_student
 from hmkd_core.spec import TrainSpec
 
 
@@ -62,14 +60,13 @@ def _timed_run(spec: TrainSpec, out: Path) -> float:
     return seconds_per_iteration(out, spec.schedule.batch_size)
 
 
-def _eval_seconds(spec: TrainSpec, weights: Path) -> float:
-    model, _ = load_student(weights)
-    device = torch.device("cuda" if spec.runtime.device == "cuda" else "cpu")
-    val = CocoDetectionDataset(spec.data.val.images, spec.data.val.annotations)
+def _eval_seconds(spec: TrainSpec, weights: Path, out: Path) -> float:
+    """Seconds of one evaluation of `spec`'s validation split with `weights`, as a stage's."""
+    scored = spec.model_copy(
+        update={"student": spec.student.model_copy(update={"weights": str(weights)})}
+    )
     t0 = time.perf_counter()
-    evaluate_detector(model.to(device), val, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    evaluate_spec(scored, out)
     return time.perf_counter() - t0
 
 
@@ -89,7 +86,7 @@ def measure(preset: Preset, work: Path, *, iterations: int, rows: tuple[str, ...
         weights = None if distill["method"] == "none" else teacher_pt  # a control's: same cost
         spec = student_spec(preset, splits, weights, distill, seed=0)
         per_it[row] = _timed_run(_short(spec, iterations), work / "rows" / row.replace(" ", "_"))
-    evaluation = _eval_seconds(teacher, teacher_pt)
+    evaluation = _eval_seconds(teacher, teacher_pt, work / "evaluation")
 
     def stage_s(stage: str, schedule: dict[str, Any], evals: int) -> float:
         return per_it[stage] * schedule["iterations"] + evals * evaluation
