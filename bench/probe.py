@@ -46,6 +46,13 @@ def method_weight(spec: TrainSpec, term: str) -> float:
     return base * d.weight
 
 
+def term_kind(name: str, levels: tuple[str, ...]) -> str:
+    """A loss term's kind, its name without the level: `hm_p2` -> `hm`, `sdm_fg_p3` -> `sdm_fg`.
+    A term named for no level is its own kind."""
+    head, _, tail = name.removeprefix("loss_").rpartition("_")
+    return head if head and tail in levels else name.removeprefix("loss_")
+
+
 def _batches(spec: TrainSpec, count: int, batch_size: int) -> list[tuple[list, list]]:
     ds = CocoDetectionDataset(spec.data.train.images, spec.data.train.annotations, train=False)
     g = torch.Generator().manual_seed(spec.runtime.seed)
@@ -93,6 +100,7 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     student_group = clip_groups([student, distiller], spec.distill.clip_apart)[0]
     per_level: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     terms: dict[str, list[float]] = defaultdict(list)
+    pulls: dict[str, list[float]] = defaultdict(list)  # term kind -> its ‖∂L/∂S‖ over levels
     clipped = 0
     rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
     with FeatureRecorder(student) as rec:
@@ -107,6 +115,13 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             s_list = [feats[lv] for lv in levels]
             g_det = torch.autograd.grad(det, s_list, retain_graph=True, allow_unused=True)
             g_kd = torch.autograd.grad(kd, s_list, retain_graph=True, allow_unused=True)
+            kinds: dict[str, list[Tensor]] = defaultdict(list)
+            for name, value in losses.items():
+                kinds[term_kind(name, levels)].append(value)
+            for kind, values in kinds.items():
+                g = torch.autograd.grad(sum(values), s_list, retain_graph=True, allow_unused=True)
+                squares = sum(float(x.pow(2).sum()) for x in g if x is not None)
+                pulls[kind].append(math.sqrt(squares))
             masks = level_masks(boxes, t_feats, levels)
             for lv, gd, gk in zip(levels, g_det, g_kd, strict=True):
                 t = t_feats[lv]
@@ -142,10 +157,15 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
         weighted = statistics.fmean(values)
         w = method_weight(spec, name)
         terms_out[name] = {"weighted": weighted, "raw": weighted / w if w else None}
+    pull = {  # each kind's gradient next to the detection's, both over all levels
+        kind: statistics.fmean(v) / total_det if total_det else math.inf
+        for kind, v in sorted(pulls.items())
+    }
     return {
         "method": spec.distill.method,
         "levels": levels_out,
         "grad_ratio": total_kd / total_det if total_det else math.inf,
+        "pull": pull,
         "terms": terms_out,
         "clip_fraction": clipped / max(1, len(rounds)),
         "batches": len(rounds),
@@ -167,6 +187,9 @@ def format_probe(name: str, result: dict[str, Any]) -> str:
             f"{s['att_fg_mass']:>11.3f}{s['fg_cells']:>10.3f}{s['grad_det']:>10.2e}"
             f"{s['grad_kd']:>10.2e}{s['grad_ratio']:>10.3g}"
         )
+    if len(result.get("pull", {})) > 1:  # one kind is the total already printed
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in result["pull"].items())
+        lines.append(f"  ‖∂L_term/∂S‖ / ‖∂L_det/∂S‖ by kind of term: {parts}")
     for term, v in sorted(result["terms"].items()):
         raw = "–" if v["raw"] is None else f"{v['raw']:.3e}"
         lines.append(f"  term {term:<22} weighted {v['weighted']:.3e}   raw {raw}")

@@ -56,15 +56,34 @@ def test_probe_gradient_ratio_scales_with_the_weight_so_calibration_hits_its_tar
         assert stats["att_effective_cells"] >= 1.0
         assert 0.0 <= stats["att_fg_mass"] <= 1.0
     assert {"hm_p2", "sdm_fg_p2", "sdm_bg_p4", "sdm_att_p3"} <= set(first["terms"])
+    assert set(first["pull"]) == {"hm", "sdm_fg", "sdm_bg", "sdm_att"}
+    assert all(v > 0 for v in first["pull"].values())
+    # the kinds' gradients add up to the total's, so their norms can't sum to less
+    assert sum(first["pull"].values()) >= first["grad_ratio"] * (1 - 1e-6)
     # calibrate's rule: the distillation gradient is linear in the weight
     target = 0.5
-    spec.distill.weight = target / first["grad_ratio"]
+    factor = target / first["grad_ratio"]
+    spec.distill.weight = factor
     second = probe(spec, batches=2)
     assert second["grad_ratio"] == pytest.approx(target, rel=1e-3)
+    for kind, value in first["pull"].items():
+        assert second["pull"][kind] == pytest.approx(factor * value, rel=1e-3)
     raw = first["terms"]["hm_p2"]["raw"]
     assert second["terms"]["hm_p2"]["raw"] == pytest.approx(raw, rel=1e-4)
     text = format_probe("hmkd", second)
     assert "p2" in text and "ratio" in text and "clipping fired" in text
+    assert "by kind of term: hm " in text
+
+
+def test_a_terms_kind_is_its_name_without_the_level() -> None:
+    from bench.probe import term_kind
+
+    levels = ("p2", "p3", "p4")
+    assert term_kind("loss_hm_p2", levels) == "hm"
+    assert term_kind("loss_sdm_fg_p4", levels) == "sdm_fg"
+    assert term_kind("loss_fgd_global_p3", levels) == "fgd_global"
+    assert term_kind("loss_mgd_p5", levels) == "mgd_p5"  # p5 is not distilled here
+    assert term_kind("loss_total", levels) == "total"
 
 
 def test_an_option_added_later_keeps_earlier_records_valid_at_its_default() -> None:
