@@ -98,6 +98,30 @@ ROWS: dict[str, dict[str, Any]] = {
         "method": "hmkd",
         "hmkd": {"hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform"}},
     },
+    # HM alone, generative and weighing every cell alike: MGD's loss read through HM's decoder.
+    # In full HMKD at its calibrated weight HM carries 1/47 of the pull (SDM's foreground term
+    # the rest, `bench.diagnose` on `cpu-scratch`), so no HM variant there reached the student;
+    # alone at HMKD's weight this one pulls 0.045 x the detector, and 11.1x makes MGD's 0.500
+    # (per level 0.43 / 12.8 / 17.6 against MGD's 0.41 / 12.8 / 27.8)
+    "hmkd: HM only, generative, uniform cells": {
+        "method": "hmkd",
+        "weight": 11.1,
+        "hmkd": {
+            "sdm": {"enabled": False},
+            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform"},
+        },
+    },
+    # ... with a window of one cell, where the attention returns each cell's own value: MGD's
+    # loss behind HM's extra 1x1 maps, the teacher's query left without a say (0.043 at
+    # HMKD's weight, hence 11.6x for MGD's pull)
+    "hmkd: HM only, generative, uniform cells, window 1": {
+        "method": "hmkd",
+        "weight": 11.6,
+        "hmkd": {
+            "sdm": {"enabled": False},
+            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", "window": 1},
+        },
+    },
     # the same pair at a quarter of the pull: mimic's pull alone cost 3.5 AP_S, which may hide
     # what its teacher knows (the ratios scale with the weight, so the match holds)
     "mimic: quarter weight": {"method": "mimic", "weight": 0.25},
@@ -249,7 +273,16 @@ CPU_SCRATCH = replace(
     max_extensions=0,
     student_schedule={"iterations": 600, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50},
     eval_every=200,
-    rows=("none", "hmkd", "mimic", "fgd", "mgd", "mimic: random teacher, from-scratch match"),
+    rows=(
+        "none",
+        "hmkd",
+        "mimic",
+        "fgd",
+        "mgd",
+        "mimic: random teacher, from-scratch match",
+        "hmkd: HM only, generative, uniform cells",
+        "hmkd: HM only, generative, uniform cells, window 1",
+    ),
     weights=calibrated("cpu-scratch"),
 )
 
