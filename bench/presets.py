@@ -99,10 +99,10 @@ ROWS: dict[str, dict[str, Any]] = {
         "hmkd": {"hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform"}},
     },
     # HM alone, generative and weighing every cell alike: MGD's loss read through HM's decoder.
-    # In full HMKD at its calibrated weight HM carries 1/47 of the pull (SDM's foreground term
-    # the rest, `bench.diagnose` on `cpu-scratch`), so no HM variant there reached the student;
-    # alone at HMKD's weight this one pulls 0.045 x the detector, and 11.1x makes MGD's 0.500
-    # (per level 0.43 / 12.8 / 17.6 against MGD's 0.41 / 12.8 / 27.8)
+    # In full HMKD at its calibrated weight HM pulls 0.0115 x the detector's gradient, SDM's
+    # foreground term 0.538 (`bench.diagnose` on `cpu-scratch`), so no HM variant there had
+    # much grip on the student; alone at HMKD's weight this one pulls 0.045, and 11.1x makes
+    # MGD's 0.500 (per level 0.43 / 12.8 / 17.7 against MGD's 0.41 / 12.8 / 27.8)
     "hmkd: HM only, generative, uniform cells": {
         "method": "hmkd",
         "weight": 11.1,

@@ -39,7 +39,7 @@ def method_weight(spec: TrainSpec, term: str) -> float:
     d = spec.distill
     base = {
         "hmkd": d.hmkd.w_hm if term.startswith("hm_") else d.hmkd.w_sdm,
-        "fgd": d.fgd.weight * (d.fgd.global_weight if term.startswith("global_") else 1.0),
+        "fgd": d.fgd.weight * (d.fgd.global_weight if term.startswith("fgd_global_") else 1.0),
         "mgd": d.mgd.weight,
         "mimic": d.mimic.weight,
     }.get(d.method, 1.0)
@@ -76,9 +76,11 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     """Per level and per loss term, averaged over `batches` training batches.
 
     Returns `levels` (level -> teacher rms, attention effective cells and foreground mass,
-    foreground share of cells, gradient norms and their ratio), `terms` (name -> weighted and
-    raw value) and `clip` (fraction of batches whose total gradient norm exceeds the spec's
-    clip threshold).
+    foreground share of cells, gradient norms and their ratio), `grad_ratio` (over all
+    levels), `pull` (kind of term -> its own gradient's ratio to the detection's, computed as
+    `grad_ratio` is, so a method with one kind has `pull == grad_ratio`), `terms` (name ->
+    weighted and raw value) and `clip_fraction` (fraction of batches whose total gradient norm
+    exceeds the spec's clip threshold).
     """
     if spec.teacher is None or spec.distill.method == "none":
         raise ValueError("probe needs a distill spec with a teacher and a method")
@@ -100,7 +102,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     student_group = clip_groups([student, distiller], spec.distill.clip_apart)[0]
     per_level: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     terms: dict[str, list[float]] = defaultdict(list)
-    pulls: dict[str, list[float]] = defaultdict(list)  # term kind -> its ‖∂L/∂S‖ over levels
+    # term kind -> level -> its ‖∂L/∂S_l‖ per batch, averaged like the total's
+    pulls: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     clipped = 0
     rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
     with FeatureRecorder(student) as rec:
@@ -120,8 +123,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
                 kinds[term_kind(name, levels)].append(value)
             for kind, values in kinds.items():
                 g = torch.autograd.grad(sum(values), s_list, retain_graph=True, allow_unused=True)
-                squares = sum(float(x.pow(2).sum()) for x in g if x is not None)
-                pulls[kind].append(math.sqrt(squares))
+                for lv, x in zip(levels, g, strict=True):
+                    pulls[kind][lv].append(0.0 if x is None else float(x.norm()))
             masks = level_masks(boxes, t_feats, levels)
             for lv, gd, gk in zip(levels, g_det, g_kd, strict=True):
                 t = t_feats[lv]
@@ -157,9 +160,11 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
         weighted = statistics.fmean(values)
         w = method_weight(spec, name)
         terms_out[name] = {"weighted": weighted, "raw": weighted / w if w else None}
-    pull = {  # each kind's gradient next to the detection's, both over all levels
-        kind: statistics.fmean(v) / total_det if total_det else math.inf
-        for kind, v in sorted(pulls.items())
+    pull = {  # each kind's gradient next to the detection's, on the total's footing
+        kind: math.sqrt(sum(statistics.fmean(v) ** 2 for v in by_level.values())) / total_det
+        if total_det
+        else math.inf
+        for kind, by_level in sorted(pulls.items())
     }
     return {
         "method": spec.distill.method,

@@ -73,6 +73,28 @@ def test_probe_gradient_ratio_scales_with_the_weight_so_calibration_hits_its_tar
     text = format_probe("hmkd", second)
     assert "p2" in text and "ratio" in text and "clipping fired" in text
     assert "by kind of term: hm " in text
+    # one kind of term: its pull is the total, measured alike
+    spec.distill.hmkd.sdm.enabled = False
+    alone = probe(spec, batches=2)
+    assert set(alone["pull"]) == {"hm"}
+    assert alone["pull"]["hm"] == pytest.approx(alone["grad_ratio"], rel=1e-9)
+
+
+def test_a_raw_term_divides_out_exactly_the_factors_its_distiller_applied() -> None:
+    from types import SimpleNamespace
+
+    from bench.probe import method_weight
+    from hmkd_core.spec import DistillSpec
+
+    fgd = DistillSpec(method="fgd", weight=2.0)
+    spec = SimpleNamespace(distill=fgd)
+    assert method_weight(spec, "fgd_fg_p2") == pytest.approx(2.0 * fgd.fgd.weight)
+    assert method_weight(spec, "fgd_global_p3") == pytest.approx(
+        2.0 * fgd.fgd.weight * fgd.fgd.global_weight
+    )
+    hmkd = SimpleNamespace(distill=DistillSpec(method="hmkd"))
+    assert method_weight(hmkd, "hm_p2") == pytest.approx(hmkd.distill.hmkd.w_hm)
+    assert method_weight(hmkd, "sdm_bg_p4") == pytest.approx(hmkd.distill.hmkd.w_sdm)
 
 
 def test_a_terms_kind_is_its_name_without_the_level() -> None:
