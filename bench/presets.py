@@ -100,7 +100,7 @@ ROWS: dict[str, dict[str, Any]] = {
     },
     # HM alone, generative and weighing every cell alike: MGD's loss read through HM's decoder.
     # In full HMKD at its calibrated weight HM pulls 0.0115 x the detector's gradient, SDM's
-    # foreground term 0.538 (`bench.diagnose` on `cpu-scratch`), so no HM variant there had
+    # foreground term 0.501 (`bench.diagnose` on `cpu-scratch`), so no HM variant there had
     # much grip on the student; alone at HMKD's weight this one pulls 0.045, and 11.1x makes
     # MGD's 0.500 (per level 0.43 / 12.8 / 17.7 against MGD's 0.41 / 12.8 / 27.8)
     "hmkd: HM only, generative, uniform cells": {
