@@ -26,6 +26,20 @@ from typing import Any, Literal, get_args
 
 from hmkd_core.spec import METHODS, TrainSpec
 
+
+def _hm_only_generative(weight: float, **hm: Any) -> dict[str, Any]:
+    """A row of HM alone with MGD's generator and 45 % mask, every cell weighed alike, at
+    `weight` x HMKD's calibrated weight; `hm` adds or overrides HM options."""
+    return {
+        "method": "hmkd",
+        "weight": weight,
+        "hmkd": {
+            "sdm": {"enabled": False},
+            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", **hm},
+        },
+    }
+
+
 # Rows of the table: the method, then the options that make the row. Every row of a preset
 # gets that preset's calibrated `weight` for its method on top.
 ROWS: dict[str, dict[str, Any]] = {
@@ -103,51 +117,20 @@ ROWS: dict[str, dict[str, Any]] = {
     # foreground term 0.501 (`bench.diagnose` on `cpu-scratch`), so no HM variant there had
     # much grip on the student; alone at HMKD's weight this one pulls 0.045, and 11.1x makes
     # MGD's 0.500 (per level 0.43 / 12.8 / 17.7 against MGD's 0.41 / 12.8 / 27.8)
-    "hmkd: HM only, generative, uniform cells": {
-        "method": "hmkd",
-        "weight": 11.1,
-        "hmkd": {
-            "sdm": {"enabled": False},
-            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform"},
-        },
-    },
+    "hmkd: HM only, generative, uniform cells": _hm_only_generative(11.1),
     # ... with a window of one cell, where the attention returns each cell's own value: MGD's
     # loss behind HM's extra 1x1 maps, the teacher's query left without a say (0.043 at
     # HMKD's weight, hence 11.6x for MGD's pull)
-    "hmkd: HM only, generative, uniform cells, window 1": {
-        "method": "hmkd",
-        "weight": 11.6,
-        "hmkd": {
-            "sdm": {"enabled": False},
-            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", "window": 1},
-        },
-    },
+    "hmkd: HM only, generative, uniform cells, window 1": _hm_only_generative(11.6, window=1),
     # ... with a 5 x 5 window: if mixing under the teacher's query is what costs, a wider
     # mixture should cost more (at 11.1x it pulls 0.504, as the 3 x 3 row does)
-    "hmkd: HM only, generative, uniform cells, window 5": {
-        "method": "hmkd",
-        "weight": 11.1,
-        "hmkd": {
-            "sdm": {"enabled": False},
-            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", "window": 5},
-        },
-    },
+    "hmkd: HM only, generative, uniform cells, window 5": _hm_only_generative(11.1, window=5),
     # ... with the 3 x 3 window but the query built from the aligned student instead of the
     # teacher: whether what costs the gain is the mixing or the teacher's say in it (the query
     # path pulls on the student too: 0.621 at 11.1x, hence 8.94x for MGD's 0.500)
-    "hmkd: HM only, generative, uniform cells, student query": {
-        "method": "hmkd",
-        "weight": 8.94,
-        "hmkd": {
-            "sdm": {"enabled": False},
-            "hm": {
-                "generator": True,
-                "mask_ratio": 0.45,
-                "cell_weights": "uniform",
-                "query_source": "student",
-            },
-        },
-    },
+    "hmkd: HM only, generative, uniform cells, student query": _hm_only_generative(
+        8.94, query_source="student"
+    ),
     # the same pair at a quarter of the pull: mimic's pull alone cost 3.5 AP_S, which may hide
     # what its teacher knows (the ratios scale with the weight, so the match holds)
     "mimic: quarter weight": {"method": "mimic", "weight": 0.25},

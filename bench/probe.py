@@ -122,7 +122,13 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             for name, value in losses.items():
                 kinds[term_kind(name, levels)].append(value)
             for kind, values in kinds.items():
-                g = torch.autograd.grad(sum(values), s_list, retain_graph=True, allow_unused=True)
+                g = (  # one kind is the whole loss, whose gradient is at hand
+                    g_kd
+                    if len(kinds) == 1
+                    else torch.autograd.grad(
+                        sum(values), s_list, retain_graph=True, allow_unused=True
+                    )
+                )
                 for lv, x in zip(levels, g, strict=True):
                     pulls[kind][lv].append(0.0 if x is None else float(x.norm()))
             masks = level_masks(boxes, t_feats, levels)
