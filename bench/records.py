@@ -37,6 +37,7 @@ LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "hmkd", "hm", "cell_weights"): "masks",
     ("distill", "hmkd", "hm", "generator"): False,
     ("distill", "hmkd", "hm", "mask_ratio"): 0.0,
+    ("distill", "hmkd", "hm", "query_pool"): "none",
 }
 
 

@@ -159,6 +159,13 @@ class HMOptions(_Strict):
         description="Fraction of the aligned student's positions zeroed (across all channels) "
         "before the decoder reads them, as MGD masks its input; 0 keeps every position.",
     )
+    query_pool: Literal["none", "image"] = Field(
+        "none",
+        description="`image` averages the encoder's query over each image's positions before "
+        "decoding, so the query keeps what the teacher's features say about the image but "
+        "not where: the teacher can no longer pick a different mixture of neighbours for "
+        "each cell. `none` keeps the query's map.",
+    )
 
     @field_validator("window")
     @classmethod

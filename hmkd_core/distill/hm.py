@@ -203,6 +203,7 @@ class HierarchicalMatching(nn.Module):
         self.background_weight = opts.background_weight
         self.uniform = opts.cell_weights == "uniform"
         self.mask_ratio = opts.mask_ratio
+        self.query_pool = opts.query_pool
         self.level_weights = resolve_level_weights(self.levels, opts.level_weights)
         self.query_levels = deep_levels(self.levels) if opts.query_levels == "deep" else self.levels
         self.encoder: nn.Module = (
@@ -226,6 +227,8 @@ class HierarchicalMatching(nn.Module):
         Returns level -> D_l (B, C_t, H_l, W_l), decoded coarse to fine.
         """
         query = self.encoder(query_feats)
+        if self.query_pool == "image":
+            query = query.mean(dim=(-2, -1), keepdim=True).expand_as(query)
         if self.mask_ratio > 0:  # the mask falls on Align_l(S_l), so the composed map can't serve
             aligned = {
                 lv: aligned[lv] * random_spatial_mask(aligned[lv], self.mask_ratio)

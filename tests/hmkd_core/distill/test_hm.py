@@ -283,3 +283,37 @@ def test_uniform_cell_weights_are_the_plain_sum(make_inputs) -> None:
 def test_mask_ratio_of_one_is_refused() -> None:
     with pytest.raises(ValueError, match="mask_ratio"):
         HMOptions(mask_ratio=1.0)
+
+
+def coarsest_query(hm: HierarchicalMatching, student, teacher) -> torch.Tensor:
+    """The query the coarsest decoder level receives, captured by a forward pre-hook."""
+    seen: list[torch.Tensor] = []
+    handle = hm.decoder[hm.levels[-1]].register_forward_pre_hook(
+        lambda _module, args: seen.append(args[0])
+    )
+    try:
+        hm.decode(student, teacher)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def test_image_pooled_query_keeps_what_but_not_where(make_features) -> None:
+    student, teacher = make_features(2, 16), make_features(2, 16)
+    query = coarsest_query(hm_module(query_pool="image"), student, teacher)
+    assert torch.allclose(query, query[:, :, :1, :1].expand_as(query))
+    assert not torch.allclose(query[0], query[1])  # each image keeps its own
+    mapped = coarsest_query(hm_module(), student, teacher)
+    assert not torch.allclose(mapped, mapped[:, :, :1, :1].expand_as(mapped))
+
+
+def test_image_pooled_query_still_trains_the_encoder(make_inputs) -> None:
+    inputs = make_inputs(student_channels=8, teacher_channels=16)
+    distiller = HMKDDistiller(
+        LEVELS, student_channels=8, teacher_channels=16, opts=hm_only(query_pool="image")
+    )
+    sum(distiller(inputs).values()).backward()
+    for name, param in distiller.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert distiller.hm.encoder.head[0].weight.grad.abs().sum() > 0
