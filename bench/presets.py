@@ -131,6 +131,17 @@ ROWS: dict[str, dict[str, Any]] = {
     "hmkd: HM only, generative, uniform cells, student query": _hm_only_generative(
         8.94, query_source="student"
     ),
+    # ... with the teacher's query averaged over each image before decoding: the teacher still
+    # says what the image holds but no longer picks a mixture per cell. If the teacher's say
+    # per cell is what costs, this row should land near the one-cell window
+    "hmkd: HM only, generative, uniform cells, pooled query": _hm_only_generative(
+        10.26, query_pool="image"
+    ),
+    # ... and with the 5 x 5 window: with no per-cell say, a wider mixture should cost little
+    # (0.551 at 11.1x, hence 10.07x)
+    "hmkd: HM only, generative, uniform cells, pooled query, window 5": _hm_only_generative(
+        10.07, query_pool="image", window=5
+    ),
     # the same pair at a quarter of the pull: mimic's pull alone cost 3.5 AP_S, which may hide
     # what its teacher knows (the ratios scale with the weight, so the match holds)
     "mimic: quarter weight": {"method": "mimic", "weight": 0.25},
@@ -293,6 +304,8 @@ CPU_SCRATCH = replace(
         "hmkd: HM only, generative, uniform cells, window 1",
         "hmkd: HM only, generative, uniform cells, student query",
         "hmkd: HM only, generative, uniform cells, window 5",
+        "hmkd: HM only, generative, uniform cells, pooled query",
+        "hmkd: HM only, generative, uniform cells, pooled query, window 5",
     ),
     weights=calibrated("cpu-scratch"),
 )
