@@ -12,6 +12,8 @@ If the student's features are all zero, `D_l` is the same vector at every positi
 MGD-style options keep the teacher out of `D_l`'s values: `mask_ratio` zeroes some of the
 student's positions before they are read, and `generator` maps the mixture through a small conv
 net that sees nothing else (a zero student then gives one map whatever the teacher).
+`query_pool: image` averages the encoder's query over each image: the teacher still steers the
+weights, but by one vector per image rather than a map, so it cannot pick neighbours per cell.
 """
 
 from __future__ import annotations
