@@ -285,12 +285,10 @@ def test_mask_ratio_of_one_is_refused() -> None:
         HMOptions(mask_ratio=1.0)
 
 
-def coarsest_query(hm: HierarchicalMatching, student, teacher) -> torch.Tensor:
-    """The query the coarsest decoder level receives, captured by a forward pre-hook."""
+def level_query(hm: HierarchicalMatching, student, teacher, level: str) -> torch.Tensor:
+    """The query one decoder level receives, captured by a forward pre-hook."""
     seen: list[torch.Tensor] = []
-    handle = hm.decoder[hm.levels[-1]].register_forward_pre_hook(
-        lambda _module, args: seen.append(args[0])
-    )
+    handle = hm.decoder[level].register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     try:
         hm.decode(student, teacher)
     finally:
@@ -298,14 +296,20 @@ def coarsest_query(hm: HierarchicalMatching, student, teacher) -> torch.Tensor:
     return seen[0]
 
 
+def is_constant_per_image(x: torch.Tensor) -> bool:
+    return torch.allclose(x, x[:, :, :1, :1].expand_as(x))
+
+
 @torch.no_grad()
 def test_image_pooled_query_keeps_what_but_not_where(make_features) -> None:
     student, teacher = make_features(2, 16), make_features(2, 16)
-    query = coarsest_query(hm_module(query_pool="image"), student, teacher)
-    assert torch.allclose(query, query[:, :, :1, :1].expand_as(query))
+    pooled = hm_module(query_pool="image")
+    query = level_query(pooled, student, teacher, "p4")
+    assert is_constant_per_image(query)
     assert not torch.allclose(query[0], query[1])  # each image keeps its own
-    mapped = coarsest_query(hm_module(), student, teacher)
-    assert not torch.allclose(mapped, mapped[:, :, :1, :1].expand_as(mapped))
+    assert not is_constant_per_image(level_query(hm_module(), student, teacher, "p4"))
+    # finer levels get GroupNorm(query + proj(attended)): the student's values vary per cell
+    assert not is_constant_per_image(level_query(pooled, student, teacher, "p3"))
 
 
 def test_image_pooled_query_still_trains_the_encoder(make_inputs) -> None:
