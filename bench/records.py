@@ -38,6 +38,7 @@ LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "hmkd", "hm", "generator"): False,
     ("distill", "hmkd", "hm", "mask_ratio"): 0.0,
     ("distill", "hmkd", "hm", "query_pool"): "none",
+    ("distill", "hmkd", "hm", "value_grad"): "window",
 }
 
 

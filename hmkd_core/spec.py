@@ -166,6 +166,13 @@ class HMOptions(_Strict):
         "not where: the teacher can no longer pick a different mixture of neighbours for "
         "each cell. `none` keeps the query's map.",
     )
+    value_grad: Literal["window", "own"] = Field(
+        "window",
+        description="`own` sends each of the student's values only the gradient of its own "
+        "cell's prediction, as if its neighbours' values were detached (the forward still "
+        "mixes the window): a cell's error is then not spread over the values around it. "
+        "`window` is the attention's true gradient.",
+    )
 
     @field_validator("window")
     @classmethod

@@ -56,12 +56,16 @@ class _WindowAttentionFn(torch.autograd.Function):
     slice and keep every product alive; here the gradients of K and V are accumulated in place
     into one padded buffer each, which makes the step several times cheaper on CPU. Under CUDA
     autocast the inputs are cast to float32: the softmax over a few logits wants the precision.
+    `own_value_grad` sends V only the gradient of its own position's output (the centre slot),
+    as if every other slot's value were detached: the forward is unchanged.
     Shapes: q, k, v (B, heads, dh, H, W), any strides; out (B, heads, dh, H, W).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, q: Tensor, k: Tensor, v: Tensor, window: int, own_value_grad: bool = False
+    ) -> Tensor:
         b, heads, dh, h, w = q.shape
         pad, offsets, scale = window // 2, _window_offsets(window), 1.0 / math.sqrt(dh)
         k_pad = F.pad(k, (pad,) * 4)
@@ -77,6 +81,7 @@ class _WindowAttentionFn(torch.autograd.Function):
             out.addcmul_(attn[:, :, i : i + 1], _slot(v_pad, dy, dx, h, w))
         ctx.save_for_backward(q, k_pad, v_pad, attn)
         ctx.window = window
+        ctx.own_value_grad = own_value_grad
         return out
 
     @staticmethod
@@ -101,7 +106,7 @@ class _WindowAttentionFn(torch.autograd.Function):
                 grad_q.addcmul_(g_i, _slot(k_pad, dy, dx, h, w))
             if grad_k is not None:
                 _slot(grad_k, dy, dx, h, w).addcmul_(g_i, q)
-            if grad_v is not None:
+            if grad_v is not None and (not ctx.own_value_grad or (dy, dx) == (pad, pad)):
                 _slot(grad_v, dy, dx, h, w).addcmul_(attn[:, :, i : i + 1], grad_out)
         inner = (slice(None),) * 3 + (slice(pad, pad + h), slice(pad, pad + w))
         return (
@@ -109,16 +114,20 @@ class _WindowAttentionFn(torch.autograd.Function):
             None if grad_k is None else grad_k[inner],
             None if grad_v is None else grad_v[inner],
             None,
+            None,
         )
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int, heads: int) -> Tensor:
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, window: int, heads: int, own_value_grad: bool = False
+) -> Tensor:
     """Scaled dot-product attention of each position to its `window` x `window` neighbourhood.
 
     q, k, v: (B, d, H, W) with d divisible by `heads`; window: odd side of the neighbourhood.
     Returns (B, d, H, W): per head, a convex combination of the values in the window, with
     weights `softmax(q . k / sqrt(d / heads))` over the in-bounds neighbours only. With
-    window 1 the output is `v` exactly, whatever `q` and `k` are.
+    window 1 the output is `v` exactly, whatever `q` and `k` are. `own_value_grad`: see
+    `_WindowAttentionFn`; it changes only the gradient that reaches `v`.
 
     Implementation: K and V are zero-padded once and each of the `window**2` slots is a shifted
     view of them, so every op is a whole-map elementwise product or sum (B, heads, d/heads, H, W)
@@ -133,7 +142,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int, heads: int
     if d % heads:
         raise ValueError(f"channels ({d}) must be divisible by heads ({heads})")
     split = (b, heads, d // heads, h, w)
-    out = _WindowAttentionFn.apply(q.reshape(split), k.reshape(split), v.reshape(split), window)
+    out = _WindowAttentionFn.apply(
+        q.reshape(split), k.reshape(split), v.reshape(split), window, own_value_grad
+    )
     return out.view(b, d, h, w)
 
 
@@ -144,8 +155,17 @@ class WindowCrossAttention(nn.Module):
     is a mixture of `Wv(source)` alone: the query only chooses the mixing weights.
     """
 
-    def __init__(self, in_channels: int, dim: int, *, window: int = 3, heads: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        *,
+        window: int = 3,
+        heads: int = 4,
+        own_value_grad: bool = False,
+    ) -> None:
         super().__init__()
+        self.own_value_grad = own_value_grad
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.window = window
@@ -168,4 +188,11 @@ class WindowCrossAttention(nn.Module):
                 bias = w_kv @ adapter.bias + bias
             kv = F.conv2d(source, weight, bias)
         key, value = kv.chunk(2, dim=1)
-        return window_attention(query, key, value, window=self.window, heads=self.heads)
+        return window_attention(
+            query,
+            key,
+            value,
+            window=self.window,
+            heads=self.heads,
+            own_value_grad=self.own_value_grad,
+        )

@@ -168,7 +168,13 @@ class DecoderLevel(nn.Module):
 
     def __init__(self, channels: int, opts: HMOptions, *, hands_on: bool = True) -> None:
         super().__init__()
-        self.attend = WindowCrossAttention(channels, opts.dim, window=opts.window, heads=opts.heads)
+        self.attend = WindowCrossAttention(
+            channels,
+            opts.dim,
+            window=opts.window,
+            heads=opts.heads,
+            own_value_grad=opts.value_grad == "own",
+        )
         self.out = nn.Conv2d(opts.dim, channels, 1)
         self.generate = Generator(channels) if opts.generator else None
         self.proj = nn.Conv2d(opts.dim, opts.dim, 1) if hands_on else None

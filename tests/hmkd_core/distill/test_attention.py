@@ -10,8 +10,9 @@ import torch
 from hmkd_core.distill.attention import WindowCrossAttention, window_attention
 
 
-def naive_window_attention(q, k, v, window: int, heads: int) -> torch.Tensor:
-    """Loops over images, heads and positions; only in-bounds neighbours take part."""
+def naive_window_attention(q, k, v, window: int, heads: int, own_value_grad: bool = False):
+    """Loops over images, heads and positions; only in-bounds neighbours take part.
+    `own_value_grad` detaches every neighbour's value but the position's own."""
     b, d, h, w = q.shape
     dh, r = d // heads, window // 2
     out = torch.zeros_like(q)
@@ -26,7 +27,9 @@ def naive_window_attention(q, k, v, window: int, heads: int) -> torch.Tensor:
                             y, x = i + di, j + dj
                             if 0 <= y < h and 0 <= x < w:
                                 keys.append(k[n, ch, y, x])
-                                vals.append(v[n, ch, y, x])
+                                val = v[n, ch, y, x]
+                                own = (di, dj) == (0, 0)
+                                vals.append(val.detach() if own_value_grad and not own else val)
                     logits = torch.stack([q[n, ch, i, j] @ kk for kk in keys]) / math.sqrt(dh)
                     weights = torch.softmax(logits, dim=0)
                     out[n, ch, i, j] = sum(wt * vv for wt, vv in zip(weights, vals, strict=True))
@@ -79,3 +82,21 @@ def test_module_output_mixes_projected_values_only() -> None:
     out = attend(torch.randn(1, 8, 4, 4), source)
     value_bias = attend.key_value.bias[8:].reshape(1, 8, 1, 1)
     assert torch.allclose(out, value_bias.expand_as(out), atol=1e-6)
+
+
+def test_own_value_grad_keeps_the_forward_and_sends_values_only_their_own_cell() -> None:
+    q, k, v = (torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    weights = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+
+    def grads(fn) -> tuple[torch.Tensor, ...]:
+        out = fn(q, k, v)
+        return (out.detach(), *torch.autograd.grad((out * weights).sum(), (q, k, v)))
+
+    fast = grads(lambda a, b, c: window_attention(a, b, c, window=3, heads=2, own_value_grad=True))
+    naive = grads(lambda a, b, c: naive_window_attention(a, b, c, 3, heads=2, own_value_grad=True))
+    for got, want in zip(fast, naive, strict=True):
+        assert torch.allclose(got, want, atol=1e-12)
+    full = grads(lambda a, b, c: window_attention(a, b, c, window=3, heads=2))
+    assert torch.equal(full[0], fast[0])  # the same forward
+    assert torch.allclose(full[1], fast[1]) and torch.allclose(full[2], fast[2])
+    assert not torch.allclose(full[3], fast[3])  # only the values' gradient differs

@@ -321,3 +321,14 @@ def test_image_pooled_query_still_trains_the_encoder(make_inputs) -> None:
     for name, param in distiller.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert distiller.hm.encoder.head[0].weight.grad.abs().sum() > 0
+
+
+def test_value_grad_own_reaches_every_level_and_still_trains(make_inputs) -> None:
+    inputs = make_inputs(student_channels=8, teacher_channels=16)
+    distiller = HMKDDistiller(
+        LEVELS, student_channels=8, teacher_channels=16, opts=hm_only(value_grad="own")
+    )
+    assert all(level.attend.own_value_grad for level in distiller.hm.decoder.values())
+    sum(distiller(inputs).values()).backward()
+    for name, param in distiller.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
