@@ -79,8 +79,11 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     foreground share of cells, gradient norms and their ratio), `grad_ratio` (over all
     levels), `pull` (kind of term -> its own gradient's ratio to the detection's, computed as
     `grad_ratio` is, so a method with one kind has `pull == grad_ratio`), `terms` (name ->
-    weighted and raw value) and `clip_fraction` (fraction of batches whose total gradient norm
-    exceeds the spec's clip threshold).
+    weighted and raw value), `clip_fraction` (fraction of batches whose total gradient norm
+    exceeds the spec's clip threshold), `clip_scale` (the factor the clip multiplies the
+    student's step by, averaged) and `distiller_norm_share` (the distiller's parameters' share
+    of the norm that clip reads, averaged: with one norm over both, a distiller with large
+    gradients of its own shrinks the student's step whatever its pull on the features).
     """
     if spec.teacher is None or spec.distill.method == "none":
         raise ValueError("probe needs a distill spec with a teacher and a method")
@@ -105,6 +108,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     # term kind -> level -> its ‖∂L/∂S_l‖ per batch, averaged like the total's
     pulls: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     clipped = 0
+    scales: list[float] = []  # how much the clip shrinks the student's step, per batch
+    shares: list[float] = []  # the distiller's share of the norm the clip reads, per batch
     rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
     with FeatureRecorder(student) as rec:
         for images, targets in rounds:
@@ -150,9 +155,13 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
                 prm.grad = None
             (det + kd).backward()
             grads = [q.grad for q in student_group if q.grad is not None]
-            total = torch.nn.utils.get_total_norm(grads)
+            total = float(torch.nn.utils.get_total_norm(grads))
             clip = spec.schedule.clip_grad_norm
-            clipped += int(clip is not None and float(total) > clip)
+            clipped += int(clip is not None and total > clip)
+            scales.append(min(1.0, clip / total) if clip is not None and total > 0 else 1.0)
+            own = [q.grad for q in student.parameters() if q.grad is not None]
+            own_norm = float(torch.nn.utils.get_total_norm(own)) if own else 0.0
+            shares.append(math.sqrt(max(0.0, 1.0 - (own_norm / total) ** 2)) if total else 0.0)
             rec.reset()
     levels_out = {}
     for lv, stats in per_level.items():
@@ -179,6 +188,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
         "pull": pull,
         "terms": terms_out,
         "clip_fraction": clipped / max(1, len(rounds)),
+        "clip_scale": statistics.fmean(scales) if scales else 1.0,
+        "distiller_norm_share": statistics.fmean(shares) if shares else 0.0,
         "batches": len(rounds),
     }
 
@@ -198,6 +209,10 @@ def format_probe(name: str, result: dict[str, Any]) -> str:
             f"{s['att_fg_mass']:>11.3f}{s['fg_cells']:>10.3f}{s['grad_det']:>10.2e}"
             f"{s['grad_kd']:>10.2e}{s['grad_ratio']:>10.3g}"
         )
+    lines.append(
+        f"  clipping scales the student's step by {result['clip_scale']:.3g} on average; the "
+        f"distiller's parameters hold {result['distiller_norm_share']:.3g} of the norm it reads"
+    )
     if len(result.get("pull", {})) > 1:  # one kind is the total already printed
         parts = ", ".join(f"{k} {v:.3g}" for k, v in result["pull"].items())
         lines.append(f"  ‖∂L_term/∂S‖ / ‖∂L_det/∂S‖ by kind of term: {parts}")

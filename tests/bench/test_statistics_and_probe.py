@@ -80,6 +80,24 @@ def test_probe_gradient_ratio_scales_with_the_weight_so_calibration_hits_its_tar
     assert alone["pull"]["hm"] == pytest.approx(alone["grad_ratio"], rel=1e-9)
 
 
+@pytest.mark.slow
+def test_probe_reports_what_a_shared_clip_takes_from_the_students_step(
+    tiny_digits: dict[str, Path], tiny_teacher: Path
+) -> None:
+    teacher = tiny_model(backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher))
+    spec = tiny_spec(tiny_digits, teacher=teacher, distill={"method": "hmkd", "weight": 10.0})
+    spec.schedule.clip_grad_norm = 1e-3  # below any real norm: every batch is clipped
+    shared = probe(spec, batches=2)
+    assert shared["clip_fraction"] == 1.0
+    assert 0.0 < shared["clip_scale"] < 1.0
+    assert 0.0 < shared["distiller_norm_share"] < 1.0
+    assert "the distiller's parameters hold" in format_probe("hmkd", shared)
+    spec.distill.clip_apart = True  # the student's group then holds no distiller parameter
+    apart = probe(spec, batches=2)
+    assert apart["distiller_norm_share"] == pytest.approx(0.0, abs=1e-6)
+    assert apart["clip_scale"] > shared["clip_scale"]
+
+
 def test_a_raw_term_divides_out_exactly_the_factors_its_distiller_applied() -> None:
     from types import SimpleNamespace
 
