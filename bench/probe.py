@@ -81,9 +81,11 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     `grad_ratio` is, so a method with one kind has `pull == grad_ratio`), `terms` (name ->
     weighted and raw value), `clip_fraction` (fraction of batches whose total gradient norm
     exceeds the spec's clip threshold), `clip_scale` (the factor the clip multiplies the
-    student's step by, averaged) and `distiller_norm_share` (the distiller's parameters' share
-    of the norm that clip reads, averaged: with one norm over both, a distiller with large
-    gradients of its own shrinks the student's step whatever its pull on the features).
+    student's gradient by, averaged) and `distiller_norm_share` (‖g_distiller‖ / ‖g‖ over
+    the norm that clip reads, averaged). With one norm over both, a distiller with large
+    gradients of its own shrinks the student's gradient whatever its pull on the features;
+    under SGD that shrinks the step, while Adam's normalisation undoes a steady scale and
+    leaves only its batch-to-batch changes.
     """
     if spec.teacher is None or spec.distill.method == "none":
         raise ValueError("probe needs a distill spec with a teacher and a method")
@@ -159,9 +161,12 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             clip = spec.schedule.clip_grad_norm
             clipped += int(clip is not None and total > clip)
             scales.append(min(1.0, clip / total) if clip is not None and total > 0 else 1.0)
-            own = [q.grad for q in student.parameters() if q.grad is not None]
-            own_norm = float(torch.nn.utils.get_total_norm(own)) if own else 0.0
-            shares.append(math.sqrt(max(0.0, 1.0 - (own_norm / total) ** 2)) if total else 0.0)
+            in_group = {id(q) for q in student_group}
+            theirs = [
+                q.grad for q in distiller.parameters() if id(q) in in_group and q.grad is not None
+            ]
+            their_norm = float(torch.nn.utils.get_total_norm(theirs)) if theirs else 0.0
+            shares.append(their_norm / total if total else 0.0)
             rec.reset()
     levels_out = {}
     for lv, stats in per_level.items():
@@ -210,8 +215,8 @@ def format_probe(name: str, result: dict[str, Any]) -> str:
             f"{s['grad_kd']:>10.2e}{s['grad_ratio']:>10.3g}"
         )
     lines.append(
-        f"  clipping scales the student's step by {result['clip_scale']:.3g} on average; the "
-        f"distiller's parameters hold {result['distiller_norm_share']:.3g} of the norm it reads"
+        f"  clipping scales the student's gradient by {result['clip_scale']:.3g} on average; "
+        f"‖g_distiller‖ / ‖g‖ in the norm it reads: {result['distiller_norm_share']:.3g}"
     )
     if len(result.get("pull", {})) > 1:  # one kind is the total already printed
         parts = ", ".join(f"{k} {v:.3g}" for k, v in result["pull"].items())
