@@ -103,15 +103,17 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     ).train()
     focal = focal_options(spec)
     params = [p for m in (student, distiller) for p in m.parameters() if p.requires_grad]
-    # the student's step is what a clip shrinks: its own group when clipped apart
+    # the group whose norm the clip reads for the student: its own when clipped apart
     student_group = clip_groups([student, distiller], spec.distill.clip_apart)[0]
+    in_group = {id(q) for q in student_group}
+    distiller_in_group = [q for q in distiller.parameters() if id(q) in in_group]  # [] if apart
     per_level: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     terms: dict[str, list[float]] = defaultdict(list)
     # term kind -> level -> its ‖∂L/∂S_l‖ per batch, averaged like the total's
     pulls: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     clipped = 0
-    scales: list[float] = []  # how much the clip shrinks the student's step, per batch
-    shares: list[float] = []  # the distiller's share of the norm the clip reads, per batch
+    scales: list[float] = []  # the factor the clip multiplies the student's gradient by
+    shares: list[float] = []  # ‖g_distiller‖ / ‖g‖ in the norm the clip reads
     rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
     with FeatureRecorder(student) as rec:
         for images, targets in rounds:
@@ -161,10 +163,7 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             clip = spec.schedule.clip_grad_norm
             clipped += int(clip is not None and total > clip)
             scales.append(min(1.0, clip / total) if clip is not None and total > 0 else 1.0)
-            in_group = {id(q) for q in student_group}
-            theirs = [
-                q.grad for q in distiller.parameters() if id(q) in in_group and q.grad is not None
-            ]
+            theirs = [q.grad for q in distiller_in_group if q.grad is not None]
             their_norm = float(torch.nn.utils.get_total_norm(theirs)) if theirs else 0.0
             shares.append(their_norm / total if total else 0.0)
             rec.reset()
