@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from hmkd_core.spec import METHODS, TrainSpec
+from hmkd_core.spec import METHODS, HMKDOptions, TrainSpec
 
 
 def _hm_only_generative(weight: float, **hm: Any) -> dict[str, Any]:
@@ -35,6 +35,21 @@ def _hm_only_generative(weight: float, **hm: Any) -> dict[str, Any]:
         "weight": weight,
         "hmkd": {
             "sdm": {"enabled": False},
+            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", **hm},
+        },
+    }
+
+
+def _balanced(hm_scale: float, **hm: Any) -> dict[str, Any]:
+    """Full HMKD, generative with every cell weighed alike, at half HMKD's calibrated weight and
+    with `w_hm` raised `hm_scale`-fold over its default (`hm_scale` / 2 against the
+    calibrated weight)."""
+    w_hm = HMKDOptions.model_fields["w_hm"].default * hm_scale
+    return {
+        "method": "hmkd",
+        "weight": 0.5,
+        "hmkd": {
+            "w_hm": w_hm,
             "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", **hm},
         },
     }
@@ -149,6 +164,15 @@ ROWS: dict[str, dict[str, Any]] = {
     # (0.551 at 11.1x, hence 10.07x)
     "hmkd: HM only, generative, uniform cells, pooled query, window 5": _hm_only_generative(
         10.07, query_pool="image", window=5
+    ),
+    # Full HMKD, SDM on, with HM given half the pull: at HMKD's calibrated weight SDM pulls
+    # 0.501 x the detector's gradient and HM 0.0115 (`bench.diagnose` on `cpu-scratch`), so the
+    # method as calibrated is almost all SDM. Half the weight halves SDM's pull; HM's own weight
+    # is raised so that it pulls the other half of MGD's 0.500 (multipliers set by
+    # `bench.diagnose` on this preset). With the teacher's query as a map, and pooled per image
+    "hmkd: generative, uniform cells, HM half the pull": _balanced(11.1),
+    "hmkd: generative, uniform cells, pooled query, HM half the pull": _balanced(
+        10.26, query_pool="image"
     ),
     # the same pair at a quarter of the pull: mimic's pull alone cost 3.5 AP_S, which may hide
     # what its teacher knows (the ratios scale with the weight, so the match holds)
@@ -315,6 +339,8 @@ CPU_SCRATCH = replace(
         "hmkd: HM only, generative, uniform cells, pooled query",
         "hmkd: HM only, generative, uniform cells, pooled query, window 5",
         "hmkd: HM only, generative, uniform cells, pooled query, own-cell gradient",
+        "hmkd: generative, uniform cells, pooled query, HM half the pull",
+        "hmkd: generative, uniform cells, HM half the pull",
     ),
     weights=calibrated("cpu-scratch"),
 )
