@@ -174,6 +174,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "hmkd: generative, uniform cells, pooled query, HM half the pull": _balanced(
         10.26, query_pool="image"
     ),
+    # ... and the pooled row's HM alone at the same half (SDM off): the pooled row minus this
+    # one is what SDM adds beside HM (at 5.13x it pulls half of MGD's 0.500, `bench.diagnose`)
+    "hmkd: HM only, generative, uniform cells, pooled query, half the pull": _hm_only_generative(
+        5.13, query_pool="image"
+    ),
     # the same pair at a quarter of the pull: mimic's pull alone cost 3.5 AP_S, which may hide
     # what its teacher knows (the ratios scale with the weight, so the match holds)
     "mimic: quarter weight": {"method": "mimic", "weight": 0.25},
@@ -341,6 +346,7 @@ CPU_SCRATCH = replace(
         "hmkd: HM only, generative, uniform cells, pooled query, own-cell gradient",
         "hmkd: generative, uniform cells, pooled query, HM half the pull",
         "hmkd: generative, uniform cells, HM half the pull",
+        "hmkd: HM only, generative, uniform cells, pooled query, half the pull",
     ),
     weights=calibrated("cpu-scratch"),
 )
