@@ -26,6 +26,13 @@ from typing import Any, Literal, get_args
 
 from hmkd_core.spec import METHODS, HMKDOptions, TrainSpec
 
+# HM's decoder with MGD's generator and 45 % mask, weighing every cell alike as MGD's sum does
+_GENERATIVE_UNIFORM: dict[str, Any] = {
+    "generator": True,
+    "mask_ratio": 0.45,
+    "cell_weights": "uniform",
+}
+
 
 def _hm_only_generative(weight: float, **hm: Any) -> dict[str, Any]:
     """A row of HM alone with MGD's generator and 45 % mask, every cell weighed alike, at
@@ -33,25 +40,19 @@ def _hm_only_generative(weight: float, **hm: Any) -> dict[str, Any]:
     return {
         "method": "hmkd",
         "weight": weight,
-        "hmkd": {
-            "sdm": {"enabled": False},
-            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", **hm},
-        },
+        "hmkd": {"sdm": {"enabled": False}, "hm": {**_GENERATIVE_UNIFORM, **hm}},
     }
 
 
 def _balanced(hm_scale: float, **hm: Any) -> dict[str, Any]:
-    """Full HMKD, generative with every cell weighed alike, at half HMKD's calibrated weight and
-    with `w_hm` raised `hm_scale`-fold over its default (`hm_scale` / 2 against the
-    calibrated weight)."""
+    """Full HMKD (SDM on) with HM as in `_hm_only_generative`, at half HMKD's calibrated weight,
+    so SDM pulls half as hard, and `w_hm` raised `hm_scale`-fold over its default, so HM pulls
+    as hard as `_hm_only_generative(hm_scale / 2)` would."""
     w_hm = HMKDOptions.model_fields["w_hm"].default * hm_scale
     return {
         "method": "hmkd",
         "weight": 0.5,
-        "hmkd": {
-            "w_hm": w_hm,
-            "hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform", **hm},
-        },
+        "hmkd": {"w_hm": w_hm, "hm": {**_GENERATIVE_UNIFORM, **hm}},
     }
 
 
@@ -123,10 +124,7 @@ ROWS: dict[str, dict[str, Any]] = {
     },
     # ... and weighing every cell alike, as MGD's plain sum does (HM's masks give each box and
     # the whole background a total of one, so most cells hardly count)
-    "hmkd: generative, uniform cells": {
-        "method": "hmkd",
-        "hmkd": {"hm": {"generator": True, "mask_ratio": 0.45, "cell_weights": "uniform"}},
-    },
+    "hmkd: generative, uniform cells": {"method": "hmkd", "hmkd": {"hm": {**_GENERATIVE_UNIFORM}}},
     # HM alone, generative and weighing every cell alike: MGD's loss read through HM's decoder.
     # In full HMKD at its calibrated weight HM pulls 0.0115 x the detector's gradient, SDM's
     # foreground term 0.501 (`bench.diagnose` on `cpu-scratch`), so no HM variant there had
