@@ -36,6 +36,7 @@ LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "clip_apart"): False,
     ("distill", "hmkd", "hm", "cell_weights"): "masks",
     ("distill", "hmkd", "hm", "generator"): False,
+    ("distill", "hmkd", "hm", "generator_kernel"): 3,
     ("distill", "hmkd", "hm", "mask_ratio"): 0.0,
     ("distill", "hmkd", "hm", "query_pool"): "none",
     ("distill", "hmkd", "hm", "value_grad"): "window",

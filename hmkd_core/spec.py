@@ -152,6 +152,11 @@ class HMOptions(_Strict):
         "before comparing it with the teacher, so the student's values need only hold what "
         "a small network can rebuild the teacher's feature from, not be a linear map of it.",
     )
+    generator_kernel: Literal[1, 3] = Field(
+        3,
+        description="The generator's kernel: 3 as MGD's; 1 for conv1x1-ReLU-conv1x1, about a "
+        "ninth of the generator's cost, leaving the neighbourhood to the decoder's attention.",
+    )
     mask_ratio: float = Field(
         0.0,
         ge=0.0,

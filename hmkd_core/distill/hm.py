@@ -176,7 +176,7 @@ class DecoderLevel(nn.Module):
             own_value_grad=opts.value_grad == "own",
         )
         self.out = nn.Conv2d(opts.dim, channels, 1)
-        self.generate = Generator(channels) if opts.generator else None
+        self.generate = Generator(channels, opts.generator_kernel) if opts.generator else None
         self.proj = nn.Conv2d(opts.dim, opts.dim, 1) if hands_on else None
         self.norm = nn.GroupNorm(group_count(opts.dim), opts.dim) if hands_on else None
 

@@ -25,13 +25,18 @@ def random_spatial_mask(like: Tensor, mask_ratio: float) -> Tensor:
 
 
 class Generator(nn.Sequential):
-    """conv3x3 - ReLU - conv3x3 in the teacher's channel count, keeping the grid."""
+    """conv - ReLU - conv in the teacher's channel count, keeping the grid.
 
-    def __init__(self, channels: int) -> None:
+    MGD's is 3x3 (`kernel=3`): it rebuilds a masked cell from its neighbours. HM's decoder
+    already mixes each cell's 3x3 neighbourhood by attention, so HM may use 1x1 convs, about a
+    ninth of the cost on the finest level, where the 3x3 pair is most of the distiller's step.
+    """
+
+    def __init__(self, channels: int, kernel: int = 3) -> None:
         super().__init__(
-            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.Conv2d(channels, channels, kernel_size=kernel, padding=kernel // 2),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.Conv2d(channels, channels, kernel_size=kernel, padding=kernel // 2),
         )
 
 

@@ -243,6 +243,23 @@ def test_generator_maps_the_linear_prediction(make_features) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_generator_kernel_is_its_reach_over_the_grid(kernel: int) -> None:
+    # a change at one cell of the decoded map reaches the cells within the generator's two
+    # convs: that cell alone for 1x1, its 5x5 neighbourhood for 3x3
+    generate = hm_module(generator=True, generator_kernel=kernel).decoder["p2"].generate
+    torch.manual_seed(0)
+    linear = torch.randn(1, generate[0].in_channels, 12, 12)
+    poked = linear.clone()
+    poked[0, :, 6, 6] += 1.0
+    moved = (generate(poked) - generate(linear)).abs().amax(dim=(0, 1)) > 0
+    reach = kernel - 1  # two convs of radius kernel // 2
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    expected[6 - reach : 7 + reach, 6 - reach : 7 + reach] = True
+    assert torch.equal(moved, expected)
+
+
+@torch.no_grad()
 def test_mask_ratio_hides_that_share_of_the_student_positions(make_features) -> None:
     # window 1, no generator: a masked position predicts what an all-zero student gives
     hm = hm_module(window=1, mask_ratio=0.3)
