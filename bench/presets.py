@@ -180,13 +180,13 @@ ROWS: dict[str, dict[str, Any]] = {
     # The pooled row made light enough for the step goal: HM's generator 1x1 instead of
     # MGD's 3x3 (the decoder's attention already mixes each 3x3 neighbourhood), and with the
     # attention's width halved too. On HIT-UAV's sizes the 3x3 pair is about half of the
-    # pooled row's distiller time, and the whole row's step was 1.17 x the floor (multipliers
-    # from `bench.diagnose` on `cpu-scratch`, HM at half of MGD's pull as above)
+    # pooled row's distiller time, and the whole row's step was 1.17 x the floor (`w_hm`
+    # 10.82x and 8.14x make HM pull 0.25, `bench.diagnose` on `cpu-scratch`)
     "hmkd: generative 1x1, uniform cells, pooled query, HM half the pull": _balanced(
-        10.26, query_pool="image", generator_kernel=1
+        10.82, query_pool="image", generator_kernel=1
     ),
     "hmkd: generative 1x1, dim 32, uniform cells, pooled query, HM half the pull": _balanced(
-        10.26, query_pool="image", generator_kernel=1, dim=32
+        8.14, query_pool="image", generator_kernel=1, dim=32
     ),
     # the same pair at a quarter of the pull: mimic's pull alone cost 3.5 AP_S, which may hide
     # what its teacher knows (the ratios scale with the weight, so the match holds)
@@ -457,8 +457,8 @@ HITUAV_CPU = Preset(
     weights=calibrated("hituav-cpu"),
     # The rows that give HM and SDM's foreground term half the calibrated pull each (0.25 of
     # the detector's gradient), set by `bench.diagnose` on this preset's teacher and base: at
-    # the multipliers found on `cpu-scratch` HM pulled 5.4 to 8.3 here and SDM's foreground
-    # term 0.33 to 0.35, so the whole weight is lower and `w_hm` far lower (`_hituav_half`)
+    # the pooled row's `cpu-scratch` multiplier (10.26x) HM pulled 5.4 to 8.3 here and SDM's
+    # foreground term 0.33 to 0.35, so the whole weight is lower and `w_hm` far lower
     row_overrides={
         "hmkd: generative, uniform cells, pooled query, HM half the pull": _hituav_half(
             0.375, 0.629
