@@ -44,15 +44,19 @@ def _hm_only_generative(weight: float, **hm: Any) -> dict[str, Any]:
     }
 
 
+def _w_hm(scale: float) -> float:
+    """HMKD's `w_hm` raised `scale`-fold over its default."""
+    return HMKDOptions.model_fields["w_hm"].default * scale
+
+
 def _balanced(hm_scale: float, **hm: Any) -> dict[str, Any]:
     """Full HMKD (SDM on) with HM as in `_hm_only_generative`, at half HMKD's calibrated weight,
     so SDM pulls half as hard, and `w_hm` raised `hm_scale`-fold over its default, so HM pulls
     as hard as `_hm_only_generative(hm_scale / 2)` would."""
-    w_hm = HMKDOptions.model_fields["w_hm"].default * hm_scale
     return {
         "method": "hmkd",
         "weight": 0.5,
-        "hmkd": {"w_hm": w_hm, "hm": {**_GENERATIVE_UNIFORM, **hm}},
+        "hmkd": {"w_hm": _w_hm(hm_scale), "hm": {**_GENERATIVE_UNIFORM, **hm}},
     }
 
 
@@ -179,8 +183,8 @@ ROWS: dict[str, dict[str, Any]] = {
     ),
     # The pooled row made light enough for the step goal: HM's generator 1x1 instead of
     # MGD's 3x3 (the decoder's attention already mixes each 3x3 neighbourhood), and with the
-    # attention's width halved too. On HIT-UAV's sizes the 3x3 pair is about half of the
-    # pooled row's distiller time, and the whole row's step was 1.17 x the floor (`w_hm`
+    # attention's width halved too. On HIT-UAV's sizes the 3x3 pair is the largest part of
+    # the pooled row's distiller, whose step was 1.160 x the floor (`w_hm`
     # 10.82x and 8.14x make HM pull 0.25, `bench.diagnose` on `cpu-scratch`)
     "hmkd: generative 1x1, uniform cells, pooled query, HM half the pull": _balanced(
         10.82, query_pool="image", generator_kernel=1
@@ -425,7 +429,7 @@ _HITUAV = {
 
 def _hituav_half(weight: float, hm_scale: float) -> dict[str, Any]:
     """A `_balanced` row's weight and `w_hm` multiplier on `hituav-cpu`."""
-    return {"weight": weight, "hmkd": {"w_hm": HMKDOptions.model_fields["w_hm"].default * hm_scale}}
+    return {"weight": weight, "hmkd": {"w_hm": _w_hm(hm_scale)}}
 
 
 HITUAV_CPU = Preset(
@@ -449,7 +453,6 @@ HITUAV_CPU = Preset(
         "mgd",
         "mimic",
         "hmkd: generative, uniform cells, pooled query, HM half the pull",
-        "hmkd: generative 1x1, dim 32, uniform cells, pooled query, HM half the pull",
     ),
     jobs=2,
     threads=1,
