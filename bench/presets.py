@@ -98,6 +98,10 @@ ROWS: dict[str, dict[str, Any]] = {
     # the method at a quarter of its calibrated weight: whether its loss against `none` shrinks
     # with the pull (from a random teacher, the pull alone cost more than a point)
     "hmkd: quarter weight": {"method": "hmkd", "weight": 0.25},
+    # ... and at a sixteenth: on the fourth HIT-UAV pair a quarter of the pull still cost about
+    # half of the full pull's loss. A loss that stays near the quarter's here would be a cost
+    # that does not scale with the pull at all, something a distilling row does besides pulling
+    "hmkd: sixteenth weight": {"method": "hmkd", "weight": 0.0625},
     # Negative controls: the teacher's architecture with random weights (one draw per seed,
     # `bench.controls`), which knows nothing of the data. Paired with the row of the trained
     # teacher, the difference is what the teacher's knowledge is worth to the method; paired
