@@ -41,7 +41,7 @@ from bench.presets import (
     with_data_root,
 )
 from hmkd_core.data import CocoDetectionDataset, collate_detection, make_small_digits
-from hmkd_core.distill import build_distiller
+from hmkd_core.distill import build_distiller, build_response
 from hmkd_core.engine.distributed import pick_device
 from hmkd_core.engine.module import FrozenTeacher, TrainModule
 from hmkd_core.models import build_detector
@@ -112,7 +112,7 @@ def _module(
             student_channels=spec.student.fpn_channels,
             teacher_channels=teacher.out_channels,
         )
-        module = TrainModule(student, distiller, teacher)
+        module = TrainModule(student, distiller, teacher, build_response(method))
     module.to(device)
     opt = torch.optim.SGD(
         [p for p in module.parameters() if p.requires_grad], lr=1e-4, momentum=0.9

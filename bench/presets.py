@@ -102,6 +102,22 @@ ROWS: dict[str, dict[str, Any]] = {
     # half of the full pull's loss. A loss that stays near the quarter's here would be a cost
     # that does not scale with the pull at all, something a distilling row does besides pulling
     "hmkd: sixteenth weight": {"method": "hmkd", "weight": 0.0625},
+    # Class scores instead of features: every feature pull tried cost the warm student AP_S in
+    # proportion to its strength. Here the teacher's box head scores the RoIs the student's
+    # trained on (`distill.response`, soft targets at T 2, Hinton's weight of 1 beside the
+    # detector's cross-entropy); the feature method is present only to carry a teacher, at
+    # weight 0 (mimic, the cheapest). Then the same term beside HMKD at a sixteenth of its
+    # weight, the pull that cost nothing measurable.
+    "class scores": {
+        "method": "mimic",
+        "weight": 0.0,
+        "response": {"weight": 1.0, "temperature": 2.0},
+    },
+    "hmkd: sixteenth weight, class scores": {
+        "method": "hmkd",
+        "weight": 0.0625,
+        "response": {"weight": 1.0, "temperature": 2.0},
+    },
     # Negative controls: the teacher's architecture with random weights (one draw per seed,
     # `bench.controls`), which knows nothing of the data. Paired with the row of the trained
     # teacher, the difference is what the teacher's knowledge is worth to the method; paired

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from hmkd_core.data import CocoDetectionDataset, collate_detection
-from hmkd_core.distill import build_distiller
+from hmkd_core.distill import build_distiller, build_response
 from hmkd_core.distill.base import DistillInputs
-from hmkd_core.distill.hooks import FeatureRecorder
+from hmkd_core.distill.hooks import BoxHeadRecorder, FeatureRecorder, name_levels
 from hmkd_core.distill.masks import level_masks, spatial_attention
 from hmkd_core.engine.module import FrozenTeacher
 from hmkd_core.engine.optim import clip_groups
@@ -37,6 +37,8 @@ def focal_options(spec: TrainSpec) -> FocalOptions:
 def method_weight(spec: TrainSpec, term: str) -> float:
     """The factor a distiller applied to a loss term, so its raw value can be shown."""
     d = spec.distill
+    if term == "response":  # beside the method, not scaled by distill.weight
+        return d.response.weight
     base = {
         "hmkd": d.hmkd.w_hm if term.startswith("hm_") else d.hmkd.w_sdm,
         "fgd": d.fgd.weight * (d.fgd.global_weight if term.startswith("fgd_global_") else 1.0),
@@ -115,14 +117,20 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     scales: list[float] = []  # the factor the clip multiplies the student's gradient by
     shares: list[float] = []  # ‖g_distiller‖ / ‖g‖ in the norm the clip reads
     rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
+    response = build_response(spec.distill)
+    box_head = BoxHeadRecorder(student) if response is not None else None
     with FeatureRecorder(student) as rec:
         for images, targets in rounds:
             det = sum(student(images, targets).values())
             feats = rec.levels()
             batch = rec.images.tensors
-            t_feats = teacher.features(batch)
+            t_raw = teacher.backbone(batch)
+            t_feats = name_levels(t_raw, tuple(batch.shape[-2:]))
             boxes = [t["boxes"] for t in rec.targets]
             losses = distiller(DistillInputs(feats, t_feats, boxes, tuple(batch.shape[-2:])))
+            if response is not None and box_head is not None:
+                proposals, shapes, logits = box_head.recorded()
+                losses.update(response(logits, teacher.box_scores(t_raw, proposals, shapes)))
             kd = sum(losses.values())
             s_list = [feats[lv] for lv in levels]
             g_det = torch.autograd.grad(det, s_list, retain_graph=True, allow_unused=True)
@@ -167,6 +175,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             their_norm = float(torch.nn.utils.get_total_norm(theirs)) if theirs else 0.0
             shares.append(their_norm / total if total else 0.0)
             rec.reset()
+    if box_head is not None:
+        box_head.close()
     levels_out = {}
     for lv, stats in per_level.items():
         mean = {k: statistics.fmean(v) for k, v in stats.items()}

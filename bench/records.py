@@ -40,7 +40,22 @@ LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "hmkd", "hm", "mask_ratio"): 0.0,
     ("distill", "hmkd", "hm", "query_pool"): "none",
     ("distill", "hmkd", "hm", "value_grad"): "window",
+    ("distill", "response", "temperature"): 1.0,
+    ("distill", "response", "weight"): 0.0,
 }
+
+
+def _drop_empty(full: dict[str, Any], path: list[str]) -> None:
+    """Remove the empty dict at `path`, then each parent it leaves empty."""
+    while path:
+        *up, name = path
+        owner = full
+        for part in up:
+            owner = owner[part]
+        if owner[name]:
+            return
+        del owner[name]
+        path = up
 
 
 def spec_hash(spec: dict[str, Any], roots: dict[str, Path]) -> str:
@@ -52,6 +67,8 @@ def spec_hash(spec: dict[str, Any], roots: dict[str, Path]) -> str:
             owner = owner[part]
         if owner[name] == default:
             del owner[name]
+            if not owner and parents:  # a block whose options are all later ones, all unset
+                _drop_empty(full, parents)
     portable = _portable(full, roots)
     return hashlib.sha256(json.dumps(portable, sort_keys=True).encode()).hexdigest()
 

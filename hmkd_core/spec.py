@@ -255,6 +255,27 @@ class MGDOptions(_Strict):
     weight: float = Field(2e-7, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
+class ResponseOptions(_Strict):
+    """Class-score distillation on the student's sampled RoIs, added to any feature method.
+
+    Feature methods pull the student's FPN maps toward the teacher's; a warm student can pay
+    for that pull in detection quality. This term asks instead that the student's box head
+    score its own training RoIs as the teacher's box head scores them: the teacher's knowledge
+    reaches the student through the output it is judged on (Hinton et al.'s soft targets).
+    """
+
+    weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the temperature-scaled KL divergence between the teacher's and "
+        "the student's class scores on the student's sampled RoIs (0: off). Faster R-CNN "
+        "student and teacher only.",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="Softmax temperature of both sides' class scores."
+    )
+
+
 # The distillation methods: the one list the spec, the distiller registry, the API's filter,
 # the dashboard (through GET /v1/methods) and the benchmark's rows all read. A method is added
 # here, with its options block on DistillSpec and its class in hmkd_core.distill.registry.
@@ -276,7 +297,11 @@ class DistillSpec(_Strict):
     levels: list[str] | None = Field(
         None, description="Distilled levels; default p2,p3,p4 (the three finest the detector has)."
     )
-    weight: float = Field(1.0, ge=0.0, description="Multiplies the whole distillation loss.")
+    weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Multiplies the feature method's whole loss (distill.response has its own).",
+    )
     warmup_iters: int = Field(
         0,
         ge=0,
@@ -302,6 +327,7 @@ class DistillSpec(_Strict):
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     fgd: FGDOptions = Field(default_factory=FGDOptions)
     mgd: MGDOptions = Field(default_factory=MGDOptions)
+    response: ResponseOptions = Field(default_factory=ResponseOptions)
 
     @field_validator("levels")
     @classmethod
@@ -403,6 +429,18 @@ class TrainSpec(_Strict):
                 f"distill.align_iters: {self.distill.align_iters} leaves none of the "
                 f"{self.schedule.iterations} iterations in which the teacher reaches the student"
             )
+        if self.distill.response.weight > 0:
+            if self.distill.method == "none":
+                raise ValueError(
+                    "distill.response.weight: class-score distillation needs a teacher; set "
+                    "distill.method to a distillation method (its weight may be 0)"
+                )
+            for role, model in (("student", self.student), ("teacher", self.teacher)):
+                if model is not None and model.arch != "faster_rcnn":
+                    raise ValueError(
+                        f"distill.response.weight: class scores per RoI need a Faster R-CNN "
+                        f"{role}; {role}.arch is {model.arch!r}"
+                    )
         if self.teacher is not None and self.teacher.weights == "none":
             raise ValueError("teacher.weights must name trained weights (a path, or coco)")
         return self

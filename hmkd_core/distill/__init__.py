@@ -2,6 +2,7 @@
 
 Each distiller maps `DistillInputs` (student/teacher FPN features and ground-truth boxes) to a
 dict of weighted `loss_*` tensors that the trainer sums. `build_distiller` picks one by name.
+`ResponseDistiller` adds class-score distillation on the student's RoIs beside any of them.
 """
 
 from hmkd_core.distill.attention import WindowCrossAttention, window_attention
@@ -26,7 +27,8 @@ from hmkd_core.distill.masks import (
 )
 from hmkd_core.distill.mgd import MGDDistiller, random_spatial_mask
 from hmkd_core.distill.mimic import MimicDistiller
-from hmkd_core.distill.registry import DISTILLERS, build_distiller
+from hmkd_core.distill.registry import DISTILLERS, build_distiller, build_response
+from hmkd_core.distill.response import ResponseDistiller, class_score_kd
 
 __all__ = [
     "DISTILLERS",
@@ -39,12 +41,15 @@ __all__ = [
     "MGDDistiller",
     "MimicDistiller",
     "NoDistiller",
+    "ResponseDistiller",
     "WindowCrossAttention",
     "batch_masks",
     "build_aligners",
     "build_distiller",
+    "build_response",
     "channel_attention",
     "check_inputs",
+    "class_score_kd",
     "focal_feature_loss",
     "global_relation_loss",
     "hm_weights",

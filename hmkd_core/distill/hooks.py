@@ -87,3 +87,48 @@ class FeatureRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BoxHeadRecorder:
+    """Records what a Faster R-CNN's box head saw in its last forward: the RoIs it pooled
+    (per image, in batch-tensor pixels, with the image sizes) and the class scores it gave them.
+
+    In training these are the RoIs `roi_heads` sampled for its loss, so a teacher's box head run
+    on them scores exactly what the student's was trained on in the same step.
+    """
+
+    def __init__(self, detector: nn.Module) -> None:
+        heads = getattr(unwrap(detector), "roi_heads", None)
+        parts = ("box_roi_pool", "box_predictor")
+        if heads is None or not all(isinstance(getattr(heads, p, None), nn.Module) for p in parts):
+            raise TypeError(
+                f"{type(unwrap(detector)).__name__} has no Faster R-CNN box head (roi_heads with "
+                "box_roi_pool and box_predictor); class-score distillation needs one"
+            )
+        self.proposals: list[Tensor] | None = None
+        self.image_shapes: list[tuple[int, int]] | None = None
+        self.class_logits: Tensor | None = None
+        self._handles: list[RemovableHandle] = [
+            heads.box_roi_pool.register_forward_hook(self._on_pool),
+            heads.box_predictor.register_forward_hook(self._on_predictor),
+        ]
+
+    def _on_pool(self, module: nn.Module, args: Any, output: Any) -> None:
+        _, self.proposals, self.image_shapes = args
+
+    def _on_predictor(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.class_logits = output[0]
+
+    def recorded(self) -> tuple[list[Tensor], list[tuple[int, int]], Tensor]:
+        if self.proposals is None or self.image_shapes is None or self.class_logits is None:
+            raise RuntimeError("no box head forward recorded yet")
+        return self.proposals, self.image_shapes, self.class_logits
+
+    def reset(self) -> None:
+        self.proposals = self.image_shapes = self.class_logits = None
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()

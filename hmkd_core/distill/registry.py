@@ -13,6 +13,7 @@ from hmkd_core.distill.fgd import FGDDistiller
 from hmkd_core.distill.hmkd import HMKDDistiller
 from hmkd_core.distill.mgd import MGDDistiller
 from hmkd_core.distill.mimic import MimicDistiller
+from hmkd_core.distill.response import ResponseDistiller
 from hmkd_core.spec import METHODS, DistillSpec
 
 DISTILLERS: dict[str, type[Distiller]] = {
@@ -50,3 +51,10 @@ def build_distiller(
         opts=opts,
         scale=spec.weight,
     )
+
+
+def build_response(spec: DistillSpec) -> ResponseDistiller | None:
+    """The class-score term `spec.response` asks for beside the feature method, or None when
+    its weight is 0. Not scaled by `spec.weight`, so a row can keep one and drop the other."""
+    opts = spec.response
+    return ResponseDistiller(opts.weight, opts.temperature) if opts.weight > 0 else None

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from hmkd_core.distill.base import Distiller, DistillInputs
-from hmkd_core.distill.hooks import FeatureRecorder, name_levels
+from hmkd_core.distill.hooks import BoxHeadRecorder, FeatureRecorder, name_levels
+from hmkd_core.distill.response import ResponseDistiller
 from hmkd_core.spec import PYRAMIDS, ModelSpec
 
 
@@ -58,9 +59,25 @@ class FrozenTeacher:
         return self
 
     @torch.no_grad()
-    def features(self, batch: Tensor) -> dict[str, Tensor]:
+    def backbone(self, batch: Tensor) -> dict[str, Tensor]:
+        """The FPN outputs under the backbone's own keys (what its box head pools from)."""
         self.detector.eval()
-        return name_levels(self.detector.backbone(batch), tuple(batch.shape[-2:]))
+        return self.detector.backbone(batch)
+
+    def features(self, batch: Tensor) -> dict[str, Tensor]:
+        return name_levels(self.backbone(batch), tuple(batch.shape[-2:]))
+
+    @torch.no_grad()
+    def box_scores(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> Tensor:
+        """The teacher box head's class scores for given RoIs, on the teacher's own features."""
+        heads = self.detector.roi_heads
+        pooled = heads.box_roi_pool(features, proposals, image_shapes)
+        return heads.box_predictor(heads.box_head(pooled))[0]
 
 
 class TrainModule(nn.Module):
@@ -71,33 +88,50 @@ class TrainModule(nn.Module):
         student: nn.Module,
         distiller: Distiller | None = None,
         teacher: FrozenTeacher | None = None,
+        response: ResponseDistiller | None = None,
     ) -> None:
         super().__init__()
-        if distiller is not None and distiller.levels and teacher is None:
+        has_features = distiller is not None and bool(distiller.levels)
+        if (has_features or response is not None) and teacher is None:
             raise ValueError("a distiller needs a teacher")
         self.student = student
         self.distiller = distiller
+        self.response = response
+        self._distil_features = has_features
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or synced
         self._recorder = FeatureRecorder(student) if teacher is not None else None
+        self._box_head = BoxHeadRecorder(student) if response is not None else None
         # while set, the distillation losses reach the distiller only (`distill.align_iters`)
         self.detach_student = False
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         losses = {f"student.{k}": v for k, v in self.student(images, targets).items()}
-        if self._recorder is None or self.distiller is None or not self.distiller.levels:
+        features = self._distil_features
+        if self._recorder is None or self.teacher is None or not (features or self.response):
             return losses
         rec = self._recorder
         batch = rec.images.tensors
-        student = rec.levels()
-        if self.detach_student:
-            student = {name: f.detach() for name, f in student.items()}
-        inputs = DistillInputs(
-            student=student,
-            teacher=self.teacher.features(batch.detach()),
-            boxes=[t["boxes"].detach() for t in rec.targets],
-            image_size=(int(batch.shape[-2]), int(batch.shape[-1])),
-        )
-        for k, v in self.distiller(inputs).items():
-            losses[f"distill.{k}"] = v
+        teacher = self.teacher.backbone(batch.detach())
+        if features:
+            assert self.distiller is not None
+            student = rec.levels()
+            if self.detach_student:
+                student = {name: f.detach() for name, f in student.items()}
+            inputs = DistillInputs(
+                student=student,
+                teacher=name_levels(teacher, tuple(batch.shape[-2:])),
+                boxes=[t["boxes"].detach() for t in rec.targets],
+                image_size=(int(batch.shape[-2]), int(batch.shape[-1])),
+            )
+            for k, v in self.distiller(inputs).items():
+                losses[f"distill.{k}"] = v
+        if self.response is not None and self._box_head is not None:
+            proposals, shapes, logits = self._box_head.recorded()
+            if self.detach_student:
+                logits = logits.detach()
+            scores = self.teacher.box_scores(teacher, proposals, shapes)
+            for k, v in self.response(logits, scores).items():
+                losses[f"distill.{k}"] = v
+            self._box_head.reset()
         rec.reset()
         return losses

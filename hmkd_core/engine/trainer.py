@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from hmkd_core.atomic import remove_orphans
 from hmkd_core.data import CocoDetectionDataset, DatasetError, collate_detection
-from hmkd_core.distill import build_distiller
+from hmkd_core.distill import build_distiller, build_response
 from hmkd_core.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from hmkd_core.engine.distributed import DistContext, any_true, gather_objects
 from hmkd_core.engine.evaluate import evaluate_detector, evaluation_ranges
@@ -147,7 +147,7 @@ class Trainer:
             student_channels=spec.student.fpn_channels,
             teacher_channels=teacher.out_channels,
         )
-        return TrainModule(student, distiller, teacher)
+        return TrainModule(student, distiller, teacher, build_response(spec.distill))
 
     def _batches(self) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
         """Endless batches; the position (epoch, batches_done) is kept for checkpoints."""

@@ -25,6 +25,17 @@ def test_no_distiller_reads_a_device_value_back_to_the_host() -> None:
         assert counts[row]["host_reads"] == student["host_reads"], row
 
 
+@pytest.mark.slow
+def test_class_scores_add_only_the_teachers_own_roi_pooling_reads() -> None:
+    # the teacher's box head pools the student's RoIs as the student's does: torchvision's
+    # multi-scale RoI Align finds each level's RoIs with one index read per pooled level, and
+    # nothing else of the term reads the device
+    spec = overhead.preset_spec("smoke")
+    counts = overhead.count_ops(spec, batch_size=2, rows=("mimic", "class scores"))
+    pooled_levels = 4  # Faster R-CNN's box_roi_pool reads P2..P5
+    assert counts["class scores"]["host_reads"] == counts["mimic"]["host_reads"] + pooled_levels
+
+
 def test_profile_writes_tables_for_the_student_and_every_row() -> None:
     spec = overhead.preset_spec("smoke")
     text = overhead.profile(spec, batch_size=1, rows=("mimic",), steps=1)

@@ -26,3 +26,22 @@ def test_a_committed_record_matches_its_spec_under_todays_defaults(path: Path) -
     for role, root in ROOTS.items():
         text = text.replace(f"<{role}>", str(root))
     assert spec_hash(json.loads(text), ROOTS) == record["spec_hash"]
+
+
+def test_an_unset_later_block_leaves_the_hash_as_before_it_existed() -> None:
+    # `distill.response` is a block of later options only: at its defaults the whole block,
+    # not just its leaves, must be left out, or every earlier record would change its hash
+    record = next(r for r in map(json.loads, map(Path.read_text, RECORDS)) if _distils(r))
+    text = json.dumps(record["spec"])
+    for role, root in ROOTS.items():
+        text = text.replace(f"<{role}>", str(root))
+    spec = json.loads(text)
+    base = spec_hash(spec, ROOTS)
+    spec.setdefault("distill", {})["response"] = {"weight": 0.0, "temperature": 1.0}
+    assert spec_hash(spec, ROOTS) == base
+    spec["distill"]["response"]["weight"] = 0.5
+    assert spec_hash(spec, ROOTS) != base
+
+
+def _distils(record: dict) -> bool:
+    return record["spec"].get("distill", {}).get("method", "none") != "none"

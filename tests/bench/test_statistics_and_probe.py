@@ -81,6 +81,26 @@ def test_probe_gradient_ratio_scales_with_the_weight_so_calibration_hits_its_tar
 
 
 @pytest.mark.slow
+def test_probe_measures_the_class_score_term_beside_the_method_on_its_own_weight(
+    tiny_digits: dict[str, Path], tiny_teacher: Path
+) -> None:
+    # the response term reaches the FPN maps through the box head's RoI pooling, so its pull
+    # is measured on the same footing as a feature term's, and calibrated like one
+    teacher = tiny_model(backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher))
+    distill = {"method": "mimic", "response": {"weight": 1.0, "temperature": 2.0}}
+    spec = tiny_spec(tiny_digits, teacher=teacher, distill=distill)
+    first = probe(spec, batches=2)
+    assert first["pull"]["response"] > 0 and "mimic" in first["pull"]
+    spec.distill.response.weight = 3.0
+    spec.distill.weight = 0.5  # the method's multiplier does not scale the response term
+    second = probe(spec, batches=2)
+    assert second["pull"]["response"] == pytest.approx(3.0 * first["pull"]["response"], rel=1e-3)
+    assert second["pull"]["mimic"] == pytest.approx(0.5 * first["pull"]["mimic"], rel=1e-3)
+    raw = first["terms"]["response"]["raw"]
+    assert raw > 0 and second["terms"]["response"]["raw"] == pytest.approx(raw, rel=1e-4)
+
+
+@pytest.mark.slow
 def test_probe_reports_what_a_shared_clip_takes_from_the_students_gradient(
     tiny_digits: dict[str, Path], tiny_teacher: Path
 ) -> None:

@@ -59,6 +59,23 @@ def test_alignment_must_leave_iterations_to_distil() -> None:
     assert parse_spec(d).distill.align_iters == 4
 
 
+def test_class_score_distillation_needs_a_teacher_and_faster_rcnn_on_both_sides() -> None:
+    d = tiny_spec_dict(PATHS, distill={"response": {"weight": 1.0}})
+    with pytest.raises(SpecError, match=r"distill\.response\.weight: .*needs a teacher"):
+        parse_spec(d)
+    d["distill"]["method"] = "mimic"
+    d["teacher"] = {**d["student"], "weights": "t.pt"}
+    assert parse_spec(d).distill.response.weight == 1.0
+    for role in ("student", "teacher"):
+        other = {**d, role: {**d[role], "arch": "retinanet"}, "distill": {**d["distill"]}}
+        other["distill"]["levels"] = ["p3", "p4", "p5"]
+        with pytest.raises(SpecError, match=rf"distill\.response\.weight: .*Faster R-CNN {role}"):
+            parse_spec(other)
+    d["distill"]["response"]["temperature"] = 0
+    with pytest.raises(SpecError, match=r"distill\.response\.temperature"):
+        parse_spec(d)
+
+
 def test_sdm_background_must_be_damped() -> None:
     d = tiny_spec_dict(PATHS, distill={"method": "hmkd", "hmkd": {"sdm": {"alpha": 1, "beta": 2}}})
     d["teacher"] = {"weights": "t.pt"}

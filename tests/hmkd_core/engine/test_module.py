@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmkd_core.distill import build_distiller
+from hmkd_core.distill import ResponseDistiller, build_distiller
 from hmkd_core.engine.module import FrozenTeacher, IncompatiblePairError, TrainModule, check_pair
 from hmkd_core.models import build_detector
 from hmkd_core.spec import DistillSpec, ModelSpec
@@ -83,3 +83,59 @@ def test_while_aligning_the_distillation_loss_trains_only_the_distiller(method: 
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.parameters())
     assert grads[False] is not None and grads[False].abs().sum() > 0
     assert grads[True] is None  # nothing of the distillation loss reached the student
+
+
+def _response_module(teacher_spec: ModelSpec) -> tuple[TrainModule, FrozenTeacher]:
+    torch.manual_seed(0)
+    student = build_detector(S, 3)
+    teacher = FrozenTeacher(build_detector(teacher_spec, 3))
+    return TrainModule(student, None, teacher, ResponseDistiller(1.0, 2.0)), teacher
+
+
+def test_the_teacher_scores_the_rois_the_student_trained_on() -> None:
+    # a teacher that is the student's copy, on the same RoIs and its own (identical) features,
+    # gives the same class scores: the loss is 0 only if both heads scored the very same RoIs
+    module, teacher = _response_module(S)
+    teacher.detector.load_state_dict(module.student.state_dict())
+    losses = module(*_batch())
+    assert losses["distill.loss_response"].abs() < 1e-5
+    assert not [k for k in losses if k.startswith("distill.") and k != "distill.loss_response"]
+
+
+def test_class_score_distillation_trains_the_student_and_leaves_the_teacher() -> None:
+    module, teacher = _response_module(S.model_copy(update={"fpn_channels": 32}))
+    module.train()
+    losses = module(*_batch())
+    assert losses["distill.loss_response"] > 0
+    losses["distill.loss_response"].backward()
+    assert module.student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.detector.parameters())
+    module.zero_grad(set_to_none=True)
+    module.detach_student = True  # `distill.align_iters`: the distillation moves no student weight
+    losses = module(*_batch())
+    assert not losses["distill.loss_response"].requires_grad
+
+
+def test_class_score_distillation_beside_a_feature_method() -> None:
+    torch.manual_seed(0)
+    distiller = build_distiller(
+        DistillSpec(method="mimic"), levels=("p2", "p3"), student_channels=16, teacher_channels=32
+    )
+    module = TrainModule(
+        build_detector(S, 3), distiller, FrozenTeacher(build_detector(T, 3)), ResponseDistiller(1.0)
+    )
+    losses = module(*_batch())
+    assert {"distill.loss_response", "distill.loss_mimic_p2"} <= set(losses)
+
+
+def test_class_score_distillation_needs_a_teacher_and_a_box_head() -> None:
+    with pytest.raises(ValueError, match="needs a teacher"):
+        TrainModule(build_detector(S, 3), None, None, ResponseDistiller(1.0))
+    retina = S.model_copy(update={"arch": "retinanet"})
+    with pytest.raises(TypeError, match="box head"):
+        TrainModule(
+            build_detector(retina, 3),
+            None,
+            FrozenTeacher(build_detector(retina, 3)),
+            ResponseDistiller(1.0),
+        )

@@ -65,16 +65,21 @@ def test_existing_run_needs_resume(tiny_digits: dict, tmp_path: Path) -> None:
         train(tiny_spec(tiny_digits), tmp_path)
 
 
-@pytest.mark.parametrize("method", ["none", "hmkd"])
+@pytest.mark.parametrize("method", ["none", "hmkd", "hmkd+response"])
 def test_stopped_and_resumed_equals_uninterrupted(
     method: str, tiny_digits: dict, tiny_teacher: Path, tmp_path: Path
 ) -> None:
     extra = {}
     if method != "none":
+        method, _, response = method.partition("+")
         extra = {
             "teacher": tiny_model(backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher)),
             # the stop falls after the distiller's alignment (2 iterations), the resume too
-            "distill": {"method": method, "align_iters": 2},
+            "distill": {
+                "method": method,
+                "align_iters": 2,
+                "response": {"weight": 1.0 if response else 0.0, "temperature": 2.0},
+            },
         }
     spec = tiny_spec(
         tiny_digits, schedule={"iterations": 6, "scheduler": "step", "steps": [0.5]}, **extra
