@@ -173,6 +173,14 @@ def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
         ),
         ({"distill": {"method": "mimic", "levels": ["p7"]}}, "distill.levels", "no level"),
         ({"eval": {"metric": "mAP"}}, "eval.metric", "not reported"),
+        (
+            {
+                "teacher": {**teacher, "arch": "retinanet"},
+                "distill": {"levels": ["p3", "p4"], "response": {"weight": 1.0}},
+            },
+            "distill.response.weight",
+            "Faster R-CNN teacher",
+        ),
     ]
     for extra, field, words in cases:
         spec = job_spec(dataset, name="bad", kind="distill", teacher=teacher)
