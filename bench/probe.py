@@ -55,6 +55,10 @@ def term_kind(name: str, levels: tuple[str, ...]) -> str:
     return head if head and tail in levels else name.removeprefix("loss_")
 
 
+def _sq(x: Tensor | None) -> float:
+    return 0.0 if x is None else float(x.pow(2).sum())
+
+
 def _batches(spec: TrainSpec, count: int, batch_size: int) -> list[tuple[list, list]]:
     ds = CocoDetectionDataset(spec.data.train.images, spec.data.train.annotations, train=False)
     g = torch.Generator().manual_seed(spec.runtime.seed)
@@ -80,7 +84,9 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     Returns `levels` (level -> teacher rms, attention effective cells and foreground mass,
     foreground share of cells, gradient norms and their ratio), `grad_ratio` (over all
     levels), `pull` (kind of term -> its own gradient's ratio to the detection's, computed as
-    `grad_ratio` is, so a method with one kind has `pull == grad_ratio`), `terms` (name ->
+    `grad_ratio` is, so a method with one kind has `pull == grad_ratio`; `response`, the
+    class-score term, is not in `grad_ratio` and is measured over every map the box head
+    pools, against the detection's gradient on the same maps), `terms` (name ->
     weighted and raw value), `clip_fraction` (fraction of batches whose total gradient norm
     exceeds the spec's clip threshold), `clip_scale` (the factor the clip multiplies the
     student's gradient by, averaged) and `distiller_norm_share` (‖g_distiller‖ / ‖g‖ over
@@ -119,6 +125,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
     response = build_response(spec.distill)
     box_head = BoxHeadRecorder(student) if response is not None else None
+    pool = list(student.roi_heads.box_roi_pool.featmap_names) if box_head else []
+    response_grads: dict[str, list[float]] = defaultdict(list)  # "det"/"response" -> per batch
     with FeatureRecorder(student) as rec:
         for images, targets in rounds:
             det = sum(student(images, targets).values())
@@ -128,10 +136,18 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             t_feats = name_levels(t_raw, tuple(batch.shape[-2:]))
             boxes = [t["boxes"] for t in rec.targets]
             losses = distiller(DistillInputs(feats, t_feats, boxes, tuple(batch.shape[-2:])))
+            kd = sum(losses.values())
+            scored = torch.zeros(())
             if response is not None and box_head is not None:
                 proposals, shapes, logits = box_head.recorded()
-                losses.update(response(logits, teacher.box_scores(t_raw, proposals, shapes)))
-            kd = sum(losses.values())
+                t_scores = teacher.box_scores(t_raw, proposals, shapes)
+                scored = response(logits, t_scores)["loss_response"]
+                # it reaches every map the box head pools, not only the distilled levels
+                assert rec.features is not None
+                pooled = [rec.features[key] for key in pool]
+                for name, g in (("det", det), ("response", scored)):
+                    grads = torch.autograd.grad(g, pooled, retain_graph=True, allow_unused=True)
+                    response_grads[name].append(math.sqrt(sum(_sq(x) for x in grads)))
             s_list = [feats[lv] for lv in levels]
             g_det = torch.autograd.grad(det, s_list, retain_graph=True, allow_unused=True)
             g_kd = torch.autograd.grad(kd, s_list, retain_graph=True, allow_unused=True)
@@ -163,9 +179,11 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
                 stats["grad_kd"].append(0.0 if gk is None else float(gk.norm()))
             for name, value in losses.items():
                 terms[name.removeprefix("loss_")].append(float(value.detach()))
+            if response is not None:
+                terms["response"].append(float(scored.detach()))
             for prm in params:
                 prm.grad = None
-            (det + kd).backward()
+            (det + kd + scored).backward()
             grads = [q.grad for q in student_group if q.grad is not None]
             total = float(torch.nn.utils.get_total_norm(grads))
             clip = spec.schedule.clip_grad_norm
@@ -195,6 +213,9 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
         else math.inf
         for kind, by_level in sorted(pulls.items())
     }
+    if response_grads["det"]:  # over the pooled maps, the detection's gradient on the same
+        det_norm = statistics.fmean(response_grads["det"])
+        pull["response"] = statistics.fmean(response_grads["response"]) / det_norm
     return {
         "method": spec.distill.method,
         "levels": levels_out,

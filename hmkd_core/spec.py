@@ -441,6 +441,12 @@ class TrainSpec(_Strict):
                         f"distill.response.weight: class scores per RoI need a Faster R-CNN "
                         f"{role}; {role}.arch is {model.arch!r}"
                     )
+            if self.teacher is not None and self.teacher.weights in ("coco", "imagenet"):
+                raise ValueError(
+                    "distill.response.weight: class scores need a teacher whose box head was "
+                    f"trained on this dataset's classes; teacher.weights is "
+                    f"{self.teacher.weights!r}, whose box predictor starts at random"
+                )
         if self.teacher is not None and self.teacher.weights == "none":
             raise ValueError("teacher.weights must name trained weights (a path, or coco)")
         return self

@@ -113,22 +113,35 @@ class BoxHeadRecorder:
             heads.box_predictor.register_forward_hook(self._on_predictor),
         ]
 
+    # Only training forwards are kept: an evaluation's detections are not what the loss is on,
+    # and holding them would keep a batch of tensors alive until the next training step.
     def _on_pool(self, module: nn.Module, args: Any, output: Any) -> None:
-        _, self.proposals, self.image_shapes = args
+        if module.training:
+            _, self.proposals, self.image_shapes = args
 
     def _on_predictor(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.class_logits = output[0]
+        if module.training:
+            self.class_logits = output[0]
 
     def recorded(self) -> tuple[list[Tensor], list[tuple[int, int]], Tensor]:
+        """(RoIs per image, image sizes, class logits) of the last training forward."""
         if self.proposals is None or self.image_shapes is None or self.class_logits is None:
             raise RuntimeError("no box head forward recorded yet")
         return self.proposals, self.image_shapes, self.class_logits
 
     def reset(self) -> None:
+        """Forget the last forward, so a stale one is never read for the next batch."""
         self.proposals = self.image_shapes = self.class_logits = None
 
     def close(self) -> None:
+        """Remove the hooks: nothing lingers on the detector."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.reset()
+
+    def __enter__(self) -> BoxHeadRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

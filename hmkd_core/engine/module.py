@@ -107,7 +107,8 @@ class TrainModule(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         losses = {f"student.{k}": v for k, v in self.student(images, targets).items()}
         features = self._distil_features
-        if self._recorder is None or self.teacher is None or not (features or self.response):
+        class_scores = self._box_head is not None
+        if self._recorder is None or self.teacher is None or not (features or class_scores):
             return losses
         rec = self._recorder
         batch = rec.images.tensors
@@ -125,12 +126,13 @@ class TrainModule(nn.Module):
             )
             for k, v in self.distiller(inputs).items():
                 losses[f"distill.{k}"] = v
-        if self.response is not None and self._box_head is not None:
+        if self._box_head is not None:
+            assert self.response is not None
             proposals, shapes, logits = self._box_head.recorded()
             if self.detach_student:
                 logits = logits.detach()
-            scores = self.teacher.box_scores(teacher, proposals, shapes)
-            for k, v in self.response(logits, scores).items():
+            teacher_scores = self.teacher.box_scores(teacher, proposals, shapes)
+            for k, v in self.response(logits, teacher_scores).items():
                 losses[f"distill.{k}"] = v
             self._box_head.reset()
         rec.reset()

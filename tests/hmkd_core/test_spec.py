@@ -74,6 +74,10 @@ def test_class_score_distillation_needs_a_teacher_and_faster_rcnn_on_both_sides(
     d["distill"]["response"]["temperature"] = 0
     with pytest.raises(SpecError, match=r"distill\.response\.temperature"):
         parse_spec(d)
+    d["distill"]["response"]["temperature"] = 1
+    d["teacher"]["weights"] = "coco"  # its box predictor is not trained on these classes
+    with pytest.raises(SpecError, match=r"distill\.response\.weight: .*'coco'"):
+        parse_spec(d)
 
 
 def test_sdm_background_must_be_damped() -> None:
