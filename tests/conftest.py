@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,10 @@ def tiny_teacher(tiny_digits: dict[str, Path], tmp_path_factory: pytest.TempPath
 
     out = tmp_path_factory.mktemp("teacher")
     spec = tiny_spec(tiny_digits, student=tiny_model(backbone="resnet34", fpn_channels=32))
-    return train(spec, out).student_path
+    student = train(spec, out).student_path
+    # its training checkpoints (three of a ResNet-34) are read by no test and outlive the run
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return student
 
 
 pytest_plugins = ["tests.service_fixtures"]
