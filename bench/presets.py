@@ -118,6 +118,18 @@ ROWS: dict[str, dict[str, Any]] = {
         "weight": 0.0625,
         "response": {"weight": 1.0, "temperature": 2.0},
     },
+    # the class-score term's own two settings, each moved one step: twice the pull, and a
+    # softer target (T 4) that gives the teacher's ranking of the wrong classes more weight
+    "class scores: double weight": {
+        "method": "mimic",
+        "weight": 0.0,
+        "response": {"weight": 2.0, "temperature": 2.0},
+    },
+    "class scores: T 4": {
+        "method": "mimic",
+        "weight": 0.0,
+        "response": {"weight": 1.0, "temperature": 4.0},
+    },
     # Negative controls: the teacher's architecture with random weights (one draw per seed,
     # `bench.controls`), which knows nothing of the data. Paired with the row of the trained
     # teacher, the difference is what the teacher's knowledge is worth to the method; paired

@@ -68,15 +68,20 @@ def machine() -> dict[str, str | None]:
     """What a run's floating point depended on besides its spec: the same spec trains other
     weights on another kind of CPU (its vector width picks other kernels, which round
     differently, and hundreds of steps amplify that), so a record says where it was made."""
-    model = None
+    fields: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():  # the first processor's block is enough
                 break
+    # A model name can be as vague as "AMD EPYC": the family and model numbers name the core
+    # generation, which is what decides the rounding (two such machines trained other weights)
+    generation = f"{fields['cpu family']}/{fields['model']}" if "cpu family" in fields else None
     return {
-        "cpu": model or platform.processor() or platform.machine(),
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family_model": generation,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_initialized() else None,
