@@ -60,6 +60,23 @@ def _balanced(hm_scale: float, **hm: Any) -> dict[str, Any]:
     }
 
 
+def _class_scores(
+    weight: float = 1.0,
+    temperature: float = 2.0,
+    *,
+    method: str = "mimic",
+    method_weight: float = 0.0,
+) -> dict[str, Any]:
+    """A row with the class-score term (`distill.response`) at `weight` and `temperature`
+    beside `method` at `method_weight` x its calibrated weight. The default carrier is mimic at
+    weight 0: it only brings the teacher the term needs (the cheapest method to compute)."""
+    return {
+        "method": method,
+        "weight": method_weight,
+        "response": {"weight": weight, "temperature": temperature},
+    }
+
+
 # Rows of the table: the method, then the options that make the row. Every row of a preset
 # gets that preset's calibrated `weight` for its method on top.
 ROWS: dict[str, dict[str, Any]] = {
@@ -102,34 +119,17 @@ ROWS: dict[str, dict[str, Any]] = {
     # half of the full pull's loss. A loss that stays near the quarter's here would be a cost
     # that does not scale with the pull at all, something a distilling row does besides pulling
     "hmkd: sixteenth weight": {"method": "hmkd", "weight": 0.0625},
-    # Class scores instead of features: every feature pull tried cost the warm student AP_S in
-    # proportion to its strength. Here the teacher's box head scores the RoIs the student's
+    # Class scores instead of features: every feature pull tried cost the warm student AP_S,
+    # less as the pull shrank. Here the teacher's box head scores the RoIs the student's
     # trained on (`distill.response`, soft targets at T 2, Hinton's weight of 1 beside the
-    # detector's cross-entropy); the feature method is present only to carry a teacher, at
-    # weight 0 (mimic, the cheapest). Then the same term beside HMKD at a sixteenth of its
-    # weight, the pull that cost nothing measurable.
-    "class scores": {
-        "method": "mimic",
-        "weight": 0.0,
-        "response": {"weight": 1.0, "temperature": 2.0},
-    },
-    "hmkd: sixteenth weight, class scores": {
-        "method": "hmkd",
-        "weight": 0.0625,
-        "response": {"weight": 1.0, "temperature": 2.0},
-    },
+    # detector's cross-entropy). Then the same term beside HMKD at a sixteenth of its weight,
+    # the pull that cost nothing measurable.
+    "class scores": _class_scores(),
+    "hmkd: sixteenth weight, class scores": _class_scores(method="hmkd", method_weight=0.0625),
     # the class-score term's own two settings, each moved one step: twice the pull, and a
     # softer target (T 4) that gives the teacher's ranking of the wrong classes more weight
-    "class scores: double weight": {
-        "method": "mimic",
-        "weight": 0.0,
-        "response": {"weight": 2.0, "temperature": 2.0},
-    },
-    "class scores: T 4": {
-        "method": "mimic",
-        "weight": 0.0,
-        "response": {"weight": 1.0, "temperature": 4.0},
-    },
+    "class scores: double weight": _class_scores(weight=2.0),
+    "class scores: T 4": _class_scores(temperature=4.0),
     # Negative controls: the teacher's architecture with random weights (one draw per seed,
     # `bench.controls`), which knows nothing of the data. Paired with the row of the trained
     # teacher, the difference is what the teacher's knowledge is worth to the method; paired

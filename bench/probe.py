@@ -55,10 +55,6 @@ def term_kind(name: str, levels: tuple[str, ...]) -> str:
     return head if head and tail in levels else name.removeprefix("loss_")
 
 
-def _sq(x: Tensor | None) -> float:
-    return 0.0 if x is None else float(x.pow(2).sum())
-
-
 def _batches(spec: TrainSpec, count: int, batch_size: int) -> list[tuple[list, list]]:
     ds = CocoDetectionDataset(spec.data.train.images, spec.data.train.annotations, train=False)
     g = torch.Generator().manual_seed(spec.runtime.seed)
@@ -147,7 +143,9 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
                 pooled = [rec.features[key] for key in pool]
                 for name, g in (("det", det), ("response", scored)):
                     grads = torch.autograd.grad(g, pooled, retain_graph=True, allow_unused=True)
-                    response_grads[name].append(math.sqrt(sum(_sq(x) for x in grads)))
+                    found = [x for x in grads if x is not None]
+                    norm = torch.nn.utils.get_total_norm(found) if found else 0.0
+                    response_grads[name].append(float(norm))
             s_list = [feats[lv] for lv in levels]
             g_det = torch.autograd.grad(det, s_list, retain_graph=True, allow_unused=True)
             g_kd = torch.autograd.grad(kd, s_list, retain_graph=True, allow_unused=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Self
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -43,7 +43,30 @@ def name_levels(features: dict[str, Tensor], input_hw: tuple[int, int]) -> dict[
     return named
 
 
-class FeatureRecorder:
+class _Recorder:
+    """Hook handles and their lifecycle, shared by the recorders: `close()` removes every hook
+    and forgets what was recorded; a recorder is also a context manager that closes on exit."""
+
+    _handles: list[RemovableHandle]
+
+    def reset(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Remove the hooks: nothing lingers on the detector."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FeatureRecorder(_Recorder):
     """Records `transform` and `backbone` outputs of a torchvision-style detector."""
 
     def __init__(self, detector: nn.Module) -> None:
@@ -76,20 +99,8 @@ class FeatureRecorder:
     def reset(self) -> None:
         self.images = self.targets = self.features = None
 
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.reset()
 
-    def __enter__(self) -> FeatureRecorder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class BoxHeadRecorder:
+class BoxHeadRecorder(_Recorder):
     """Records what a Faster R-CNN's box head saw in its last forward: the RoIs it pooled
     (per image, in batch-tensor pixels, with the image sizes) and the class scores it gave them.
 
@@ -132,16 +143,3 @@ class BoxHeadRecorder:
     def reset(self) -> None:
         """Forget the last forward, so a stale one is never read for the next batch."""
         self.proposals = self.image_shapes = self.class_logits = None
-
-    def close(self) -> None:
-        """Remove the hooks: nothing lingers on the detector."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.reset()
-
-    def __enter__(self) -> BoxHeadRecorder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
