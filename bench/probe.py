@@ -20,9 +20,9 @@ from torch import Tensor
 from hmkd_core.data import CocoDetectionDataset, collate_detection
 from hmkd_core.distill import build_distiller, build_response
 from hmkd_core.distill.base import DistillInputs
-from hmkd_core.distill.hooks import BoxHeadRecorder, FeatureRecorder, name_levels
+from hmkd_core.distill.hooks import FeatureRecorder, name_levels
 from hmkd_core.distill.masks import level_masks, spatial_attention
-from hmkd_core.engine.module import FrozenTeacher
+from hmkd_core.engine.module import FrozenTeacher, ResponseTerms
 from hmkd_core.engine.optim import clip_groups
 from hmkd_core.models import build_detector
 from hmkd_core.spec import DEFAULT_LEVELS, FocalOptions, TrainSpec
@@ -37,8 +37,11 @@ def focal_options(spec: TrainSpec) -> FocalOptions:
 def method_weight(spec: TrainSpec, term: str) -> float:
     """The factor a distiller applied to a loss term, so its raw value can be shown."""
     d = spec.distill
-    if term == "response":  # beside the method, not scaled by distill.weight
-        return d.response.weight
+    if term.startswith("response"):  # beside the method, not scaled by distill.weight
+        r = d.response
+        return {"response_box": r.box_weight, "response_objectness": r.objectness_weight}.get(
+            term, r.weight
+        )
     base = {
         "hmkd": d.hmkd.w_hm if term.startswith("hm_") else d.hmkd.w_sdm,
         "fgd": d.fgd.weight * (d.fgd.global_weight if term.startswith("fgd_global_") else 1.0),
@@ -80,9 +83,10 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     Returns `levels` (level -> teacher rms, attention effective cells and foreground mass,
     foreground share of cells, gradient norms and their ratio), `grad_ratio` (over all
     levels), `pull` (kind of term -> its own gradient's ratio to the detection's, computed as
-    `grad_ratio` is, so a method with one kind has `pull == grad_ratio`; `response`, the
-    class-score term, is not in `grad_ratio` and is measured over every map the box head
-    pools, against the detection's gradient on the same maps), `terms` (name ->
+    `grad_ratio` is, so a method with one kind has `pull == grad_ratio`; the response terms
+    (`response`, `response_box`, `response_objectness`) are not in `grad_ratio` and are
+    measured over every map the box head pools, against the detection's gradient on the same
+    maps), `terms` (name ->
     weighted and raw value), `clip_fraction` (fraction of batches whose total gradient norm
     exceeds the spec's clip threshold), `clip_scale` (the factor the clip multiplies the
     student's gradient by, averaged) and `distiller_norm_share` (‖g_distiller‖ / ‖g‖ over
@@ -120,9 +124,9 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     shares: list[float] = []  # ‖g_distiller‖ / ‖g‖ in the norm the clip reads
     rounds = _batches(spec, batches, batch_size or spec.schedule.batch_size)
     response = build_response(spec.distill)
-    box_head = BoxHeadRecorder(student) if response is not None else None
-    pool = list(student.roi_heads.box_roi_pool.featmap_names) if box_head else []
-    response_grads: dict[str, list[float]] = defaultdict(list)  # "det"/"response" -> per batch
+    heads = ResponseTerms(student, response) if response is not None else None
+    pool = list(student.roi_heads.box_roi_pool.featmap_names) if heads else []
+    response_grads: dict[str, list[float]] = defaultdict(list)  # "det"/term -> per batch
     with FeatureRecorder(student) as rec:
         for images, targets in rounds:
             det = sum(student(images, targets).values())
@@ -133,15 +137,16 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             boxes = [t["boxes"] for t in rec.targets]
             losses = distiller(DistillInputs(feats, t_feats, boxes, tuple(batch.shape[-2:])))
             kd = sum(losses.values())
-            scored = torch.zeros(())
-            if response is not None and box_head is not None:
-                proposals, shapes, logits = box_head.recorded()
-                t_scores = teacher.box_scores(t_raw, proposals, shapes)
-                scored = response(logits, t_scores)["loss_response"]
-                # it reaches every map the box head pools, not only the distilled levels
+            scored: dict[str, Tensor] = {}
+            if heads is not None:
+                seen = [{k: v.detach() for k, v in t.items()} for t in rec.targets]
+                answered = heads.losses(teacher, t_raw, seen)
+                scored = {k.removeprefix("loss_"): v for k, v in answered.items()}
+                # they reach every map the box head pools (the RPN's too: its extra level is
+                # pooled from the last), not only the distilled levels
                 assert rec.features is not None
                 pooled = [rec.features[key] for key in pool]
-                for name, g in (("det", det), ("response", scored)):
+                for name, g in (("det", det), *scored.items()):
                     grads = torch.autograd.grad(g, pooled, retain_graph=True, allow_unused=True)
                     found = [x for x in grads if x is not None]
                     norm = torch.nn.utils.get_total_norm(found) if found else 0.0
@@ -177,11 +182,11 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
                 stats["grad_kd"].append(0.0 if gk is None else float(gk.norm()))
             for name, value in losses.items():
                 terms[name.removeprefix("loss_")].append(float(value.detach()))
-            if response is not None:
-                terms["response"].append(float(scored.detach()))
+            for name, value in scored.items():
+                terms[name].append(float(value.detach()))
             for prm in params:
                 prm.grad = None
-            (det + kd + scored).backward()
+            (det + kd + sum(scored.values())).backward()
             grads = [q.grad for q in student_group if q.grad is not None]
             total = float(torch.nn.utils.get_total_norm(grads))
             clip = spec.schedule.clip_grad_norm
@@ -191,8 +196,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             their_norm = float(torch.nn.utils.get_total_norm(theirs)) if theirs else 0.0
             shares.append(their_norm / total if total else 0.0)
             rec.reset()
-    if box_head is not None:
-        box_head.close()
+    if heads is not None:
+        heads.close()
     levels_out = {}
     for lv, stats in per_level.items():
         mean = {k: statistics.fmean(v) for k, v in stats.items()}
@@ -212,8 +217,9 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
         for kind, by_level in sorted(pulls.items())
     }
     if response_grads["det"]:  # over the pooled maps, the detection's gradient on the same
-        det_norm = statistics.fmean(response_grads["det"])
-        pull["response"] = statistics.fmean(response_grads["response"]) / det_norm
+        det_norm = statistics.fmean(response_grads.pop("det"))
+        for name, norms in response_grads.items():
+            pull[name] = statistics.fmean(norms) / det_norm
     return {
         "method": spec.distill.method,
         "levels": levels_out,

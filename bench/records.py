@@ -40,6 +40,8 @@ LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "hmkd", "hm", "mask_ratio"): 0.0,
     ("distill", "hmkd", "hm", "query_pool"): "none",
     ("distill", "hmkd", "hm", "value_grad"): "window",
+    ("distill", "response", "box_weight"): 0.0,
+    ("distill", "response", "objectness_weight"): 0.0,
     ("distill", "response", "temperature"): 1.0,
     ("distill", "response", "weight"): 0.0,
 }

@@ -256,12 +256,13 @@ class MGDOptions(_Strict):
 
 
 class ResponseOptions(_Strict):
-    """Class-score distillation on the student's sampled RoIs, added to any feature method.
+    """Response distillation on what the student's heads were trained on, added to any feature
+    method: the class scores and box deltas of its sampled RoIs, and its RPN's objectness.
 
     Feature methods pull the student's FPN maps toward the teacher's; a warm student can pay
-    for that pull in detection quality. This term asks instead that the student's box head
-    score its own training RoIs as the teacher's box head scores them: the teacher's knowledge
-    reaches the student through the output it is judged on (Hinton et al.'s soft targets).
+    for that pull in detection quality. These terms ask instead that the student's heads answer
+    as the teacher's heads answer the same RoIs and anchors: the teacher's knowledge reaches the
+    student through the outputs it is judged on (Hinton et al.'s soft targets).
     """
 
     weight: float = Field(
@@ -274,6 +275,26 @@ class ResponseOptions(_Strict):
     temperature: float = Field(
         1.0, gt=0.0, le=100.0, description="Softmax temperature of both sides' class scores."
     )
+    box_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the smooth-L1 from the student's box deltas to the teacher's, "
+        "for each sampled RoI that holds an object, for its class, where the teacher's deltas "
+        "are nearer the ground truth than the student's; 1 pulls as hard as the detector's "
+        "own box loss (0: off). Faster R-CNN student and teacher only.",
+    )
+    objectness_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the KL divergence between the teacher's and the student's RPN "
+        "object probability at every anchor; 1 pulls an anchor as hard as the RPN's own loss "
+        "pulls a sampled one (0: off). Faster R-CNN student and teacher only.",
+    )
+
+    @property
+    def active(self) -> list[str]:
+        """The options whose term is on, by name."""
+        return [n for n in ("weight", "box_weight", "objectness_weight") if getattr(self, n) > 0]
 
 
 # The distillation methods: the one list the spec, the distiller registry, the API's filter,
@@ -429,23 +450,25 @@ class TrainSpec(_Strict):
                 f"distill.align_iters: {self.distill.align_iters} leaves none of the "
                 f"{self.schedule.iterations} iterations in which the teacher reaches the student"
             )
-        if self.distill.response.weight > 0:
+        on = self.distill.response.active
+        if on:
+            field = f"distill.response.{on[0]}"
             if self.distill.method == "none":
                 raise ValueError(
-                    "distill.response.weight: class-score distillation needs a teacher; set "
-                    "distill.method to a distillation method (its weight may be 0)"
+                    f"{field}: response distillation needs a teacher; set distill.method to a "
+                    "distillation method (its weight may be 0)"
                 )
             for role, model in (("student", self.student), ("teacher", self.teacher)):
                 if model is not None and model.arch != "faster_rcnn":
                     raise ValueError(
-                        f"distill.response.weight: class scores per RoI need a Faster R-CNN "
-                        f"{role}; {role}.arch is {model.arch!r}"
+                        f"{field}: class scores, box deltas and objectness per RoI and anchor "
+                        f"need a Faster R-CNN {role}; {role}.arch is {model.arch!r}"
                     )
             if self.teacher is not None and self.teacher.weights in ("coco", "imagenet"):
                 raise ValueError(
-                    "distill.response.weight: class scores need a teacher whose box head was "
-                    f"trained on this dataset's classes; teacher.weights is "
-                    f"{self.teacher.weights!r}, whose box predictor starts at random"
+                    f"{field}: response distillation needs a teacher whose heads were trained "
+                    f"on this dataset's classes; teacher.weights is {self.teacher.weights!r}, "
+                    "whose box predictor starts at random"
                 )
         if self.teacher is not None and self.teacher.weights == "none":
             raise ValueError("teacher.weights must name trained weights (a path, or coco)")

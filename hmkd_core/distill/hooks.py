@@ -102,10 +102,11 @@ class FeatureRecorder(_Recorder):
 
 class BoxHeadRecorder(_Recorder):
     """Records what a Faster R-CNN's box head saw in its last forward: the RoIs it pooled
-    (per image, in batch-tensor pixels, with the image sizes) and the class scores it gave them.
+    (per image, in batch-tensor pixels, with the image sizes) and the class scores and box
+    deltas it gave them.
 
     In training these are the RoIs `roi_heads` sampled for its loss, so a teacher's box head run
-    on them scores exactly what the student's was trained on in the same step.
+    on them answers exactly what the student's was trained on in the same step.
     """
 
     def __init__(self, detector: nn.Module) -> None:
@@ -114,11 +115,12 @@ class BoxHeadRecorder(_Recorder):
         if heads is None or not all(isinstance(getattr(heads, p, None), nn.Module) for p in parts):
             raise TypeError(
                 f"{type(unwrap(detector)).__name__} has no Faster R-CNN box head (roi_heads with "
-                "box_roi_pool and box_predictor); class-score distillation needs one"
+                "box_roi_pool and box_predictor); response distillation needs one"
             )
         self.proposals: list[Tensor] | None = None
         self.image_shapes: list[tuple[int, int]] | None = None
         self.class_logits: Tensor | None = None
+        self.box_deltas: Tensor | None = None
         self._handles: list[RemovableHandle] = [
             heads.box_roi_pool.register_forward_hook(self._on_pool),
             heads.box_predictor.register_forward_hook(self._on_predictor),
@@ -132,14 +134,47 @@ class BoxHeadRecorder(_Recorder):
 
     def _on_predictor(self, module: nn.Module, args: Any, output: Any) -> None:
         if module.training:
-            self.class_logits = output[0]
+            self.class_logits, self.box_deltas = output
 
-    def recorded(self) -> tuple[list[Tensor], list[tuple[int, int]], Tensor]:
-        """(RoIs per image, image sizes, class logits) of the last training forward."""
-        if self.proposals is None or self.image_shapes is None or self.class_logits is None:
+    def recorded(self) -> tuple[list[Tensor], list[tuple[int, int]], Tensor, Tensor]:
+        """(RoIs per image, image sizes, class logits, box deltas) of the last training
+        forward."""
+        if (
+            self.proposals is None
+            or self.image_shapes is None
+            or self.class_logits is None
+            or self.box_deltas is None
+        ):
             raise RuntimeError("no box head forward recorded yet")
-        return self.proposals, self.image_shapes, self.class_logits
+        return self.proposals, self.image_shapes, self.class_logits, self.box_deltas
 
     def reset(self) -> None:
         """Forget the last forward, so a stale one is never read for the next batch."""
-        self.proposals = self.image_shapes = self.class_logits = None
+        self.proposals = self.image_shapes = self.class_logits = self.box_deltas = None
+
+
+class ObjectnessRecorder(_Recorder):
+    """Records the objectness logits a Faster R-CNN's RPN head gave every anchor in its last
+    training forward (one (B, A, H, W) map per level)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        rpn = getattr(unwrap(detector), "rpn", None)
+        if rpn is None or not isinstance(getattr(rpn, "head", None), nn.Module):
+            raise TypeError(
+                f"{type(unwrap(detector)).__name__} has no region proposal network (rpn.head); "
+                "objectness distillation needs one"
+            )
+        self.objectness: list[Tensor] | None = None
+        self._handles: list[RemovableHandle] = [rpn.head.register_forward_hook(self._on_head)]
+
+    def _on_head(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training:
+            self.objectness = list(output[0])
+
+    def recorded(self) -> list[Tensor]:
+        if self.objectness is None:
+            raise RuntimeError("no RPN forward recorded yet")
+        return self.objectness
+
+    def reset(self) -> None:
+        self.objectness = None

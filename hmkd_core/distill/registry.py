@@ -54,7 +54,9 @@ def build_distiller(
 
 
 def build_response(spec: DistillSpec) -> ResponseDistiller | None:
-    """The class-score term `spec.response` asks for beside the feature method, or None when
-    its weight is 0. Not scaled by `spec.weight`, so a row can keep one and drop the other."""
+    """The response terms `spec.response` asks for beside the feature method, or None when
+    every weight is 0. Not scaled by `spec.weight`, so a row can keep one and drop the other."""
     opts = spec.response
-    return ResponseDistiller(opts.weight, opts.temperature) if opts.weight > 0 else None
+    if not opts.active:
+        return None
+    return ResponseDistiller(opts.weight, opts.temperature, opts.box_weight, opts.objectness_weight)

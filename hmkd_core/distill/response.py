@@ -1,16 +1,30 @@
-"""Class-score (response) distillation on the RoIs the student's box head trained on.
+"""Response distillation: the teacher's detection heads, on what the student's heads saw.
 
 Feature distillers pull intermediate maps toward the teacher's, and a student whose features
-already serve its own heads can pay for that pull. Here the teacher's box head scores the very
-RoIs the student's box head was trained on in the same step, on the teacher's own features, and
-the student is asked to match those soft scores: the teacher's knowledge reaches the student
-through the output it is judged on, and no student-side adapter is needed.
+already serve its own heads can pay for that pull. Here the teacher's heads answer the very
+questions the student's heads were trained on in the same step, on the teacher's own features,
+and the student is asked to answer alike: the teacher's knowledge reaches the student through
+the outputs it is judged on, and no student-side adapter is needed. Three terms, each off at
+weight 0:
+
+- class scores of the RoIs the student's box head sampled (Hinton et al.'s soft targets);
+- box deltas of those RoIs that hold an object, for the object's class, where the teacher's
+  deltas are closer to the ground truth than the student's (a teacher that regresses worse
+  than the student has nothing to teach there; Chen et al., NeurIPS 2017, bound the same way);
+- RPN objectness of every anchor, as a Bernoulli divergence.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+# torchvision's Faster R-CNN box-regression smooth-L1 transition (fastrcnn_loss)
+BOX_BETA = 1.0 / 9.0
 
 
 def class_score_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -34,16 +48,134 @@ def class_score_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: 
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * (t * t)
 
 
-class ResponseDistiller(nn.Module):
-    """`loss_response`: `weight` times `class_score_kd`. No parameters of its own."""
+def match_rois(
+    proposals: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    matcher: nn.Module | object,
+    box_coder: object,
+) -> tuple[Tensor, Tensor]:
+    """Each RoI's class (0: background) and its ground-truth box deltas, as `roi_heads` assigns
+    them for its own loss: the same matcher (IoU thresholds) and the same box coder.
 
-    def __init__(self, weight: float, temperature: float = 1.0) -> None:
+    Recomputed from the RoIs rather than captured, because torchvision's heads keep them local.
+    """
+    labels: list[Tensor] = []
+    deltas: list[Tensor] = []
+    for rois, target in zip(proposals, targets, strict=True):
+        gt = target["boxes"].to(rois.dtype)
+        if gt.numel() == 0:
+            labels.append(torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
+            deltas.append(torch.zeros(len(rois), 4, dtype=rois.dtype, device=rois.device))
+            continue
+        idx = matcher(box_iou(gt, rois))  # type: ignore[operator]
+        fg = idx >= 0
+        safe = idx.clamp(min=0)
+        labels.append(target["labels"].to(torch.int64)[safe] * fg)
+        deltas.append(box_coder.encode_single(gt[safe], rois))  # type: ignore[attr-defined]
+    return torch.cat(labels), torch.cat(deltas)
+
+
+def box_delta_kd(
+    student_deltas: Tensor, teacher_deltas: Tensor, labels: Tensor, targets: Tensor
+) -> Tensor:
+    """Smooth-L1 from the student's deltas to the teacher's, for each foreground RoI's class,
+    on the RoIs whose teacher deltas are nearer the ground truth (L1) than the student's.
+
+    Summed and divided by the number of RoIs, foreground or not, as the detector's own box
+    loss is: a weight of 1 makes a RoI's pull as strong as its ground-truth regression.
+    """
+    if student_deltas.shape != teacher_deltas.shape:
+        raise ValueError(
+            f"student box deltas {tuple(student_deltas.shape)} and teacher's "
+            f"{tuple(teacher_deltas.shape)} differ: both box heads must regress the same RoIs "
+            "for the same classes"
+        )
+    n = labels.numel()
+    fg = torch.nonzero(labels > 0).squeeze(1)
+    if n == 0 or fg.numel() == 0:
+        return student_deltas.sum() * 0.0
+    s = student_deltas.reshape(n, -1, 4)[fg, labels[fg]].float()
+    t = teacher_deltas.detach().reshape(n, -1, 4)[fg, labels[fg]].float()
+    y = targets[fg].float()
+    better = (t - y).abs().sum(1) < (s.detach() - y).abs().sum(1)
+    return F.smooth_l1_loss(s[better], t[better], beta=BOX_BETA, reduction="sum") / n
+
+
+def objectness_kd(student: list[Tensor], teacher: list[Tensor], normaliser: float) -> Tensor:
+    """KL(teacher || student) of each anchor's object probability, summed over every anchor of
+    every level and divided by `normaliser` (the RPN's sampled anchors per batch, so a weight
+    of 1 pulls an anchor as hard as the RPN's own loss pulls a sampled one)."""
+    if len(student) != len(teacher) or any(
+        s.shape != t.shape for s, t in zip(student, teacher, strict=False)
+    ):
+        raise ValueError(
+            f"student objectness maps {[tuple(s.shape) for s in student]} and teacher's "
+            f"{[tuple(t.shape) for t in teacher]} differ: both RPNs must score the same anchors"
+        )
+    total = student[0].sum() * 0.0
+    for s, t in zip(student, teacher, strict=True):
+        s, t = s.float(), t.detach().float()
+        p = torch.sigmoid(t)
+        bce = F.binary_cross_entropy_with_logits
+        total = total + (bce(s, p, reduction="none") - bce(t, p, reduction="none")).sum()
+    return total / normaliser
+
+
+@dataclass
+class HeadOutputs:
+    """What one detector's heads gave for the student's sampled RoIs and anchors."""
+
+    class_logits: Tensor  # (R, C)
+    box_deltas: Tensor  # (R, 4C)
+    objectness: list[Tensor] | None = None  # per level (B, A, H, W); None when not asked for
+
+
+@dataclass
+class RoITargets:
+    """The student's sampled RoIs' classes (0: background) and ground-truth deltas, and the
+    number of anchors the student's RPN samples per batch."""
+
+    labels: Tensor
+    deltas: Tensor
+    rpn_samples: float
+
+
+class ResponseDistiller(nn.Module):
+    """`loss_response` (class scores), `loss_response_box` and `loss_response_objectness`,
+    each present only at a weight above 0. No parameters of its own."""
+
+    def __init__(
+        self,
+        weight: float = 0.0,
+        temperature: float = 1.0,
+        box_weight: float = 0.0,
+        objectness_weight: float = 0.0,
+    ) -> None:
         super().__init__()
-        if weight < 0 or temperature <= 0:
-            raise ValueError("response weight must be >= 0 and temperature > 0")
+        if min(weight, box_weight, objectness_weight) < 0 or temperature <= 0:
+            raise ValueError("response weights must be >= 0 and temperature > 0")
         self.weight = float(weight)
         self.temperature = float(temperature)
+        self.box_weight = float(box_weight)
+        self.objectness_weight = float(objectness_weight)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> dict[str, Tensor]:
-        loss = class_score_kd(student_logits, teacher_logits, self.temperature)
-        return {"loss_response": self.weight * loss}
+    @property
+    def needs_objectness(self) -> bool:
+        return self.objectness_weight > 0
+
+    def forward(
+        self, student: HeadOutputs, teacher: HeadOutputs, rois: RoITargets
+    ) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if self.weight > 0:
+            kd = class_score_kd(student.class_logits, teacher.class_logits, self.temperature)
+            losses["loss_response"] = self.weight * kd
+        if self.box_weight > 0:
+            kd = box_delta_kd(student.box_deltas, teacher.box_deltas, rois.labels, rois.deltas)
+            losses["loss_response_box"] = self.box_weight * kd
+        if self.objectness_weight > 0:
+            if student.objectness is None or teacher.objectness is None:
+                raise ValueError("objectness distillation needs both RPNs' objectness maps")
+            kd = objectness_kd(student.objectness, teacher.objectness, rois.rpn_samples)
+            losses["loss_response_objectness"] = self.objectness_weight * kd
+        return losses

@@ -11,8 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from hmkd_core.distill.base import Distiller, DistillInputs
-from hmkd_core.distill.hooks import BoxHeadRecorder, FeatureRecorder, name_levels
-from hmkd_core.distill.response import ResponseDistiller
+from hmkd_core.distill.hooks import (
+    BoxHeadRecorder,
+    FeatureRecorder,
+    ObjectnessRecorder,
+    name_levels,
+    unwrap,
+)
+from hmkd_core.distill.response import HeadOutputs, ResponseDistiller, RoITargets, match_rois
 from hmkd_core.spec import PYRAMIDS, ModelSpec
 
 
@@ -68,16 +74,71 @@ class FrozenTeacher:
         return name_levels(self.backbone(batch), tuple(batch.shape[-2:]))
 
     @torch.no_grad()
-    def box_scores(
+    def heads(
         self,
         features: dict[str, Tensor],
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
-    ) -> Tensor:
-        """The teacher box head's class scores for given RoIs, on the teacher's own features."""
+        objectness: bool = False,
+    ) -> HeadOutputs:
+        """The teacher box head's class scores and deltas for given RoIs, and (if asked) its
+        RPN's objectness of every anchor, on the teacher's own features."""
         heads = self.detector.roi_heads
         pooled = heads.box_roi_pool(features, proposals, image_shapes)
-        return heads.box_predictor(heads.box_head(pooled))[0]
+        logits, deltas = heads.box_predictor(heads.box_head(pooled))
+        scores = self.detector.rpn.head(list(features.values()))[0] if objectness else None
+        return HeadOutputs(logits, deltas, scores)
+
+
+class ResponseTerms:
+    """The response distiller with what it reads: hooks on the student's box head (and RPN
+    head, when objectness is distilled), the teacher's heads run on the same RoIs, and the RoIs'
+    classes as the student's `roi_heads` assigned them. One place for the trainer and the
+    probe. `close()` removes the hooks."""
+
+    def __init__(self, student: nn.Module, distiller: ResponseDistiller) -> None:
+        self.distiller = distiller
+        self._box = BoxHeadRecorder(student)  # refuses a detector without a box head
+        self._rpn = ObjectnessRecorder(student) if distiller.needs_objectness else None
+        det = unwrap(student)
+        self._heads = det.roi_heads
+        self._rpn_samples = int(det.rpn.fg_bg_sampler.batch_size_per_image)
+
+    def losses(
+        self,
+        teacher: FrozenTeacher,
+        teacher_features: dict[str, Tensor],
+        targets: list[dict[str, Tensor]],
+        detach_student: bool = False,
+    ) -> dict[str, Tensor]:
+        """The distiller's losses for the student's last training forward; `targets` are the
+        transformed ones that forward trained on. Forgets that forward."""
+        proposals, shapes, logits, deltas = self._box.recorded()
+        objectness = self._rpn.recorded() if self._rpn is not None else None
+        if detach_student:
+            logits, deltas = logits.detach(), deltas.detach()
+            objectness = [o.detach() for o in objectness] if objectness is not None else None
+        labels, gt_deltas = match_rois(
+            [p.detach() for p in proposals],
+            targets,
+            self._heads.proposal_matcher,
+            self._heads.box_coder,
+        )
+        rois = RoITargets(labels, gt_deltas, float(self._rpn_samples * len(proposals)))
+        theirs = teacher.heads(teacher_features, proposals, shapes, objectness is not None)
+        losses = self.distiller(HeadOutputs(logits, deltas, objectness), theirs, rois)
+        self.reset()
+        return losses
+
+    def reset(self) -> None:
+        self._box.reset()
+        if self._rpn is not None:
+            self._rpn.reset()
+
+    def close(self) -> None:
+        self._box.close()
+        if self._rpn is not None:
+            self._rpn.close()
 
 
 class TrainModule(nn.Module):
@@ -100,15 +161,15 @@ class TrainModule(nn.Module):
         self._distil_features = has_features
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or synced
         self._recorder = FeatureRecorder(student) if teacher is not None else None
-        self._box_head = BoxHeadRecorder(student) if response is not None else None
+        self._response = ResponseTerms(student, response) if response is not None else None
         # while set, the distillation losses reach the distiller only (`distill.align_iters`)
         self.detach_student = False
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         losses = {f"student.{k}": v for k, v in self.student(images, targets).items()}
         features = self._distil_features
-        class_scores = self._box_head is not None
-        if self._recorder is None or self.teacher is None or not (features or class_scores):
+        responses = self._response is not None
+        if self._recorder is None or self.teacher is None or not (features or responses):
             return losses
         rec = self._recorder
         batch = rec.images.tensors
@@ -126,14 +187,10 @@ class TrainModule(nn.Module):
             )
             for k, v in self.distiller(inputs).items():
                 losses[f"distill.{k}"] = v
-        if self._box_head is not None:
-            assert self.response is not None
-            proposals, shapes, logits = self._box_head.recorded()
-            if self.detach_student:
-                logits = logits.detach()
-            teacher_scores = self.teacher.box_scores(teacher, proposals, shapes)
-            for k, v in self.response(logits, teacher_scores).items():
+        if self._response is not None:
+            seen = [{k: v.detach() for k, v in t.items()} for t in rec.targets]
+            terms = self._response.losses(self.teacher, teacher, seen, self.detach_student)
+            for k, v in terms.items():
                 losses[f"distill.{k}"] = v
-            self._box_head.reset()
         rec.reset()
         return losses

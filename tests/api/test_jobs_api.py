@@ -181,6 +181,11 @@ def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
             "distill.response.weight",
             "Faster R-CNN teacher",
         ),
+        (  # the teacher's weights are COCO's: its heads know none of the dataset's classes
+            {"distill": {"response": {"objectness_weight": 1.0}}},
+            "distill.response.objectness_weight",
+            "'coco'",
+        ),
     ]
     for extra, field, words in cases:
         spec = job_spec(dataset, name="bad", kind="distill", teacher=teacher)

@@ -98,6 +98,15 @@ def test_probe_measures_the_class_score_term_beside_the_method_on_its_own_weight
     assert second["pull"]["mimic"] == pytest.approx(0.5 * first["pull"]["mimic"], rel=1e-3)
     raw = first["terms"]["response"]["raw"]
     assert raw > 0 and second["terms"]["response"]["raw"] == pytest.approx(raw, rel=1e-4)
+    # the box and objectness terms are measured the same way, each under its own name
+    spec.distill.response.box_weight = 1.0
+    spec.distill.response.objectness_weight = 2.0
+    third = probe(spec, batches=2)
+    assert third["pull"]["response_objectness"] > 0
+    assert third["pull"]["response_box"] >= 0  # 0 where the teacher regresses no RoI better
+    assert third["terms"]["response_objectness"]["raw"] == pytest.approx(
+        third["terms"]["response_objectness"]["weighted"] / 2.0
+    )
 
 
 @pytest.mark.slow

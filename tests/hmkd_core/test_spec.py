@@ -80,6 +80,22 @@ def test_class_score_distillation_needs_a_teacher_and_faster_rcnn_on_both_sides(
         parse_spec(d)
 
 
+@pytest.mark.parametrize("term", ["box_weight", "objectness_weight"])
+def test_each_response_term_alone_is_checked_and_named(term: str) -> None:
+    d = tiny_spec_dict(PATHS, distill={"response": {term: 0.5}})
+    with pytest.raises(SpecError, match=rf"distill\.response\.{term}: .*needs a teacher"):
+        parse_spec(d)
+    d["distill"]["method"] = "mimic"
+    d["teacher"] = {**d["student"], "weights": "imagenet"}
+    with pytest.raises(SpecError, match=rf"distill\.response\.{term}: .*'imagenet'"):
+        parse_spec(d)
+    d["teacher"]["weights"] = "t.pt"
+    assert parse_spec(d).distill.response.active == [term]
+    d["distill"]["response"][term] = -1.0
+    with pytest.raises(SpecError, match=rf"distill\.response\.{term}"):
+        parse_spec(d)
+
+
 def test_sdm_background_must_be_damped() -> None:
     d = tiny_spec_dict(PATHS, distill={"method": "hmkd", "hmkd": {"sdm": {"alpha": 1, "beta": 2}}})
     d["teacher"] = {"weights": "t.pt"}

@@ -85,21 +85,52 @@ def test_while_aligning_the_distillation_loss_trains_only_the_distiller(method: 
     assert grads[True] is None  # nothing of the distillation loss reached the student
 
 
-def _response_module(teacher_spec: ModelSpec) -> tuple[TrainModule, FrozenTeacher]:
+ALL_TERMS = ResponseDistiller(1.0, 2.0, box_weight=1.0, objectness_weight=1.0)
+TERMS = ("distill.loss_response", "distill.loss_response_box", "distill.loss_response_objectness")
+
+
+def _response_module(
+    teacher_spec: ModelSpec, distiller: ResponseDistiller | None = None
+) -> tuple[TrainModule, FrozenTeacher]:
     torch.manual_seed(0)
     student = build_detector(S, 3)
     teacher = FrozenTeacher(build_detector(teacher_spec, 3))
-    return TrainModule(student, None, teacher, ResponseDistiller(1.0, 2.0)), teacher
+    distiller = distiller or ResponseDistiller(1.0, 2.0)
+    return TrainModule(student, None, teacher, distiller), teacher
 
 
-def test_the_teacher_scores_the_rois_the_student_trained_on() -> None:
-    # a teacher that is the student's copy, on the same RoIs and its own (identical) features,
-    # gives the same class scores: the loss is 0 only if both heads scored the very same RoIs
-    module, teacher = _response_module(S)
+def test_the_teacher_answers_the_rois_and_anchors_the_student_trained_on() -> None:
+    # a teacher that is the student's copy, on the same RoIs and anchors and its own (identical)
+    # features, gives the same scores, deltas and objectness: every term is 0 only if both
+    # heads saw the very same RoIs and anchors
+    module, teacher = _response_module(S, ALL_TERMS)
     teacher.detector.load_state_dict(module.student.state_dict())
     losses = module(*_batch())
-    assert losses["distill.loss_response"].abs() < 1e-5
-    assert not [k for k in losses if k.startswith("distill.") and k != "distill.loss_response"]
+    assert sorted(k for k in losses if k.startswith("distill.")) == sorted(TERMS)
+    for name in TERMS:
+        assert losses[name].abs() < 1e-5, name
+
+
+def test_each_response_term_trains_its_own_head_of_the_student() -> None:
+    module, _ = _response_module(S.model_copy(update={"fpn_channels": 32}), ALL_TERMS)
+    module.train()
+    losses = module(*_batch())
+    student = module.student
+    reached = {  # the head each term's gradient must reach
+        "distill.loss_response": student.roi_heads.box_predictor.cls_score.weight,
+        "distill.loss_response_box": student.roi_heads.box_predictor.bbox_pred.weight,
+        "distill.loss_response_objectness": student.rpn.head.cls_logits.weight,
+    }
+    for name, weight in reached.items():
+        assert losses[name] > 0, name
+        (grad,) = torch.autograd.grad(losses[name], weight, retain_graph=True)
+        assert grad.abs().sum() > 0, name
+    # the class-score and box terms never reach the RPN; objectness never the box head
+    for name in TERMS[:2]:
+        (grad,) = torch.autograd.grad(
+            losses[name], student.rpn.head.cls_logits.weight, retain_graph=True, allow_unused=True
+        )
+        assert grad is None or grad.abs().sum() == 0, name
 
 
 def test_class_score_distillation_trains_the_student_and_leaves_the_teacher() -> None:

@@ -78,7 +78,12 @@ def test_stopped_and_resumed_equals_uninterrupted(
             "distill": {
                 "method": method,
                 "align_iters": 2,
-                "response": {"weight": 1.0 if response else 0.0, "temperature": 2.0},
+                "response": {
+                    "weight": 1.0 if response else 0.0,
+                    "temperature": 2.0,
+                    "box_weight": 1.0 if response else 0.0,
+                    "objectness_weight": 1.0 if response else 0.0,
+                },
             },
         }
     spec = tiny_spec(
