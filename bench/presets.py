@@ -66,23 +66,27 @@ def _class_scores(
     *,
     method: str = "mimic",
     method_weight: float = 0.0,
+    **terms: float,
 ) -> dict[str, Any]:
     """A row with the class-score term (`distill.response`) at `weight` and `temperature`
-    beside `method` at `method_weight` x its calibrated weight. The default carrier is mimic at
-    weight 0: it only brings the teacher the term needs (the cheapest method to compute)."""
+    beside `method` at `method_weight` x its calibrated weight; `terms` sets the other response
+    terms' weights. The default carrier is mimic at weight 0: it only brings the teacher the
+    terms need (the cheapest method to compute)."""
     return {
         "method": method,
         "weight": method_weight,
-        "response": {"weight": weight, "temperature": temperature},
+        "response": {"weight": weight, "temperature": temperature, **terms},
     }
 
+
+# FGD's official Faster R-CNN configuration distils P2..P5 (HMKD's levels are P2..P4).
+FGD_LEVELS = ["p2", "p3", "p4", "p5"]
 
 # Rows of the table: the method, then the options that make the row. Every row of a preset
 # gets that preset's calibrated `weight` for its method on top.
 ROWS: dict[str, dict[str, Any]] = {
     **{method: {"method": method} for method in METHODS},  # one row per method, as declared
-    # FGD's official Faster R-CNN configuration distils P2..P5 (HMKD's levels are P2..P4).
-    "fgd": {"method": "fgd", "levels": ["p2", "p3", "p4", "p5"]},
+    "fgd": {"method": "fgd", "levels": FGD_LEVELS},
     "hmkd: norm attention": {"method": "hmkd", "hmkd": {"sdm": {"normalize": True}}},
     "hmkd: deep query": {"method": "hmkd", "hmkd": {"hm": {"query_levels": "deep"}}},
     "hmkd: warm-up": {"method": "hmkd", "warmup_iters": 100},
@@ -130,6 +134,14 @@ ROWS: dict[str, dict[str, Any]] = {
     # softer target (T 4) that gives the teacher's ranking of the wrong classes more weight
     "class scores: double weight": _class_scores(weight=2.0),
     "class scores: T 4": _class_scores(temperature=4.0),
+    # The box head's other output and the RPN's: the teacher's box deltas on the foreground
+    # RoIs where they are nearer the ground truth than the student's, and its objectness at
+    # every anchor, each at the weight of the detector's own loss for the same output. Paired
+    # with `class scores`, each row measures what its added term brings.
+    "class scores, boxes": _class_scores(box_weight=1.0),
+    "class scores, boxes, objectness": _class_scores(box_weight=1.0, objectness_weight=1.0),
+    # the class scores beside the strongest feature baseline on HIT-UAV, at its own weight
+    "fgd, class scores": {**_class_scores(method="fgd", method_weight=1.0), "levels": FGD_LEVELS},
     # Negative controls: the teacher's architecture with random weights (one draw per seed,
     # `bench.controls`), which knows nothing of the data. Paired with the row of the trained
     # teacher, the difference is what the teacher's knowledge is worth to the method; paired

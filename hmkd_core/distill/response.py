@@ -51,13 +51,15 @@ def class_score_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: 
 def match_rois(
     proposals: list[Tensor],
     targets: list[dict[str, Tensor]],
-    matcher: nn.Module | object,
+    fg_iou: float,
     box_coder: object,
 ) -> tuple[Tensor, Tensor]:
     """Each RoI's class (0: background) and its ground-truth box deltas, as `roi_heads` assigns
-    them for its own loss: the same matcher (IoU thresholds) and the same box coder.
+    them for its own loss: the box it overlaps most, if at IoU `fg_iou` or more (the heads'
+    matcher threshold), encoded by the heads' box coder.
 
-    Recomputed from the RoIs rather than captured, because torchvision's heads keep them local.
+    Recomputed from the RoIs rather than captured, because torchvision's heads keep them local;
+    written without boolean indexing, so it never waits on the device.
     """
     labels: list[Tensor] = []
     deltas: list[Tensor] = []
@@ -67,11 +69,9 @@ def match_rois(
             labels.append(torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
             deltas.append(torch.zeros(len(rois), 4, dtype=rois.dtype, device=rois.device))
             continue
-        idx = matcher(box_iou(gt, rois))  # type: ignore[operator]
-        fg = idx >= 0
-        safe = idx.clamp(min=0)
-        labels.append(target["labels"].to(torch.int64)[safe] * fg)
-        deltas.append(box_coder.encode_single(gt[safe], rois))  # type: ignore[attr-defined]
+        best, idx = box_iou(gt, rois).max(dim=0)
+        labels.append(target["labels"].to(torch.int64)[idx] * (best >= fg_iou))
+        deltas.append(box_coder.encode_single(gt[idx], rois))  # type: ignore[attr-defined]
     return torch.cat(labels), torch.cat(deltas)
 
 
@@ -82,7 +82,8 @@ def box_delta_kd(
     on the RoIs whose teacher deltas are nearer the ground truth (L1) than the student's.
 
     Summed and divided by the number of RoIs, foreground or not, as the detector's own box
-    loss is: a weight of 1 makes a RoI's pull as strong as its ground-truth regression.
+    loss is: a weight of 1 makes a RoI's pull as strong as its ground-truth regression. Masked
+    rather than indexed, so it never waits on the device.
     """
     if student_deltas.shape != teacher_deltas.shape:
         raise ValueError(
@@ -91,14 +92,16 @@ def box_delta_kd(
             "for the same classes"
         )
     n = labels.numel()
-    fg = torch.nonzero(labels > 0).squeeze(1)
-    if n == 0 or fg.numel() == 0:
+    if n == 0:
         return student_deltas.sum() * 0.0
-    s = student_deltas.reshape(n, -1, 4)[fg, labels[fg]].float()
-    t = teacher_deltas.detach().reshape(n, -1, 4)[fg, labels[fg]].float()
-    y = targets[fg].float()
+    cls = labels.view(n, 1, 1).expand(n, 1, 4)
+    s = student_deltas.reshape(n, -1, 4).gather(1, cls).squeeze(1).float()
+    t = teacher_deltas.detach().reshape(n, -1, 4).gather(1, cls).squeeze(1).float()
+    y = targets.float()
     better = (t - y).abs().sum(1) < (s.detach() - y).abs().sum(1)
-    return F.smooth_l1_loss(s[better], t[better], beta=BOX_BETA, reduction="sum") / n
+    pulled = (labels > 0) & better
+    per_roi = F.smooth_l1_loss(s, t, beta=BOX_BETA, reduction="none").sum(1)
+    return (per_roi * pulled).sum() / n
 
 
 def objectness_kd(student: list[Tensor], teacher: list[Tensor], normaliser: float) -> Tensor:
@@ -132,11 +135,12 @@ class HeadOutputs:
 
 @dataclass
 class RoITargets:
-    """The student's sampled RoIs' classes (0: background) and ground-truth deltas, and the
-    number of anchors the student's RPN samples per batch."""
+    """The student's sampled RoIs' classes (0: background) and ground-truth deltas (None where
+    no term reads them: matching costs a box IoU per image), and the number of anchors the
+    student's RPN samples per batch."""
 
-    labels: Tensor
-    deltas: Tensor
+    labels: Tensor | None
+    deltas: Tensor | None
     rpn_samples: float
 
 
@@ -163,6 +167,10 @@ class ResponseDistiller(nn.Module):
     def needs_objectness(self) -> bool:
         return self.objectness_weight > 0
 
+    @property
+    def needs_roi_targets(self) -> bool:
+        return self.box_weight > 0
+
     def forward(
         self, student: HeadOutputs, teacher: HeadOutputs, rois: RoITargets
     ) -> dict[str, Tensor]:
@@ -171,6 +179,8 @@ class ResponseDistiller(nn.Module):
             kd = class_score_kd(student.class_logits, teacher.class_logits, self.temperature)
             losses["loss_response"] = self.weight * kd
         if self.box_weight > 0:
+            if rois.labels is None or rois.deltas is None:
+                raise ValueError("box-delta distillation needs the RoIs' classes and deltas")
             kd = box_delta_kd(student.box_deltas, teacher.box_deltas, rois.labels, rois.deltas)
             losses["loss_response_box"] = self.box_weight * kd
         if self.objectness_weight > 0:

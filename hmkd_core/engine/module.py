@@ -118,12 +118,14 @@ class ResponseTerms:
         if detach_student:
             logits, deltas = logits.detach(), deltas.detach()
             objectness = [o.detach() for o in objectness] if objectness is not None else None
-        labels, gt_deltas = match_rois(
-            [p.detach() for p in proposals],
-            targets,
-            self._heads.proposal_matcher,
-            self._heads.box_coder,
-        )
+        labels = gt_deltas = None
+        if self.distiller.needs_roi_targets:
+            labels, gt_deltas = match_rois(
+                [p.detach() for p in proposals],
+                targets,
+                float(self._heads.proposal_matcher.high_threshold),
+                self._heads.box_coder,
+            )
         rois = RoITargets(labels, gt_deltas, float(self._rpn_samples * len(proposals)))
         theirs = teacher.heads(teacher_features, proposals, shapes, objectness is not None)
         losses = self.distiller(HeadOutputs(logits, deltas, objectness), theirs, rois)

@@ -36,6 +36,15 @@ def test_class_scores_add_only_the_teachers_own_roi_pooling_reads() -> None:
     assert counts["class scores"]["host_reads"] == counts["mimic"]["host_reads"] + pooled_levels
 
 
+def test_box_and_objectness_terms_never_wait_on_the_device() -> None:
+    # the RoIs' classes and the teacher-nearer mask are masks, not indices: the two terms
+    # read nothing back beyond what the class-score term's pooling already reads
+    spec = overhead.preset_spec("smoke")
+    rows = ("class scores", "class scores, boxes, objectness")
+    counts = overhead.count_ops(spec, batch_size=2, rows=rows)
+    assert counts[rows[1]]["host_reads"] == counts[rows[0]]["host_reads"]
+
+
 def test_profile_writes_tables_for_the_student_and_every_row() -> None:
     spec = overhead.preset_spec("smoke")
     text = overhead.profile(spec, batch_size=1, rows=("mimic",), steps=1)

@@ -130,6 +130,8 @@ def test_each_term_is_present_only_at_a_weight_above_zero() -> None:
     torch.testing.assert_close(got["loss_response_objectness"], 2.0 * once)
     with pytest.raises(ValueError, match="objectness maps"):
         ResponseDistiller(0.0, objectness_weight=1.0)(_heads(s, d), _heads(t, d), rois)
+    with pytest.raises(ValueError, match="classes and deltas"):
+        ResponseDistiller(0.0, box_weight=1.0)(*both, RoITargets(None, None, 8.0))
 
 
 def test_rois_get_the_classes_and_deltas_the_detectors_own_heads_assign() -> None:
@@ -140,7 +142,8 @@ def test_rois_get_the_classes_and_deltas_the_detectors_own_heads_assign() -> Non
     gt = torch.tensor([[4.0, 4.0, 20.0, 24.0], [30.0, 30.0, 60.0, 50.0]])
     rois[0] = torch.cat([rois[0], gt])  # the heads add the ground truth to the RoIs they sample
     targets = [{"boxes": gt, "labels": torch.tensor([1, 2])}]
-    labels, deltas = match_rois(rois, targets, heads.proposal_matcher, heads.box_coder)
+    fg_iou = heads.proposal_matcher.high_threshold
+    labels, deltas = match_rois(rois, targets, fg_iou, heads.box_coder)
     idx, theirs = heads.assign_targets_to_proposals(rois, [gt], [targets[0]["labels"]])
     torch.testing.assert_close(labels, theirs[0].clamp(min=0))
     assert (labels > 0).sum() >= 2  # the ground-truth boxes themselves at least
@@ -148,5 +151,5 @@ def test_rois_get_the_classes_and_deltas_the_detectors_own_heads_assign() -> Non
     expected = heads.box_coder.encode_single(gt[idx[0].clamp(min=0)], rois[0])
     torch.testing.assert_close(deltas[fg], expected[fg])
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
-    labels, deltas = match_rois(rois, empty, heads.proposal_matcher, heads.box_coder)
+    labels, deltas = match_rois(rois, empty, fg_iou, heads.box_coder)
     assert labels.eq(0).all() and deltas.shape == (len(rois[0]), 4)
