@@ -90,6 +90,12 @@ def run_grid(
     return failed
 
 
+def prune_checkpoints(out: Path) -> None:
+    """Remove a recorded run's resumable checkpoints (about 200 MB a HIT-UAV row): the bench
+    runs a run again rather than resume it, and reads only its record and `student.pt`."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
 def read_run(out: Path) -> dict[str, Any]:
     """Final metrics, throughput, peak memory and curves of a finished run folder."""
     bench = json.loads((out / "bench.json").read_text())

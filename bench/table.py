@@ -57,7 +57,7 @@ from bench.records import (
     spec_hash,
     write_record,
 )
-from bench.runs import Run, read_run, run_grid
+from bench.runs import Run, prune_checkpoints, read_run, run_grid
 from hmkd_core.spec import ModelSpec
 
 
@@ -247,6 +247,7 @@ def run_rows(
             roots=roots,
             inputs=used,
         )
+        prune_checkpoints(run.out)  # a row is never resumed, and the stages are kept whole
 
     return run_grid(runs, jobs=preset.jobs, threads=preset.threads, on_done=record)
 

@@ -55,6 +55,12 @@ def test_smoke_table_records_every_run_and_writes_summary_and_page(
             # warm start: every row starts from the base student, paths kept portable
             assert rec["spec"]["student"]["weights"].startswith("<work>/stages/base-")
             assert rec["inputs"]["init"] == base["inputs"]["student.pt"]
+    # a recorded row keeps its weights but not its resumable checkpoints; the stages keep all
+    work = tmp_path / "work"
+    rows = sorted((work / "rows").glob("*/seed*"))
+    assert len(rows) == 4 and all((r / "student.pt").is_file() for r in rows)
+    assert not [r for r in rows if (r / "checkpoints").exists()]
+    assert all(any((s / "checkpoints").iterdir()) for s in (work / "stages").glob("*-*"))
     hmkd = read_record(record_path("smoke", "hmkd", 1, results))
     assert hmkd["spec"]["teacher"]["weights"].startswith("<work>/stages/teacher-")
     assert hmkd["inputs"]["teacher"] == teacher["inputs"]["student.pt"]
