@@ -140,6 +140,13 @@ ROWS: dict[str, dict[str, Any]] = {
     # with `class scores`, each row measures what its added term brings.
     "class scores, boxes": _class_scores(box_weight=1.0),
     "class scores, boxes, objectness": _class_scores(box_weight=1.0, objectness_weight=1.0),
+    # ... and all three beside HMKD at a sixteenth of its weight, as the class scores alone were
+    "hmkd: sixteenth weight, class scores, boxes": _class_scores(
+        method="hmkd", method_weight=0.0625, box_weight=1.0
+    ),
+    "hmkd: sixteenth weight, class scores, boxes, objectness": _class_scores(
+        method="hmkd", method_weight=0.0625, box_weight=1.0, objectness_weight=1.0
+    ),
     # the class scores beside the strongest feature baseline on HIT-UAV, at its own weight
     "fgd, class scores": {**_class_scores(method="fgd", method_weight=1.0), "levels": FGD_LEVELS},
     # Negative controls: the teacher's architecture with random weights (one draw per seed,
