@@ -139,8 +139,7 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             kd = sum(losses.values())
             scored: dict[str, Tensor] = {}
             if heads is not None:
-                seen = [{k: v.detach() for k, v in t.items()} for t in rec.targets]
-                answered = heads.losses(teacher, t_raw, seen)
+                answered = heads.losses(teacher, t_raw, rec.targets)
                 scored = {k.removeprefix("loss_"): v for k, v in answered.items()}
                 # they reach every map the box head pools (the RPN's too: its extra level is
                 # pooled from the last), not only the distilled levels

@@ -115,11 +115,11 @@ def objectness_kd(student: list[Tensor], teacher: list[Tensor], normaliser: floa
             f"student objectness maps {[tuple(s.shape) for s in student]} and teacher's "
             f"{[tuple(t.shape) for t in teacher]} differ: both RPNs must score the same anchors"
         )
+    bce = F.binary_cross_entropy_with_logits
     total = student[0].sum() * 0.0
     for s, t in zip(student, teacher, strict=True):
         s, t = s.float(), t.detach().float()
         p = torch.sigmoid(t)
-        bce = F.binary_cross_entropy_with_logits
         total = total + (bce(s, p, reduction="none") - bce(t, p, reduction="none")).sum()
     return total / normaliser
 

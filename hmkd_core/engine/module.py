@@ -113,6 +113,7 @@ class ResponseTerms:
     ) -> dict[str, Tensor]:
         """The distiller's losses for the student's last training forward; `targets` are the
         transformed ones that forward trained on. Forgets that forward."""
+        targets = [{k: v.detach() for k, v in t.items()} for t in targets]
         proposals, shapes, logits, deltas = self._box.recorded()
         objectness = self._rpn.recorded() if self._rpn is not None else None
         if detach_student:
@@ -159,7 +160,6 @@ class TrainModule(nn.Module):
             raise ValueError("a distiller needs a teacher")
         self.student = student
         self.distiller = distiller
-        self.response = response
         self._distil_features = has_features
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or synced
         self._recorder = FeatureRecorder(student) if teacher is not None else None
@@ -190,8 +190,7 @@ class TrainModule(nn.Module):
             for k, v in self.distiller(inputs).items():
                 losses[f"distill.{k}"] = v
         if self._response is not None:
-            seen = [{k: v.detach() for k, v in t.items()} for t in rec.targets]
-            terms = self._response.losses(self.teacher, teacher, seen, self.detach_student)
+            terms = self._response.losses(self.teacher, teacher, rec.targets, self.detach_student)
             for k, v in terms.items():
                 losses[f"distill.{k}"] = v
         rec.reset()
