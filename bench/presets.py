@@ -140,7 +140,7 @@ ROWS: dict[str, dict[str, Any]] = {
     # with `class scores`, each row measures what its added term brings.
     "class scores, boxes": _class_scores(box_weight=1.0),
     "class scores, boxes, objectness": _class_scores(box_weight=1.0, objectness_weight=1.0),
-    # ... and all three beside HMKD at a sixteenth of its weight, as the class scores alone were
+    # ... and the same terms beside HMKD at a sixteenth of its weight, as the class scores were
     "hmkd: sixteenth weight, class scores, boxes": _class_scores(
         method="hmkd", method_weight=0.0625, box_weight=1.0
     ),
