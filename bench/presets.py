@@ -82,6 +82,10 @@ def _class_scores(
 # FGD's official Faster R-CNN configuration distils P2..P5 (HMKD's levels are P2..P4).
 FGD_LEVELS = ["p2", "p3", "p4", "p5"]
 
+# HMKD's matching at a quarter of its default width (`hmkd.hm`): one 16-channel head, as wide
+# as each of the default's four, with the query from the teacher's deep levels only.
+LIGHT_HM = {"dim": 16, "heads": 1, "query_levels": "deep"}
+
 # Rows of the table: the method, then the options that make the row. Every row of a preset
 # gets that preset's calibrated `weight` for its method on top.
 ROWS: dict[str, dict[str, Any]] = {
@@ -153,6 +157,15 @@ ROWS: dict[str, dict[str, Any]] = {
     "fgd: sixteenth weight, class scores, boxes": {
         **_class_scores(method="fgd", method_weight=0.0625, box_weight=1.0),
         "levels": FGD_LEVELS,
+    },
+    # HM at a quarter of its width, so its step fits: on an Intel CPU full HMKD cost 1.17x
+    # the floor (1.07 on AMD), its window attention and 64-wide convs at P2 most of it. One
+    # head of the default per-head width (16 channels), and the query read from the teacher's
+    # deep levels (P5, P6) only, as the paper describes it. Alone, then beside the terms.
+    "hmkd: light": {"method": "hmkd", "hmkd": {"hm": LIGHT_HM}},
+    "hmkd: light, sixteenth weight, class scores, boxes": {
+        **_class_scores(method="hmkd", method_weight=0.0625, box_weight=1.0),
+        "hmkd": {"hm": LIGHT_HM},
     },
     # objectness at a quarter of the detector's own weight: at 1 its pull was twice the box
     # term's and fired the gradient clip on 38 % of batches (`bench.diagnose`, fourth HIT-UAV
