@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -37,6 +38,12 @@ def _processes_with(env_entry: bytes) -> list[int]:
     return found
 
 
+def _kill_all_with(env_entry: bytes) -> None:
+    for pid in _processes_with(env_entry):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("stop", "returncode"),
@@ -57,6 +64,7 @@ def test_serve_embedded_starts_api_and_worker_and_stops_both(
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    marker = f"HMKD_DATA_DIR={tmp_path}".encode()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -81,12 +89,15 @@ def test_serve_embedded_starts_api_and_worker_and_stops_both(
         assert (tmp_path / "datasets").is_dir()
     finally:
         serve.send_signal(stop)
-        out, _ = serve.communicate(timeout=60)
+        try:
+            out, _ = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            _kill_all_with(marker)  # a failed test leaves no service running behind it
+            raise
     assert serve.returncode == returncode, out.decode()
     assert b"stopping the worker" in out
     assert not (tmp_path / "api_url").exists()  # a stopped service is not advertised
     assert f"dashboard {url}/ (sign in with the token in {tmp_path / 'token'})" in out.decode()
-    marker = f"HMKD_DATA_DIR={tmp_path}".encode()
     assert _processes_with(marker) == []  # no worker (or pool child) left behind
 
 
