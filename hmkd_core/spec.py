@@ -130,8 +130,10 @@ class HMOptions(_Strict):
         ge=8,
         le=1024,
         description="Width of queries, keys and values. The window attention's cost is linear "
-        "in it; 64 keeps HMKD's step within 1.10x of the floor on the CPU benchmark "
-        "(docs/results.md); 128 doubles the distiller's time.",
+        "in it. At 64 HMKD's step was within 1.10x of the floor on the SmallDigits CPU "
+        "benchmark and 1.07x to 1.17x on HIT-UAV's; 16 with one head and query_levels deep "
+        "brought it to 1.05x there with no measurable change in AP_S "
+        "(docs/results-hituav-eighth.md); 128 doubles the distiller's time.",
     )
     heads: int = Field(4, ge=1, le=64)
     window: int = Field(3, ge=1, le=15)
