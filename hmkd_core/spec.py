@@ -131,8 +131,8 @@ class HMOptions(_Strict):
         le=1024,
         description="Width of queries, keys and values. The window attention's cost is linear "
         "in it. At 64 HMKD's step was within 1.10x of the floor on the SmallDigits CPU "
-        "benchmark and 1.07x to 1.17x on HIT-UAV's; 16 with one head and query_levels deep "
-        "brought it to 1.05x there with no measurable change in AP_S "
+        "benchmark and 1.07x to 1.15x on HIT-UAV's; 16 with one head and query_levels deep "
+        "brought it to 1.05x there with no measurable loss of AP_S "
         "(docs/results-hituav-eighth.md); 128 doubles the distiller's time.",
     )
     heads: int = Field(4, ge=1, le=64)
