@@ -158,8 +158,8 @@ ROWS: dict[str, dict[str, Any]] = {
         **_class_scores(method="fgd", method_weight=0.0625, box_weight=1.0),
         "levels": FGD_LEVELS,
     },
-    # HM at a quarter of its width, so its step fits: on an Intel CPU full HMKD cost 1.17x
-    # the floor (1.07 on AMD), its window attention and 64-wide convs at P2 most of it. One
+    # HM at a quarter of its width, so its step fits: on an Intel CPU full HMKD cost 1.12 to
+    # 1.17x the floor (1.07 on AMD), its window attention and 64-wide convs at P2 most of it. One
     # head of the default per-head width (16 channels), and the query read from the teacher's
     # deep levels (P5, P6) only, as the paper describes it. Alone, then beside the terms.
     "hmkd: light": {"method": "hmkd", "hmkd": {"hm": LIGHT_HM}},
