@@ -590,7 +590,9 @@ HITUAV_CPU_EXTENDED_BASE = replace(
 # nothing measurable to HMKD; here the teacher's whole knowledge is taken away, and `hmkd`
 # minus its control is what that knowledge is worth to it. The same pair for mimic checks that
 # the control finds knowledge where a stronger teacher helped; HMKD at a quarter of its weight
-# asks whether its loss shrinks with its pull.
+# asks whether its loss shrinks with its pull. The last three rows repeat, on these stages, the
+# response terms and HMKD beside them with the full and the light HM, which only the eighth
+# pair had run side by side.
 HITUAV_CPU_CONTROLS = replace(
     HITUAV_CPU,
     name="hituav-cpu-controls",
@@ -603,6 +605,9 @@ HITUAV_CPU_CONTROLS = replace(
         "hmkd: quarter weight",
         "mimic: quarter weight",
         "mimic: random teacher, quarter weight",
+        "class scores, boxes",
+        "hmkd: light, sixteenth weight, class scores, boxes",
+        "hmkd: sixteenth weight, class scores, boxes",
     ),
 )
 
