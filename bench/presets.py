@@ -555,12 +555,21 @@ HITUAV_CPU = Preset(
 # the harm grows with how hard the features are pulled: is that a transient the student
 # recovers from, or a lasting cost, once it has time to use what it is pulled toward? The
 # rows are evaluated every 200 iterations to show that (a run still keeps its last weights).
+# The response terms, the one pull that gained at 200 iterations on every pair, ask the same
+# question the other way round: does a gain grow once the student has time to use it? HMKD
+# with the light HM at a sixteenth beside them asks whether the features add to it there.
 HITUAV_CPU_LONG = replace(
     HITUAV_CPU,
     name="hituav-cpu-long",
     student_schedule={"iterations": 600, "batch_size": 2, "lr": 1e-4, "warmup_iters": 20},
     eval_every=200,
-    rows=("none", "hmkd", "hmkd: P2 only"),
+    rows=(
+        "none",
+        "hmkd",
+        "class scores, boxes",
+        "hmkd: light, sixteenth weight, class scores, boxes",
+        "hmkd: P2 only",
+    ),
 )
 
 # The same first stages as `hituav-cpu`, then a stage still gaining continues for one more
