@@ -555,9 +555,10 @@ HITUAV_CPU = Preset(
 # the harm grows with how hard the features are pulled: is that a transient the student
 # recovers from, or a lasting cost, once it has time to use what it is pulled toward? The
 # rows are evaluated every 200 iterations to show that (a run still keeps its last weights).
-# The response terms, the one pull that gained at 200 iterations on every pair, ask the same
-# question the other way round: does a gain grow once the student has time to use it? HMKD
-# with the light HM at a sixteenth beside them asks whether the features add to it there.
+# The response terms, the one pull whose mean gained at 200 iterations on each pair that ran
+# them, ask the same question the other way round: does a gain grow once the student has time
+# to use it? HMKD with the light HM at a sixteenth beside them asks whether the features add
+# to it there.
 HITUAV_CPU_LONG = replace(
     HITUAV_CPU,
     name="hituav-cpu-long",
