@@ -45,7 +45,7 @@ from hmkd_core.distill import build_distiller, build_response
 from hmkd_core.engine.distributed import pick_device
 from hmkd_core.engine.module import FrozenTeacher, TrainModule
 from hmkd_core.models import build_detector
-from hmkd_core.spec import DEFAULT_LEVELS, DistillSpec, TrainSpec, load_spec
+from hmkd_core.spec import DEFAULT_LEVELS, DistillSpec, TrainSpec, load_spec, teacher_input_scale
 
 # Every distilling row of the table, with the same options (a control's step is its method's).
 METHODS: dict[str, DistillSpec] = {
@@ -161,7 +161,8 @@ def _setup(spec: TrainSpec, batch_size: int, rows: tuple[str, ...] | None) -> tu
     targets = [{k: v.to(on.device) for k, v in t.items()} for t in targets]
     assert spec.teacher is not None, "the spec needs a teacher"
     teacher_spec = spec.teacher.model_copy(update={"weights": "none"})
-    teacher = FrozenTeacher(build_detector(teacher_spec, n)).to(on.device)
+    scale = teacher_input_scale(spec.student, spec.teacher)
+    teacher = FrozenTeacher(build_detector(teacher_spec, n), scale).to(on.device)
     runs = {"student": _module(spec, None, n, teacher, on.device)}
     runs.update({name: _module(spec, m, n, teacher, on.device) for name, m in methods.items()})
     return on, images, targets, teacher, runs
@@ -279,7 +280,7 @@ def measure(
                 times[name].append(dt)
         t0 = on.now()
         with on.autocast():
-            teacher.features(batch)
+            teacher.features(images, batch)
         if r >= 2:
             times["teacher_forward"].append(on.now() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}

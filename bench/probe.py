@@ -20,12 +20,12 @@ from torch import Tensor
 from hmkd_core.data import CocoDetectionDataset, collate_detection
 from hmkd_core.distill import build_distiller, build_response
 from hmkd_core.distill.base import DistillInputs
-from hmkd_core.distill.hooks import FeatureRecorder, name_levels
+from hmkd_core.distill.hooks import FeatureRecorder
 from hmkd_core.distill.masks import level_masks, spatial_attention
 from hmkd_core.engine.module import FrozenTeacher, ResponseTerms
 from hmkd_core.engine.optim import clip_groups
 from hmkd_core.models import build_detector
-from hmkd_core.spec import DEFAULT_LEVELS, FocalOptions, TrainSpec
+from hmkd_core.spec import DEFAULT_LEVELS, FocalOptions, TrainSpec, teacher_input_scale
 
 
 def focal_options(spec: TrainSpec) -> FocalOptions:
@@ -101,7 +101,9 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
     train = CocoDetectionDataset(spec.data.train.images, spec.data.train.annotations)
     n = train.num_classes
     student = build_detector(spec.student, n).train()
-    teacher = FrozenTeacher(build_detector(spec.teacher, n))
+    teacher = FrozenTeacher(
+        build_detector(spec.teacher, n), teacher_input_scale(spec.student, spec.teacher)
+    )
     levels = tuple(spec.distill.levels or DEFAULT_LEVELS[spec.student.arch])
     distiller = build_distiller(
         spec.distill,
@@ -132,8 +134,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
             det = sum(student(images, targets).values())
             feats = rec.levels()
             batch = rec.images.tensors
-            t_raw = teacher.backbone(batch)
-            t_feats = name_levels(t_raw, tuple(batch.shape[-2:]))
+            seen = teacher.view(images, batch)
+            t_raw, t_feats = seen.raw, seen.levels
             boxes = [t["boxes"] for t in rec.targets]
             losses = distiller(DistillInputs(feats, t_feats, boxes, tuple(batch.shape[-2:])))
             kd = sum(losses.values())

@@ -106,7 +106,7 @@ def collect(
 
 def _stages(preset: Preset, name: str, results: Path) -> list[dict[str, Any]]:
     """A stage's records in training order: `name`, then each extension that was run."""
-    labels = (name, *(f"{name}+{k}" for k in range(1, preset.extensions(name) + 1)))
+    labels = (name, *(f"{name}+{k}" for k in range(1, preset.chunks(name) + 1)))
     return [
         r for label in labels if (r := read_record(record_path(preset.name, label, None, results)))
     ]
@@ -547,11 +547,19 @@ def _protocol_line(preset: Preset, bases: list[dict[str, Any]], gain: float | No
 
 
 def _stage_chain(stages: list[dict[str, Any]]) -> str:
-    """Each stage's AP_S after its schedule, in order (an extension runs while one gains)."""
-    chain = [
-        f"AP_S {_fmt(_metric(r, 'AP_S'))} after {_schedule(r['spec']['schedule'])}" for r in stages
-    ]
-    return "; then, still gaining, ".join(chain) or "–"
+    """Each stage's AP_S after its schedule, in order: an extension runs while one gains, and
+    a teacher read at a larger input than the first stage's trains a last chunk there."""
+    chain = ""
+    for i, r in enumerate(stages):
+        model = r["spec"]["student"]
+        size = (model["min_size"], model["max_size"])
+        first = stages[0]["spec"]["student"]
+        if i and size != (first["min_size"], first["max_size"]):
+            chain += f"; then, at input {size[0]}–{size[1]} px, "
+        elif i:
+            chain += "; then, still gaining, "
+        chain += f"AP_S {_fmt(_metric(r, 'AP_S'))} after {_schedule(r['spec']['schedule'])}"
+    return chain or "–"
 
 
 def _section(title: str, lines: list[str], intro: str = "") -> str:

@@ -46,6 +46,7 @@ from bench.presets import (
     row_distill,
     student_spec,
     teacher_model,
+    teacher_resize_spec,
     teacher_spec,
 )
 from bench.records import (
@@ -91,7 +92,8 @@ def run_stages(
     """Train the teacher and (warm protocol) the base student, side by side, each to its
     plateau: one still gaining continues for another chunk, up to `max_extensions` times.
     Every stage is recorded (`teacher`, `teacher+1`, `base`, `base+1`, ...). A preset may cap
-    the teacher apart (`teacher_extensions`), to distil one base from teachers of two strengths.
+    the teacher apart (`teacher_extensions`), to distil one base from teachers of two strengths,
+    and may read its teacher at a larger input: then one more chunk trains it at that size.
 
     A table whose rows read no trained teacher (`none` and random-teacher controls) passes
     `train_teacher=False` and starts its rows without waiting for one.
@@ -106,6 +108,7 @@ def run_stages(
     if preset.protocol == "warm":
         specs["base"] = base_student_spec(preset, splits)
     latest: dict[str, tuple[Path, dict[str, Any]]] = {}  # stage -> (weights, record)
+    chunks: dict[str, int] = {}  # stage -> its last chunk so far
     k = 0  # the chunk: 0 is the stage's own schedule, k > 0 its k-th extension
     while specs:  # each stage stops at its plateau or at its own cap (the filter below)
         runs = {
@@ -120,6 +123,7 @@ def run_stages(
         for label, run in runs.items():
             record = _record_stage(preset, label, run, roots, results)
             latest[run.key] = (run.out / "student.pt", record)
+            chunks[run.key] = k
         specs = {  # what is still gaining continues from where it stopped
             name: extension_spec(preset, splits, name, latest[name][0])
             for name in specs
@@ -128,6 +132,19 @@ def run_stages(
             and gain >= report.PLATEAU_GAIN
         }
         k += 1
+    if "teacher" in latest and preset.teacher_input_size is not None:
+        # the teacher's last chunk, at the size the rows read it: it starts from what the
+        # teacher learnt at the student's size, so it only has to adapt to the larger input
+        k = chunks["teacher"] + 1
+        spec = teacher_resize_spec(preset, splits, latest["teacher"][0])
+        label = f"teacher+{k}"
+        run = Run("teacher", spec, work / "stages" / f"teacher{k}-{spec_hash(spec, roots)[:10]}")
+        if run_grid([run], jobs=1, threads=preset.threads):
+            raise SystemExit(f"{label} failed; see bench.log in {work / 'stages'}")
+        latest["teacher"] = (
+            run.out / "student.pt",
+            _record_stage(preset, label, run, roots, results),
+        )
     trained = latest["teacher"][0] if "teacher" in latest else None
     teacher_path = teacher.resolve() if teacher is not None else trained
     return teacher_path, latest["base"][0] if "base" in latest else None

@@ -72,7 +72,14 @@ class ModelSpec(_Strict):
         description="Anchor side per pyramid level, finest first; small objects need small "
         "anchors. Default: 16..256 (Faster R-CNN, P2..P6) or 16..256 (RetinaNet, P3..P7).",
     )
-    min_size: int = Field(800, ge=32, le=4096, description="Shorter side after resize.")
+    min_size: int = Field(
+        800,
+        ge=32,
+        le=4096,
+        description="Shorter side after resize. A teacher's: the student's, or the student's "
+        "times 2 to 4 with max_size alike (a teacher reading the images at a higher "
+        "resolution).",
+    )
     max_size: int = Field(1333, ge=32, le=8192, description="Cap on the longer side.")
     weights: str = Field(
         "none",
@@ -477,19 +484,20 @@ class TrainSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _pair_shares_one_batch(self) -> TrainSpec:
+    def _pair_aligns(self) -> TrainSpec:
         """What would otherwise fail only when the run starts (or distil garbage): the teacher
-        runs on the student's transformed batch, and both pyramids hold every distilled level.
-        Errors start with the field at fault, which the API reports as the error's field."""
+        reads the student's input size or a whole multiple of it, and both pyramids hold every
+        distilled level. Errors start with the field at fault, which the API reports as the
+        error's field."""
         if self.teacher is None:
             return self
-        for name in ("image_mean", "image_std", "min_size", "max_size"):
-            s, t = getattr(self.student, name), getattr(self.teacher, name)
-            if s != t:
-                raise ValueError(
-                    f"teacher.{name}: {t} differs from student.{name} ({s}); the teacher runs on "
-                    "the student's transformed batch, so set both the same"
-                )
+        scale = teacher_input_scale(self.student, self.teacher)
+        if scale > 1 and self.distill.response.objectness_weight > 0:
+            raise ValueError(
+                f"distill.response.objectness_weight: objectness is compared anchor by anchor, "
+                f"and a teacher at {scale}x the student's input size has other anchors; set "
+                "teacher.min_size and teacher.max_size to the student's, or this weight to 0"
+            )
         levels = list(self.distill.levels or DEFAULT_LEVELS[self.student.arch])
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             missing = [lv for lv in levels if lv not in PYRAMIDS[model.arch]]
@@ -506,6 +514,42 @@ class TrainSpec(_Strict):
                     f"{levels}; e.g. {list(DEFAULT_LEVELS[self.student.arch])}"
                 )
         return self
+
+
+MAX_TEACHER_SCALE = 4
+
+
+def teacher_input_scale(student: ModelSpec, teacher: ModelSpec) -> int:
+    """How many times the student's input size the teacher reads: 1, or an integer up to
+    `MAX_TEACHER_SCALE` that multiplies both `min_size` and `max_size`.
+
+    At 1 the teacher runs on the student's own transformed batch. Above it the teacher resizes
+    the same images itself, so a teacher trained at full resolution can teach a student that
+    reads them downscaled (small objects are what downscaling loses); its feature maps are
+    then exactly `scale` times the student's and pool onto the student's grid, and the
+    student's RoIs scale up onto the teacher's image. Any other ratio would leave the two
+    grids misaligned. Errors start with the field at fault.
+    """
+    for name in ("image_mean", "image_std"):
+        s, t = getattr(student, name), getattr(teacher, name)
+        if s != t:
+            raise ValueError(
+                f"teacher.{name}: {t} differs from student.{name} ({s}); both detectors must "
+                "normalise the images alike"
+            )
+    scale = teacher.min_size // student.min_size
+    ok = (
+        1 <= scale <= MAX_TEACHER_SCALE
+        and teacher.min_size == scale * student.min_size
+        and teacher.max_size == scale * student.max_size
+    )
+    if not ok:
+        raise ValueError(
+            f"teacher.min_size: the teacher's input ({teacher.min_size}, {teacher.max_size}) "
+            f"must be the student's ({student.min_size}, {student.max_size}) times 1 to "
+            f"{MAX_TEACHER_SCALE}, the same whole number for min_size and max_size"
+        )
+    return scale
 
 
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:

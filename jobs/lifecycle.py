@@ -153,8 +153,8 @@ def _job_by_prefix(session: Session, user: User, prefix: str, field: str) -> Job
 
 
 # What a teacher's weights fix: taken from its student.pt when a spec leaves them out, refused
-# when a spec gives them otherwise. Its input transforms follow the student instead (the
-# teacher runs on the student's batch).
+# when a spec gives them otherwise. Its input transforms, when left out, follow the student's
+# instead (a teacher reads the student's input size, or a whole multiple of it given here).
 _ARCHITECTURE = ("arch", "backbone", "fpn_channels", "anchor_sizes", "backbone_norm")
 _TRANSFORMS = ("min_size", "max_size", "image_mean", "image_std")
 

@@ -106,7 +106,7 @@ async def _json_body(request: Request) -> Any:
         raise RequestValidationError([problem]) from None
 
 
-# A check across fields (`TrainSpec._pair_shares_one_batch`) starts its message with the field
+# A check across fields (`TrainSpec._pair_aligns`) starts its message with the field
 # at fault: that becomes the error's location.
 _FIELD_FIRST = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_0-9]+)+): (.*)$", re.DOTALL)
 

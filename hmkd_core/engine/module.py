@@ -7,7 +7,10 @@ neither `train()`, `state_dict()` nor DDP's gradient sync can touch it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmkd_core.distill.base import Distiller, DistillInputs
@@ -19,26 +22,23 @@ from hmkd_core.distill.hooks import (
     unwrap,
 )
 from hmkd_core.distill.response import HeadOutputs, ResponseDistiller, RoITargets, match_rois
-from hmkd_core.spec import PYRAMIDS, ModelSpec
+from hmkd_core.spec import PYRAMIDS, ModelSpec, teacher_input_scale
 
 
 class IncompatiblePairError(ValueError):
-    """Teacher and student that cannot share one batch tensor or one set of levels."""
+    """Teacher and student whose inputs or levels cannot be aligned."""
 
 
-def check_pair(student: ModelSpec, teacher: ModelSpec, levels: tuple[str, ...]) -> None:
-    """Refuse at build time what would silently distil garbage at run time.
+def check_pair(student: ModelSpec, teacher: ModelSpec, levels: tuple[str, ...]) -> int:
+    """Refuse at build time what would silently distil garbage at run time; return how many
+    times the student's input size the teacher reads (`teacher_input_scale`).
 
-    The teacher runs on the student's transformed batch, so both must normalise and resize
-    identically; and both pyramids must contain every distilled level.
+    The same rules as the spec's own check, for a pair built without a `TrainSpec`.
     """
-    for name in ("image_mean", "image_std", "min_size", "max_size"):
-        s, t = getattr(student, name), getattr(teacher, name)
-        if s != t:
-            raise IncompatiblePairError(
-                f"student.{name} ({s}) differs from teacher.{name} ({t}): the teacher runs on "
-                "the student's transformed batch, so set both the same"
-            )
+    try:
+        scale = teacher_input_scale(student, teacher)
+    except ValueError as err:
+        raise IncompatiblePairError(str(err)) from None
     for role, spec in (("student", student), ("teacher", teacher)):
         have = PYRAMIDS[spec.arch]
         missing = [lv for lv in levels if lv not in have]
@@ -46,13 +46,37 @@ def check_pair(student: ModelSpec, teacher: ModelSpec, levels: tuple[str, ...]) 
             raise IncompatiblePairError(
                 f"{role} ({spec.arch}) has no level(s) {missing}; it has {list(have)}"
             )
+    return scale
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """What the teacher saw of one batch.
+
+    `raw`: its FPN outputs under the backbone's own keys at its own resolution, what its box
+    head pools from. `levels`: the same maps named by level (`p2`...) on the student's grid,
+    what feature distillers compare with the student's.
+    """
+
+    raw: dict[str, Tensor]
+    levels: dict[str, Tensor]
 
 
 class FrozenTeacher:
-    """A teacher detector pinned in eval mode; only its backbone runs, on a given batch."""
+    """A teacher detector pinned in eval mode; only its backbone (and, for the response terms,
+    its heads on given RoIs) runs.
 
-    def __init__(self, detector: nn.Module) -> None:
+    `scale` is how many times the student's input size it reads. At 1 it runs on the
+    student's transformed batch; above, on the same images resized by its own transform (what
+    it was trained on), padded to exactly `scale` times the student's batch so that every
+    level average-pools onto the student's grid.
+    """
+
+    def __init__(self, detector: nn.Module, scale: int = 1) -> None:
+        if scale < 1:
+            raise ValueError(f"scale must be a positive whole number, got {scale}")
         self.detector = detector.eval()
+        self.scale = scale
         for p in self.detector.parameters():
             p.requires_grad_(False)
 
@@ -70,8 +94,41 @@ class FrozenTeacher:
         self.detector.eval()
         return self.detector.backbone(batch)
 
-    def features(self, batch: Tensor) -> dict[str, Tensor]:
-        return name_levels(self.backbone(batch), tuple(batch.shape[-2:]))
+    @torch.no_grad()
+    def batch(self, images: list[Tensor], student_batch: Tensor) -> Tensor:
+        """The teacher's input for the student's batch: that batch itself at scale 1, else
+        `images` resized by the teacher's transform onto a grid `scale` times the student's.
+
+        Resizing by twice the factor can round one pixel past twice the student's image; that
+        row or column, at the image's far edge, is dropped so the grids stay aligned.
+        """
+        if self.scale == 1:
+            return student_batch.detach()
+        self.detector.eval()
+        own = self.detector.transform([im.detach() for im in images])[0].tensors
+        n, c, h, w = student_batch.shape
+        out = own.new_zeros((n, c, h * self.scale, w * self.scale))
+        hh, ww = min(out.shape[-2], own.shape[-2]), min(out.shape[-1], own.shape[-1])
+        out[..., :hh, :ww] = own[..., :hh, :ww]
+        return out
+
+    def view(self, images: list[Tensor], student_batch: Tensor) -> TeacherView:
+        """Run the backbone on `images` as the student saw them in `student_batch`."""
+        raw = self.backbone(self.batch(images, student_batch))
+        hw = (int(student_batch.shape[-2]), int(student_batch.shape[-1]))
+        if self.scale == 1:
+            return TeacherView(raw, name_levels(raw, hw))
+        # ceil(ceil(k*n/s)/k) == ceil(n/s): each level lands exactly on the student's
+        pooled = {
+            k: F.adaptive_avg_pool2d(
+                f, (-(-f.shape[-2] // self.scale), -(-f.shape[-1] // self.scale))
+            )
+            for k, f in raw.items()
+        }
+        return TeacherView(raw, name_levels(pooled, hw))
+
+    def features(self, images: list[Tensor], student_batch: Tensor) -> dict[str, Tensor]:
+        return self.view(images, student_batch).levels
 
     @torch.no_grad()
     def heads(
@@ -81,9 +138,16 @@ class FrozenTeacher:
         image_shapes: list[tuple[int, int]],
         objectness: bool = False,
     ) -> HeadOutputs:
-        """The teacher box head's class scores and deltas for given RoIs, and (if asked) its
-        RPN's objectness of every anchor, on the teacher's own features."""
+        """The teacher box head's class scores and deltas for given RoIs (in the student's
+        image coordinates), and (if asked) its RPN's objectness of every anchor, on the
+        teacher's own features (`TeacherView.raw`). Box deltas are relative to each RoI's
+        size, so they compare across scales as they are."""
+        if objectness and self.scale != 1:
+            raise ValueError("objectness is compared anchor by anchor: it needs scale 1")
         heads = self.detector.roi_heads
+        if self.scale != 1:
+            proposals = [p * self.scale for p in proposals]
+            image_shapes = [(h * self.scale, w * self.scale) for h, w in image_shapes]
         pooled = heads.box_roi_pool(features, proposals, image_shapes)
         logits, deltas = heads.box_predictor(heads.box_head(pooled))
         scores = self.detector.rpn.head(list(features.values()))[0] if objectness else None
@@ -175,7 +239,7 @@ class TrainModule(nn.Module):
             return losses
         rec = self._recorder
         batch = rec.images.tensors
-        teacher = self.teacher.backbone(batch.detach())
+        teacher = self.teacher.view(images, batch)
         if features:
             assert self.distiller is not None
             student = rec.levels()
@@ -183,14 +247,16 @@ class TrainModule(nn.Module):
                 student = {name: f.detach() for name, f in student.items()}
             inputs = DistillInputs(
                 student=student,
-                teacher=name_levels(teacher, tuple(batch.shape[-2:])),
+                teacher=teacher.levels,
                 boxes=[t["boxes"].detach() for t in rec.targets],
                 image_size=(int(batch.shape[-2]), int(batch.shape[-1])),
             )
             for k, v in self.distiller(inputs).items():
                 losses[f"distill.{k}"] = v
         if self._response is not None:
-            terms = self._response.losses(self.teacher, teacher, rec.targets, self.detach_student)
+            terms = self._response.losses(
+                self.teacher, teacher.raw, rec.targets, self.detach_student
+            )
             for k, v in terms.items():
                 losses[f"distill.{k}"] = v
         rec.reset()

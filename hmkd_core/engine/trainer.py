@@ -139,8 +139,8 @@ class Trainer:
             return TrainModule(student)
         assert spec.teacher is not None
         levels = tuple(spec.distill.levels or DEFAULT_LEVELS[spec.student.arch])
-        check_pair(spec.student, spec.teacher, levels)
-        teacher = FrozenTeacher(build_detector(spec.teacher, n)).to(self.ctx.device)
+        scale = check_pair(spec.student, spec.teacher, levels)
+        teacher = FrozenTeacher(build_detector(spec.teacher, n), scale).to(self.ctx.device)
         distiller = build_distiller(
             spec.distill,
             levels=levels,

@@ -165,7 +165,8 @@ def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
     reported. Each answers 422 naming the field, and nothing is queued."""
     teacher = tiny_model(backbone="resnet34", weights="coco")
     cases = [
-        ({"teacher": {**teacher, "min_size": 48}}, "teacher.min_size", "differs from student"),
+        ({"teacher": {**teacher, "min_size": 48}}, "teacher.min_size", "times 1 to 4"),
+        ({"teacher": {**teacher, "image_std": [1, 1, 1]}}, "teacher.image_std", "normalise"),
         (
             {"distill": {"method": "hmkd", "levels": ["p2", "p4"]}},
             "distill.levels",

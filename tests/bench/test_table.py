@@ -231,6 +231,39 @@ def test_a_base_still_gaining_continues_until_its_extensions_run_out(
     assert "; then, still gaining, AP_S" in out.read_text().split("**Teacher**")[1].split("\n")[0]
 
 
+def test_a_teacher_read_at_twice_the_input_trains_one_chunk_there_and_the_rows_read_it(
+    tmp_path: Path, in_repo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from bench import presets
+
+    chunk = {"iterations": 2, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0}
+    smoke = replace(presets.SMOKE, teacher_input_size=(128, 128), teacher_resize_schedule=chunk)
+    monkeypatch.setitem(presets.PRESETS, "smoke", smoke)
+    out = tmp_path / "page.md"
+    rows = ("none", "hmkd: light, sixteenth weight, class scores, boxes")
+    table.main(_argv(tmp_path, "--rows", *rows, "--seeds", "0", "--jobs", "1", "--out", str(out)))
+    results = tmp_path / "results"
+    first = read_record(record_path("smoke", "teacher", None, results))
+    resized = read_record(record_path("smoke", "teacher+1", None, results))
+    assert first is not None and resized is not None
+    assert first["spec"]["student"]["min_size"] == 64  # the first chunk at the student's size
+    assert resized["spec"]["student"]["min_size"] == resized["spec"]["student"]["max_size"] == 128
+    assert resized["spec"]["student"]["weights"].startswith("<work>/stages/teacher-")
+    row = read_record(record_path("smoke", rows[1], 0, results))
+    assert row is not None and row["inputs"]["teacher"] == resized["inputs"]["student.pt"]
+    assert row["spec"]["teacher"]["min_size"] == 128 and row["spec"]["student"]["min_size"] == 64
+    assert row["spec"]["teacher"]["weights"].startswith("<work>/stages/teacher1-")
+    summary = json.loads((results / "smoke" / "summary.json").read_text())
+    assert summary["teacher_ap_s"] == pytest.approx(100 * resized["metrics"]["AP_S"])
+    assert summary["rows"][rows[1]]["step_over_floor"] > 0  # measured with the larger teacher
+    teacher_line = out.read_text().split("**Teacher**")[1].split("\n")[0]
+    assert "; then, at input 128–128 px, AP_S" in teacher_line
+    with pytest.raises(ValueError, match="go together"):
+        replace(presets.SMOKE, teacher_input_size=(128, 128))
+
+
 def test_a_teacher_capped_apart_stays_while_the_base_continues_and_presets_share_runs(
     tmp_path: Path, in_repo: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hmkd_core.distill import ResponseDistiller, build_distiller
+from hmkd_core.distill.hooks import FeatureRecorder
 from hmkd_core.engine.module import FrozenTeacher, IncompatiblePairError, TrainModule, check_pair
 from hmkd_core.models import build_detector
 from hmkd_core.spec import DistillSpec, ModelSpec
@@ -172,3 +174,98 @@ def test_class_score_distillation_needs_a_teacher_and_a_box_head() -> None:
             FrozenTeacher(build_detector(retina, 3)),
             ResponseDistiller(1.0),
         )
+
+
+# A teacher reading the images at twice the student's input size (the student's 64..96)
+S2 = S.model_copy(update={"max_size": 96})
+T2 = T.model_copy(update={"min_size": 128, "max_size": 192})
+
+
+def test_a_teacher_at_a_whole_multiple_of_the_students_input_is_accepted() -> None:
+    assert check_pair(S, T, ("p2",)) == 1
+    assert check_pair(S2, T2, ("p2",)) == 2
+    for lo, hi in ((96, 96), (128, 128), (320, 480), (32, 48)):  # 1.5x; 2x, 1.33x; 5x; 0.5x
+        with pytest.raises(IncompatiblePairError, match=r"teacher\.min_size.*times 1 to 4"):
+            check_pair(S2, T2.model_copy(update={"min_size": lo, "max_size": hi}), ())
+
+
+def _odd_images() -> list[torch.Tensor]:
+    # sizes whose resize rounds differently at 1x and 2x, and a batch padded on both sides
+    return [torch.rand(3, 50, 71), torch.rand(3, 37, 81), torch.rand(3, 64, 45)]
+
+
+def test_a_teacher_at_twice_the_input_sees_its_own_resize_on_twice_the_students_grid() -> None:
+    torch.manual_seed(0)
+    student = build_detector(S2, 3).eval()
+    teacher = FrozenTeacher(build_detector(T2, 3), scale=2)
+    images = _odd_images()
+    mine, _ = student.transform(images)
+    own, _ = teacher.detector.transform(images)
+    for (h, w), (th, tw) in zip(mine.image_sizes, own.image_sizes, strict=True):
+        assert 0 <= th - 2 * h <= 1 and 0 <= tw - 2 * w <= 1  # each image lands where expected
+    batch = teacher.batch(images, mine.tensors)
+    assert batch.shape[-2:] == tuple(2 * n for n in mine.tensors.shape[-2:])
+    hh, ww = (
+        min(batch.shape[-2], own.tensors.shape[-2]),
+        min(batch.shape[-1], own.tensors.shape[-1]),
+    )
+    assert torch.equal(batch[..., :hh, :ww], own.tensors[..., :hh, :ww])
+    assert batch[..., hh:, :].abs().sum() == 0 and batch[..., :, ww:].abs().sum() == 0
+
+
+def test_a_teacher_at_twice_the_input_gives_every_level_on_the_students_grid() -> None:
+    torch.manual_seed(0)
+    student = build_detector(S2, 3).eval()
+    teacher = FrozenTeacher(build_detector(T2, 3), scale=2)
+    images = _odd_images()
+    with FeatureRecorder(student) as rec:
+        student(images)
+        theirs = teacher.view(images, rec.images.tensors)
+        mine = rec.levels()
+    assert list(theirs.levels) == list(mine) == ["p2", "p3", "p4", "p5", "p6"]
+    for name, f in mine.items():
+        assert theirs.levels[name].shape[-2:] == f.shape[-2:], name
+    raw = list(theirs.raw.values())
+    assert raw[0].shape[-2:] == tuple(2 * n for n in mine["p2"].shape[-2:])
+    assert torch.allclose(theirs.levels["p2"], F.avg_pool2d(raw[0], 2), atol=1e-6)
+
+
+def test_a_teacher_at_twice_the_input_answers_the_students_rois_where_they_lie_for_it() -> None:
+    # the RoIs and image sizes double onto the teacher's image: its answer is the one the same
+    # detector gives at scale 1 to the doubled RoIs on its own batch
+    torch.manual_seed(0)
+    detector = build_detector(T2, 3)
+    twice, once = FrozenTeacher(detector, scale=2), FrozenTeacher(detector, scale=1)
+    images = _odd_images()
+    mine, _ = build_detector(S2, 3).eval().transform(images)
+    seen = twice.view(images, mine.tensors)
+    rois = [torch.tensor([[2.0, 3.0, 20.0, 30.0], [10.0, 5.0, 40.0, 25.0]])] * len(images)
+    got = twice.heads(seen.raw, rois, mine.image_sizes)
+    ref = once.heads(seen.raw, [r * 2 for r in rois], [(2 * h, 2 * w) for h, w in mine.image_sizes])
+    assert torch.equal(got.class_logits, ref.class_logits)
+    assert torch.equal(got.box_deltas, ref.box_deltas)
+    with pytest.raises(ValueError, match="objectness"):
+        twice.heads(seen.raw, rois, mine.image_sizes, objectness=True)
+
+
+@pytest.mark.parametrize("method", ["mimic", "hmkd"])
+def test_a_student_distils_from_a_teacher_at_twice_its_input(method: str) -> None:
+    torch.manual_seed(0)
+    distiller = build_distiller(
+        DistillSpec(method=method),
+        levels=("p2", "p3", "p4"),
+        student_channels=16,
+        teacher_channels=32,
+    )
+    teacher = FrozenTeacher(build_detector(T2, 3), scale=2)
+    response = ResponseDistiller(1.0, 2.0, box_weight=1.0)
+    module = TrainModule(build_detector(S2, 3), distiller, teacher, response)
+    module.train()
+    _, targets = _batch()
+    losses = module([torch.rand(3, 50, 71), torch.rand(3, 64, 45)], targets)
+    distill = [k for k in losses if k.startswith("distill.")]
+    assert {"distill.loss_response", "distill.loss_response_box"} <= set(distill)
+    assert len(distill) > 2 and all(torch.isfinite(losses[k]) for k in distill)
+    sum(losses.values()).backward()
+    assert module.student.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.detector.parameters())

@@ -185,8 +185,30 @@ def test_mismatched_teacher_transform_is_refused_with_the_spec(
     teacher = tiny_model(
         backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher), min_size=96, max_size=96
     )
-    with pytest.raises(ValueError, match=r"teacher\.min_size: 96 differs from student"):
+    with pytest.raises(ValueError, match=r"teacher\.min_size: .*\(96, 96\) must be .*\(64, 64\)"):
         tiny_spec(tiny_digits, teacher=teacher, distill={"method": "mimic"})
+
+
+def test_a_student_trains_from_a_teacher_at_twice_its_input(
+    tiny_digits: dict, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    # the teacher trained at the student's 64 px reads the images at 128 here
+    teacher = tiny_model(
+        backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher), min_size=128, max_size=128
+    )
+    distill = {"method": "hmkd", "response": {"weight": 1.0, "box_weight": 1.0}}
+    spec = tiny_spec(tiny_digits, teacher=teacher, distill=distill, schedule={"iterations": 2})
+    result = train(spec, tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for row in logged for k in row.get("losses", row)}
+    assert result.student_path.exists()
+    assert any("response_box" in k for k in keys) and any("hm" in k for k in keys), keys
+    with pytest.raises(ValueError, match=r"distill\.response\.objectness_weight: .* 2x"):
+        tiny_spec(
+            tiny_digits,
+            teacher=teacher,
+            distill={"method": "mimic", "response": {"objectness_weight": 1.0}},
+        )
 
 
 def test_evaluate_spec_scores_a_trained_file_without_training(
