@@ -155,13 +155,15 @@ def _setup(spec: TrainSpec, batch_size: int, rows: tuple[str, ...] | None) -> tu
     """The device, one batch on it, the teacher, and a (module, optimizer) per run: the
     student alone (`student`) and each of `rows` (default every distilling row)."""
     methods = {k: v for k, v in METHODS.items() if rows is None or k in rows}
+    assert spec.teacher is not None, "the spec needs a teacher"
+    scale = teacher_input_scale(spec.student, spec.teacher)
+    if scale > 1:  # objectness is compared anchor by anchor: no such row reads a larger teacher
+        methods = {k: v for k, v in methods.items() if v.response.objectness_weight == 0}
     on = _Device(spec)
     images, targets, n = _batch(spec, batch_size)
     images = [i.to(on.device) for i in images]
     targets = [{k: v.to(on.device) for k, v in t.items()} for t in targets]
-    assert spec.teacher is not None, "the spec needs a teacher"
     teacher_spec = spec.teacher.model_copy(update={"weights": "none"})
-    scale = teacher_input_scale(spec.student, spec.teacher)
     teacher = FrozenTeacher(build_detector(teacher_spec, n), scale).to(on.device)
     runs = {"student": _module(spec, None, n, teacher, on.device)}
     runs.update({name: _module(spec, m, n, teacher, on.device) for name, m in methods.items()})

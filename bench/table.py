@@ -273,7 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Run the comparison table for one preset.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--work", type=Path, default=Path("runs/bench"), help="where runs are kept")
-    p.add_argument("--teacher", type=Path, default=None, help="reuse this teacher student.pt")
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="reuse this teacher student.pt (trained at the size the rows read it: a preset "
+        "with teacher_input_size trains no chunk of its own then)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--rows", nargs="+", default=None, help=f"subset of: {', '.join(ROWS)}")
     p.add_argument("--stages-only", action="store_true", help="train teacher and base, then stop")

@@ -29,6 +29,7 @@ from bench.presets import (
     base_student_spec,
     row_distill,
     student_spec,
+    teacher_resize_spec,
     teacher_spec,
     with_data_root,
 )
@@ -81,14 +82,20 @@ def measure(preset: Preset, work: Path, *, iterations: int, rows: tuple[str, ...
         per_it["base"] = _timed_run(
             _short(base_student_spec(preset, splits), iterations), work / "base"
         )
+    if preset.teacher_resize_schedule is not None:  # its last chunk, at the larger input
+        resized = _short(teacher_resize_spec(preset, splits, teacher_pt), iterations)
+        per_it["teacher_resized"] = _timed_run(resized, work / "teacher_resized")
     for row in rows:
         distill = row_distill(preset, row)
         weights = None if distill["method"] == "none" else teacher_pt  # a control's: same cost
         spec = student_spec(preset, splits, weights, distill, seed=0)
         per_it[row] = _timed_run(_short(spec, iterations), work / "rows" / row.replace(" ", "_"))
     evaluation = _eval_seconds(teacher, teacher_pt, work / "evaluation")
+    evaluations: dict[str, float] = {}  # the stages evaluated at another input than the first
 
-    def stage_s(stage: str, schedule: dict[str, Any], evals: int) -> float:
+    def stage_s(
+        stage: str, schedule: dict[str, Any], evals: int, evaluation: float = evaluation
+    ) -> float:
         return per_it[stage] * schedule["iterations"] + evals * evaluation
 
     def evals(schedule: dict[str, Any], every: int) -> int:
@@ -101,6 +108,13 @@ def measure(preset: Preset, work: Path, *, iterations: int, rows: tuple[str, ...
         stages += stage_s(
             "base", preset.base_schedule, evals(preset.base_schedule, preset.stage_eval_every)
         )
+    if preset.teacher_resize_schedule is not None:  # evaluated at its own, larger input
+        resize = preset.teacher_resize_schedule
+        at_size = _eval_seconds(resized, teacher_pt, work / "evaluation_resized")
+        evaluations["teacher_resized"] = at_size
+        stages += stage_s(
+            "teacher_resized", resize, evals(resize, preset.stage_eval_every), at_size
+        )
     row_evals = evals(preset.student_schedule, preset.eval_every)
     runs = sum(stage_s(r, preset.student_schedule, row_evals) for r in rows) * len(preset.seeds)
     return {
@@ -109,6 +123,7 @@ def measure(preset: Preset, work: Path, *, iterations: int, rows: tuple[str, ...
         "device": torch.cuda.get_device_name() if preset.device == "cuda" else "cpu",
         "seconds_per_iteration": per_it,
         "evaluation_s": evaluation,
+        "stage_evaluation_s": evaluations,
         "projected_h": {
             "stages": stages / 3600,
             "rows": runs / preset.jobs / 3600,

@@ -77,7 +77,7 @@ class ModelSpec(_Strict):
         ge=32,
         le=4096,
         description="Shorter side after resize. A teacher's: the student's, or the student's "
-        "times 2 to 4 with max_size alike (a teacher reading the images at a higher "
+        "times 2 or 4 with max_size alike (a teacher reading the images at a higher "
         "resolution).",
     )
     max_size: int = Field(1333, ge=32, le=8192, description="Cap on the longer side.")
@@ -516,19 +516,21 @@ class TrainSpec(_Strict):
         return self
 
 
-MAX_TEACHER_SCALE = 4
+TEACHER_SCALES = (1, 2, 4)
 
 
 def teacher_input_scale(student: ModelSpec, teacher: ModelSpec) -> int:
-    """How many times the student's input size the teacher reads: 1, or an integer up to
-    `MAX_TEACHER_SCALE` that multiplies both `min_size` and `max_size`.
+    """How many times the student's input size the teacher reads: one of `TEACHER_SCALES`,
+    multiplying both `min_size` and `max_size`.
 
     At 1 the teacher runs on the student's own transformed batch. Above it the teacher resizes
     the same images itself, so a teacher trained at full resolution can teach a student that
     reads them downscaled (small objects are what downscaling loses); its feature maps are
-    then exactly `scale` times the student's and pool onto the student's grid, and the
-    student's RoIs scale up onto the teacher's image. Any other ratio would leave the two
-    grids misaligned. Errors start with the field at fault.
+    then `scale` times the student's and pool onto the student's grid, and the student's RoIs
+    scale up onto the teacher's image. Powers of two only: a level's cells then nest in the
+    student's, and resizing by twice or four times a factor rounds to at most `scale - 1`
+    pixels past the student's size times `scale`, never short of it. Errors start with the
+    field at fault.
     """
     for name in ("image_mean", "image_std"):
         s, t = getattr(student, name), getattr(teacher, name)
@@ -537,19 +539,20 @@ def teacher_input_scale(student: ModelSpec, teacher: ModelSpec) -> int:
                 f"teacher.{name}: {t} differs from student.{name} ({s}); both detectors must "
                 "normalise the images alike"
             )
-    scale = teacher.min_size // student.min_size
-    ok = (
-        1 <= scale <= MAX_TEACHER_SCALE
-        and teacher.min_size == scale * student.min_size
-        and teacher.max_size == scale * student.max_size
+    for scale in TEACHER_SCALES:
+        if teacher.min_size == scale * student.min_size:
+            if teacher.max_size == scale * student.max_size:
+                return scale
+            raise ValueError(
+                f"teacher.max_size: {teacher.max_size}, but teacher.min_size is {scale}x the "
+                f"student's, so max_size must be too: {scale * student.max_size}"
+            )
+    allowed = ", ".join(str(k * student.min_size) for k in TEACHER_SCALES)
+    raise ValueError(
+        f"teacher.min_size: {teacher.min_size}; the teacher reads the student's input size "
+        f"({student.min_size}) times {', '.join(map(str, TEACHER_SCALES))}: one of {allowed}, "
+        "with max_size alike"
     )
-    if not ok:
-        raise ValueError(
-            f"teacher.min_size: the teacher's input ({teacher.min_size}, {teacher.max_size}) "
-            f"must be the student's ({student.min_size}, {student.max_size}) times 1 to "
-            f"{MAX_TEACHER_SCALE}, the same whole number for min_size and max_size"
-        )
-    return scale
 
 
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:

@@ -198,6 +198,13 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
     for name in _TRANSFORMS:
         if name not in teacher and name in student:
             filled[name] = student[name]
+    if "min_size" in teacher and "max_size" not in teacher:
+        # a teacher given only its own min_size reads the images that many times larger: its
+        # max_size follows when that is a whole multiple, and is left to be refused otherwise
+        filled.pop("max_size", None)
+        lo, hi, given = student.get("min_size"), student.get("max_size"), teacher["min_size"]
+        if all(isinstance(v, int) and v > 0 for v in (lo, hi, given)) and given % lo == 0:
+            filled["max_size"] = hi * (given // lo)
     return {**body, "teacher": filled}
 
 

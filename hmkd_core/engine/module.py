@@ -69,7 +69,7 @@ class FrozenTeacher:
     `scale` is how many times the student's input size it reads. At 1 it runs on the
     student's transformed batch; above, on the same images resized by its own transform (what
     it was trained on), padded to exactly `scale` times the student's batch so that every
-    level average-pools onto the student's grid.
+    level pools onto the student's grid.
     """
 
     def __init__(self, detector: nn.Module, scale: int = 1) -> None:
@@ -99,8 +99,9 @@ class FrozenTeacher:
         """The teacher's input for the student's batch: that batch itself at scale 1, else
         `images` resized by the teacher's transform onto a grid `scale` times the student's.
 
-        Resizing by twice the factor can round one pixel past twice the student's image; that
-        row or column, at the image's far edge, is dropped so the grids stay aligned.
+        Resizing by `scale` times the factor can round up to `scale - 1` pixels past `scale`
+        times the student's image; those rows or columns, at the image's far edge, are dropped
+        so that the grids stay aligned.
         """
         if self.scale == 1:
             return student_batch.detach()
@@ -118,14 +119,26 @@ class FrozenTeacher:
         hw = (int(student_batch.shape[-2]), int(student_batch.shape[-1]))
         if self.scale == 1:
             return TeacherView(raw, name_levels(raw, hw))
-        # ceil(ceil(k*n/s)/k) == ceil(n/s): each level lands exactly on the student's
-        pooled = {
-            k: F.adaptive_avg_pool2d(
-                f, (-(-f.shape[-2] // self.scale), -(-f.shape[-1] // self.scale))
-            )
-            for k, f in raw.items()
-        }
-        return TeacherView(raw, name_levels(pooled, hw))
+        return TeacherView(raw, name_levels(self._on_student_grid(raw), hw))
+
+    def _on_student_grid(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each level pooled onto the student's grid.
+
+        A cell of stride s sits over input pixel s * i, so the student's cell j sits where the
+        teacher's cell k * j does: each pooled cell averages that one and its neighbours up to
+        halfway to the next (a centred (2k-1)-wide window, stride k; ceil(n/k) cells, the
+        student's count). Faster R-CNN's top level is no convolution but every other cell of
+        the level below (`LastLevelMaxPool`), so it is taken the same way from the pooled level
+        below, as the student's own is.
+        """
+        k = self.scale
+        out: dict[str, Tensor] = {}
+        for key, f in raw.items():
+            if key == "pool" and out:
+                out[key] = F.max_pool2d(next(reversed(out.values())), 1, 2)
+            else:
+                out[key] = F.avg_pool2d(f, 2 * k - 1, k, k - 1, count_include_pad=False)
+        return out
 
     def features(self, images: list[Tensor], student_batch: Tensor) -> dict[str, Tensor]:
         return self.view(images, student_batch).levels

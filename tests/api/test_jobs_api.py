@@ -124,6 +124,13 @@ def test_a_job_teacher_brings_its_architecture_from_its_student_file(
     assert (teacher["backbone"], teacher["fpn_channels"]) == ("resnet34", 32)
     assert teacher["min_size"] == spec["student"]["min_size"] == 64
     assert teacher["backbone_norm"] != "auto"  # what the weights were trained with
+    # a teacher told to read the images twice as large takes max_size twice as large too
+    spec["teacher"] = {"weights": f"job:{mine['id']}", "min_size": 128}
+    larger = submit(client, spec)["spec"]["teacher"]
+    assert (larger["min_size"], larger["max_size"]) == (128, 2 * spec["student"]["max_size"])
+    spec["teacher"] = {"weights": f"job:{mine['id']}", "min_size": 96}  # 1.5x: refused
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "teacher.min_size"
     spec["teacher"] = {"weights": f"job:{mine['id']}", "fpn_channels": 16}
     r = client.post("/v1/jobs", json=spec)
     assert r.status_code == 422
@@ -165,7 +172,7 @@ def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
     reported. Each answers 422 naming the field, and nothing is queued."""
     teacher = tiny_model(backbone="resnet34", weights="coco")
     cases = [
-        ({"teacher": {**teacher, "min_size": 48}}, "teacher.min_size", "times 1 to 4"),
+        ({"teacher": {**teacher, "min_size": 48}}, "teacher.min_size", "times 1, 2, 4"),
         ({"teacher": {**teacher, "image_std": [1, 1, 1]}}, "teacher.image_std", "normalise"),
         (
             {"distill": {"method": "hmkd", "levels": ["p2", "p4"]}},

@@ -257,7 +257,7 @@ def test_a_teacher_read_at_twice_the_input_trains_one_chunk_there_and_the_rows_r
     assert row["spec"]["teacher"]["weights"].startswith("<work>/stages/teacher1-")
     summary = json.loads((results / "smoke" / "summary.json").read_text())
     assert summary["teacher_ap_s"] == pytest.approx(100 * resized["metrics"]["AP_S"])
-    assert summary["rows"][rows[1]]["step_over_floor"] > 0  # measured with the larger teacher
+    assert summary["rows"][rows[1]]["step_over_floor"] > 0  # the step measure runs beside it
     teacher_line = out.read_text().split("**Teacher**")[1].split("\n")[0]
     assert "; then, at input 128–128 px, AP_S" in teacher_line
     with pytest.raises(ValueError, match="go together"):

@@ -56,6 +56,24 @@ def test_throughput_times_every_stage_and_projects_the_table(tmp_path: Path) -> 
     assert hours["table"] == pytest.approx(hours["stages"] + hours["rows"])
 
 
+@pytest.mark.slow
+def test_throughput_counts_the_chunk_that_trains_the_teacher_at_a_larger_input(
+    tmp_path: Path,
+) -> None:
+    chunk = {"iterations": 3, "batch_size": 2, "lr": 4e-4, "warmup_iters": 0}
+    preset = replace(PRESETS["smoke"], teacher_input_size=(128, 128), teacher_resize_schedule=chunk)
+    result = throughput.measure(preset, tmp_path, iterations=20, rows=("none",))
+    per_it = result["seconds_per_iteration"]
+    assert set(per_it) == {"teacher", "base", "teacher_resized", "none"}
+    done = json.loads((tmp_path / "teacher_resized" / "result.json").read_text())
+    assert done["status"] == "succeeded" and done["iteration"] == 20
+    at_size = result["stage_evaluation_s"]["teacher_resized"]
+    evaluation = result["evaluation_s"]
+    stages = 2 * per_it["teacher"] + 2 * per_it["base"] + 2 * evaluation
+    stages += 3 * per_it["teacher_resized"] + at_size
+    assert result["projected_h"]["stages"] * 3600 == pytest.approx(stages)
+
+
 def test_a_coco_preset_reads_its_data_from_another_root(tmp_path: Path) -> None:
     made = make_small_digits(tmp_path / "made", train=6, val=2, size=64, seed=0)
     root = tmp_path / "copy"

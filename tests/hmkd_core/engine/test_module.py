@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hmkd_core.distill import ResponseDistiller, build_distiller
 from hmkd_core.distill.hooks import FeatureRecorder
@@ -184,9 +185,13 @@ T2 = T.model_copy(update={"min_size": 128, "max_size": 192})
 def test_a_teacher_at_a_whole_multiple_of_the_students_input_is_accepted() -> None:
     assert check_pair(S, T, ("p2",)) == 1
     assert check_pair(S2, T2, ("p2",)) == 2
-    for lo, hi in ((96, 96), (128, 128), (320, 480), (32, 48)):  # 1.5x; 2x, 1.33x; 5x; 0.5x
-        with pytest.raises(IncompatiblePairError, match=r"teacher\.min_size.*times 1 to 4"):
+    assert check_pair(S2, T2.model_copy(update={"min_size": 256, "max_size": 384}), ()) == 4
+    for lo, hi in ((96, 144), (192, 288), (320, 480), (32, 48)):  # 1.5x, 3x, 5x, 0.5x
+        with pytest.raises(IncompatiblePairError, match=r"^teacher\.min_size: .*times 1, 2, 4"):
             check_pair(S2, T2.model_copy(update={"min_size": lo, "max_size": hi}), ())
+    # min_size twice the student's names max_size, the one at fault, and what it must be
+    with pytest.raises(IncompatiblePairError, match=r"^teacher\.max_size: 128, .* 192"):
+        check_pair(S2, T2.model_copy(update={"max_size": 128}), ())
 
 
 def _odd_images() -> list[torch.Tensor]:
@@ -227,15 +232,25 @@ def test_a_teacher_at_twice_the_input_gives_every_level_on_the_students_grid() -
         assert theirs.levels[name].shape[-2:] == f.shape[-2:], name
     raw = list(theirs.raw.values())
     assert raw[0].shape[-2:] == tuple(2 * n for n in mine["p2"].shape[-2:])
-    assert torch.allclose(theirs.levels["p2"], F.avg_pool2d(raw[0], 2), atol=1e-6)
+    # the student's cell j sits where the teacher's cell 2j does: the pooled cell is centred
+    # there, the mean of that cell and its eight neighbours (fewer at the border)
+    p2 = theirs.levels["p2"]
+    t = raw[0]
+    assert torch.allclose(p2[..., 3, 5], t[..., 5:8, 9:12].mean((-2, -1)), atol=1e-5)
+    assert torch.allclose(p2[..., 0, 0], t[..., :2, :2].mean((-2, -1)), atol=1e-5)
+    # the top level is every other cell of the one below, for the student and so for the teacher
+    assert torch.equal(mine["p6"], mine["p5"][..., ::2, ::2])
+    assert torch.equal(theirs.levels["p6"], theirs.levels["p5"][..., ::2, ::2])
 
 
 def test_a_teacher_at_twice_the_input_answers_the_students_rois_where_they_lie_for_it() -> None:
     # the RoIs and image sizes double onto the teacher's image: its answer is the one the same
-    # detector gives at scale 1 to the doubled RoIs on its own batch
+    # detector (a copy: the RoI pooler keeps the scales it first inferred) gives at scale 1 to
+    # the doubled RoIs on its own batch
     torch.manual_seed(0)
     detector = build_detector(T2, 3)
-    twice, once = FrozenTeacher(detector, scale=2), FrozenTeacher(detector, scale=1)
+    twice = FrozenTeacher(detector, scale=2)
+    once = FrozenTeacher(copy.deepcopy(detector), scale=1)
     images = _odd_images()
     mine, _ = build_detector(S2, 3).eval().transform(images)
     seen = twice.view(images, mine.tensors)
@@ -244,6 +259,9 @@ def test_a_teacher_at_twice_the_input_answers_the_students_rois_where_they_lie_f
     ref = once.heads(seen.raw, [r * 2 for r in rois], [(2 * h, 2 * w) for h, w in mine.image_sizes])
     assert torch.equal(got.class_logits, ref.class_logits)
     assert torch.equal(got.box_deltas, ref.box_deltas)
+    # small RoIs pool from the finest level at its stride on the teacher's image (1/4)
+    pooler = twice.detector.roi_heads.box_roi_pool
+    assert pooler.scales[0] == 0.25
     with pytest.raises(ValueError, match="objectness"):
         twice.heads(seen.raw, rois, mine.image_sizes, objectness=True)
 

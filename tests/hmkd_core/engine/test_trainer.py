@@ -190,9 +190,20 @@ def test_mismatched_teacher_transform_is_refused_with_the_spec(
 
 
 def test_a_student_trains_from_a_teacher_at_twice_its_input(
-    tiny_digits: dict, tiny_teacher: Path, tmp_path: Path
+    tiny_digits: dict, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the teacher trained at the student's 64 px reads the images at 128 here
+    from hmkd_core.engine.module import FrozenTeacher
+
+    seen: list[tuple[int, int]] = []  # (student batch side, teacher batch side) per step
+    real = FrozenTeacher.batch
+
+    def batch(self: FrozenTeacher, images: list, student_batch: torch.Tensor) -> torch.Tensor:
+        out = real(self, images, student_batch)
+        seen.append((student_batch.shape[-1], out.shape[-1]))
+        return out
+
+    monkeypatch.setattr(FrozenTeacher, "batch", batch)
     teacher = tiny_model(
         backbone="resnet34", fpn_channels=32, weights=str(tiny_teacher), min_size=128, max_size=128
     )
@@ -203,6 +214,7 @@ def test_a_student_trains_from_a_teacher_at_twice_its_input(
     keys = {k for row in logged for k in row.get("losses", row)}
     assert result.student_path.exists()
     assert any("response_box" in k for k in keys) and any("hm" in k for k in keys), keys
+    assert seen and all(t == 2 * s for s, t in seen), seen
     with pytest.raises(ValueError, match=r"distill\.response\.objectness_weight: .* 2x"):
         tiny_spec(
             tiny_digits,
