@@ -549,15 +549,16 @@ def _protocol_line(preset: Preset, bases: list[dict[str, Any]], gain: float | No
 def _stage_chain(stages: list[dict[str, Any]]) -> str:
     """Each stage's AP_S after its schedule, in order: an extension runs while one gains, and
     a teacher read at a larger input than the first stage's trains a last chunk there."""
+
+    def size(r: dict[str, Any]) -> tuple[int, int]:
+        return r["spec"]["student"]["min_size"], r["spec"]["student"]["max_size"]
+
     chain = ""
     for i, r in enumerate(stages):
-        model = r["spec"]["student"]
-        size = (model["min_size"], model["max_size"])
-        first = stages[0]["spec"]["student"]
-        if i and size != (first["min_size"], first["max_size"]):
-            chain += f"; then, at input {size[0]}–{size[1]} px, "
-        elif i:
-            chain += "; then, still gaining, "
+        if i:
+            lo, hi = size(r)
+            resized = (lo, hi) != size(stages[0])
+            chain += f"; then, at input {lo}–{hi} px, " if resized else "; then, still gaining, "
         chain += f"AP_S {_fmt(_metric(r, 'AP_S'))} after {_schedule(r['spec']['schedule'])}"
     return chain or "–"
 

@@ -82,16 +82,18 @@ def measure(preset: Preset, work: Path, *, iterations: int, rows: tuple[str, ...
         per_it["base"] = _timed_run(
             _short(base_student_spec(preset, splits), iterations), work / "base"
         )
+    evaluations: dict[str, float] = {}  # the stages evaluated at another input than the first
     if preset.teacher_resize_schedule is not None:  # its last chunk, at the larger input
         resized = _short(teacher_resize_spec(preset, splits, teacher_pt), iterations)
         per_it["teacher_resized"] = _timed_run(resized, work / "teacher_resized")
+        at_size = _eval_seconds(resized, teacher_pt, work / "evaluation_resized")
+        evaluations["teacher_resized"] = at_size
     for row in rows:
         distill = row_distill(preset, row)
         weights = None if distill["method"] == "none" else teacher_pt  # a control's: same cost
         spec = student_spec(preset, splits, weights, distill, seed=0)
         per_it[row] = _timed_run(_short(spec, iterations), work / "rows" / row.replace(" ", "_"))
     evaluation = _eval_seconds(teacher, teacher_pt, work / "evaluation")
-    evaluations: dict[str, float] = {}  # the stages evaluated at another input than the first
 
     def stage_s(
         stage: str, schedule: dict[str, Any], evals: int, evaluation: float = evaluation
@@ -110,11 +112,8 @@ def measure(preset: Preset, work: Path, *, iterations: int, rows: tuple[str, ...
         )
     if preset.teacher_resize_schedule is not None:  # evaluated at its own, larger input
         resize = preset.teacher_resize_schedule
-        at_size = _eval_seconds(resized, teacher_pt, work / "evaluation_resized")
-        evaluations["teacher_resized"] = at_size
-        stages += stage_s(
-            "teacher_resized", resize, evals(resize, preset.stage_eval_every), at_size
-        )
+        every = evals(resize, preset.stage_eval_every)
+        stages += stage_s("teacher_resized", resize, every, evaluations["teacher_resized"])
     row_evals = evals(preset.student_schedule, preset.eval_every)
     runs = sum(stage_s(r, preset.student_schedule, row_evals) for r in rows) * len(preset.seeds)
     return {

@@ -117,9 +117,8 @@ class FrozenTeacher:
         """Run the backbone on `images` as the student saw them in `student_batch`."""
         raw = self.backbone(self.batch(images, student_batch))
         hw = (int(student_batch.shape[-2]), int(student_batch.shape[-1]))
-        if self.scale == 1:
-            return TeacherView(raw, name_levels(raw, hw))
-        return TeacherView(raw, name_levels(self._on_student_grid(raw), hw))
+        on_grid = raw if self.scale == 1 else self._on_student_grid(raw)
+        return TeacherView(raw, name_levels(on_grid, hw))
 
     def _on_student_grid(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each level pooled onto the student's grid.
