@@ -79,15 +79,15 @@ def evaluate(
     from hmkd_core.engine.evaluate import evaluate_detector
     from hmkd_core.evaluation import write_eval_json
     from hmkd_core.models import WeightsError, load_student
+    from hmkd_core.models.export import check_trained_on
     from hmkd_core.spec import EvalSpec
 
     try:
-        detector, header = load_student(model)
+        detector, _header = load_student(model)
         dataset = CocoDetectionDataset(images, annotations)
+        check_trained_on(model, dataset.categories, same_classes=True)
     except (WeightsError, DatasetError) as err:
         _fail(str(err))
-    if dataset.label_to_category_id != header.label_to_category_id:
-        _fail(f"{annotations}: categories differ from those {model} was trained on")
     dev = torch.device(device)
     metrics = evaluate_detector(
         detector.to(dev),

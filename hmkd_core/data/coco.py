@@ -19,13 +19,14 @@ import io
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -57,18 +58,24 @@ class _ImageRecord:
 
 
 def read_annotation_file(path: Path | str) -> dict[str, Any]:
-    """Parse and validate a COCO annotation file, filling ``area``/``iscrowd`` where absent.
+    """Parse and validate a COCO annotation file, filling ``area``/``iscrowd``/``name`` where
+    absent.
 
     pycocotools trusts its input: a dangling ``image_id`` or a duplicate id surfaces later as a
     KeyError deep inside evaluation. This checks the structure first so the error names the file
     and the entry. Missing ``area`` becomes the box area and missing ``iscrowd`` becomes 0, the
-    COCO defaults `COCOeval` needs; present values are never changed.
+    COCO defaults `COCOeval` needs; a category without a ``name`` is named by its id, since
+    per-category AP is reported by name. Present values are never changed.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is read past
     except OSError as err:
         raise DatasetError(f"{path}: cannot read annotation file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"{path}: not UTF-8 (byte {err.start}: {err.reason}); save the file as UTF-8"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -78,25 +85,40 @@ def read_annotation_file(path: Path | str) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise DatasetError(f"{path}: JSON nested too deeply to be a COCO file") from None
+    except ValueError:  # json.loads' only other error: an integer Python will not convert
+        raise DatasetError(
+            f"{path}: cannot be parsed as JSON: it holds an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits, which no COCO field needs"
+        ) from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO annotation file is a JSON object at the top level")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(
                 f"{path}: missing or non-list key {key!r}; a COCO file needs 'images', "
-                "'annotations' and 'categories' lists (an empty list is fine)"
+                "'annotations' and 'categories' lists (an empty 'annotations' list is fine)"
             )
+    for key in ("images", "categories"):  # nothing to train on, or no class to learn or score
+        if not data[key]:
+            raise DatasetError(f"{path}: lists no {key}; a split needs at least one")
     images = _index_by_id(data["images"], "image", path)
     for image in images.values():
         _check_image_entry(image, path)
     categories = _index_by_id(data["categories"], "category", path)
+    named: dict[str, int] = {}
     for category in categories.values():
-        name = category.get("name", "")
+        name = category.setdefault("name", str(category["id"]))
         if not isinstance(name, str) or not _plain_text(name):
             raise DatasetError(
                 f"{path}: category id {category['id']}: 'name' must be text without control "
                 "or unencodable characters"
             )
+        if name in named:  # per-category AP is reported by name: one would hide the other
+            raise DatasetError(
+                f"{path}: category ids {named[name]} and {category['id']} are both named "
+                f"{name!r}; give each category its own name (or merge them into one id)"
+            )
+        named[name] = category["id"]
     annotation_ids: set[int] = set()
     for position, ann in enumerate(data["annotations"]):
         _check_annotation(ann, position, images, categories, path)
@@ -156,6 +178,19 @@ def _check_image_entry(image: dict[str, Any], path: Path) -> None:
             raise DatasetError(
                 f"{where}: needs a positive integer {key!r} (got {image.get(key)!r})"
             )
+    if image["width"] * image["height"] > max_image_pixels():
+        raise DatasetError(
+            f"{where}: 'width' x 'height' is more pixels than the {max_image_pixels():.0f} "
+            "an image may have (PIL refuses to decode more, as a decompression bomb); tile or "
+            "downscale the image"
+        )
+
+
+def max_image_pixels() -> float:
+    """The most pixels an image file may hold: PIL refuses to decode more than twice its
+    `Image.MAX_IMAGE_PIXELS` (a decompression-bomb guard; None turns it off)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return math.inf if limit is None else 2.0 * limit
 
 
 def _check_annotation(
@@ -187,6 +222,14 @@ def _check_annotation(
         raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
 
 
+def category_names(categories: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(id, name) of each category in id order: what a detector's labels 1..K stand for, so
+    what two splits, or a split and a trained model, must agree on (a `supercategory` or
+    other key does not matter)."""
+    ordered = sorted(categories, key=lambda c: c["id"])
+    return [(c["id"], str(c.get("name", c["id"]))) for c in ordered]
+
+
 def coco_from_dict(data: dict[str, Any]) -> COCO:
     """A pycocotools `COCO` index over already-parsed data (no second read, no chatter)."""
     coco = COCO()
@@ -200,9 +243,10 @@ def coco_from_dict(data: dict[str, Any]) -> COCO:
 
 
 def clip_xywh_boxes(
-    xywh: np.ndarray, *, width: int, height: int
+    xywh: np.ndarray, *, width: int | np.ndarray, height: int | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Convert COCO (N, 4) xywh boxes to XYXY clipped to the image.
+    """Convert COCO (N, 4) xywh boxes to XYXY clipped to the image (or, given (N,) widths and
+    heights, each to its own image).
 
     Returns ``(xyxy (N, 4) float32, keep (N,) bool, clipped (N,) bool)``: ``keep`` is false for
     boxes left with a side under ``MIN_BOX_SIDE`` (the rule `SanitizeBoundingBoxes` applies
@@ -211,7 +255,7 @@ def clip_xywh_boxes(
     """
     xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    limits = np.array([width, height, width, height], dtype=np.float64)
+    limits = np.array([width, height, width, height], dtype=np.float64).T
     clipped_xyxy = np.clip(xyxy, 0.0, limits)
     sides = clipped_xyxy[:, 2:] - clipped_xyxy[:, :2]
     keep = (sides >= MIN_BOX_SIDE).all(axis=1)
@@ -252,8 +296,15 @@ def build_records(
 def image_path(images_dir: Path, file_name: str, image_id: int) -> Path:
     """The image's path, refused when `file_name` leads out of the image folder: a dataset
     confined to allowed roots must not reach files elsewhere through its annotations."""
-    root = images_dir.resolve()
-    path = (root / file_name).resolve()
+    try:
+        root = images_dir.resolve()
+        path = (root / file_name).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop: a RuntimeError before Python 3.13
+        reason = getattr(err, "strerror", None) or "a symlink loop"
+        raise DatasetError(
+            f"image id {image_id}: file_name {file_name!r} cannot be opened in the images "
+            f"folder {images_dir}: {reason}"
+        ) from None
     if not path.is_relative_to(root):
         raise DatasetError(
             f"image {image_id}: file_name {file_name!r} points outside {images_dir}; "
@@ -263,7 +314,16 @@ def image_path(images_dir: Path, file_name: str, image_id: int) -> Path:
 
 
 def check_files_exist(records: dict[int, _ImageRecord], images_dir: Path, source: Path) -> None:
-    missing = [r for r in records.values() if not r.path.is_file()]
+    missing = []
+    for record in records.values():
+        try:
+            if not record.path.is_file():
+                missing.append(record)
+        except OSError as err:  # a name too long for the file system, a folder it may not read
+            raise DatasetError(
+                f"{source}: image id {record.image_id}: file {record.path} cannot be opened in "
+                f"the images folder: {err.strerror}"
+            ) from None
     if not missing:
         return
     first = missing[0]
@@ -298,10 +358,12 @@ def load_rgb_image(path: Path | str) -> torch.Tensor:
 
     Grayscale, palette and alpha images become RGB (alpha dropped). 16-bit grayscale (PIL
     modes ``I;16*`` and ``I``) is scaled by 1/65535 — converting it through 8-bit PIL modes
-    would clip everything above 255 to white.
+    would clip everything above 255 to white. An EXIF orientation (a camera held sideways or
+    upside down) is applied: annotation tools, viewers and the other detection libraries show
+    the image turned, so its boxes and its 'width'/'height' are those of the turned image.
     """
     with Image.open(path) as img:
-        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # decodes it, turned as shown
         if img.mode in _SIXTEEN_BIT_MODES:
             gray = np.asarray(img).astype(np.float32) / 65535.0
             rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
@@ -377,7 +439,7 @@ class CocoDetectionDataset(Dataset):
         record = self._records[self.image_ids[index]]
         try:
             pixels = load_rgb_image(record.path)
-        except OSError as err:  # PIL's UnidentifiedImageError included
+        except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError too
             raise DatasetError(
                 f"{self.annotation_file}: image id {record.image_id}: cannot decode "
                 f"{record.path}: {err}; replace or remove the file"
@@ -386,7 +448,8 @@ class CocoDetectionDataset(Dataset):
             raise DatasetError(
                 f"{self.annotation_file}: image id {record.image_id}: {record.path} is "
                 f"{pixels.shape[2]}x{pixels.shape[1]} but the annotation says "
-                f"{record.width}x{record.height}; fix 'width'/'height' or the file"
+                f"{record.width}x{record.height}; fix 'width'/'height' (those of the image as "
+                "shown, its EXIF orientation applied) or the file"
             )
         image = tv_tensors.Image(pixels)
         target = {

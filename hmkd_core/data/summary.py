@@ -15,12 +15,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hmkd_core.data.coco import (
     DatasetError,
     build_records,
     check_files_exist,
+    clip_xywh_boxes,
     read_annotation_file,
 )
+from hmkd_core.data.transforms import MIN_BOX_SIDE
 
 # COCO's area ranges (side of an equal-area square, in pixels), with the two finer ranges
 # under small that the evaluation reports too.
@@ -63,6 +67,7 @@ class SplitSummary:
     native_sizes: dict[str, int]  # boxes per size bin at native resolution
     input_sizes: dict[str, int] = field(default_factory=dict)  # at the model's input size
     images_without_boxes: int = 0
+    dropped: int = 0  # non-crowd boxes the loader drops: nothing of them is left in the image
 
     @property
     def empty_categories(self) -> list[CategoryCount]:
@@ -77,8 +82,26 @@ class SplitSummary:
                 "the detector learns (and its AP is undefined): remove it from the annotation "
                 "file if it is a placeholder"
             )
+        if self.dropped:
+            found.append(
+                f"data.{split}: {self.dropped} box(es) dropped: under {MIN_BOX_SIDE:g} px a side "
+                "once clipped to their image (a zero or negative width or height, or a box "
+                "outside the image); "
+                + (
+                    "the detector never sees them"
+                    if split == "train"
+                    else "evaluation still counts them as objects, which no detection matches"
+                )
+            )
         if self.images and self.boxes == 0:
-            found.append(f"data.{split}: no boxes at all; the detector learns only background")
+            found.append(
+                f"data.{split}: no boxes at all; "
+                + (
+                    "the detector learns only background"
+                    if split == "train"
+                    else "every AP is undefined (None) and no best checkpoint is kept"
+                )
+            )
         return found
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,8 +127,12 @@ def summarize_split(
     at_input: Counter[str] = Counter()
     boxed_images: set[int] = set()
     sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
-    for ann in data["annotations"]:
-        if ann["iscrowd"]:
+    plain = [ann for ann in data["annotations"] if not ann["iscrowd"]]
+    width, height = np.array([sizes[ann["image_id"]] for ann in plain]).reshape(-1, 2).T
+    xywh = np.array([ann["bbox"] for ann in plain], dtype=np.float64)
+    _, kept, _ = clip_xywh_boxes(xywh, width=width, height=height)
+    for ann, keep in zip(plain, kept.tolist(), strict=True):
+        if not keep:  # the loader drops it: the detector never sees it
             continue
         per_category[ann["category_id"]] += 1
         boxed_images.add(ann["image_id"])
@@ -125,6 +152,7 @@ def summarize_split(
         native_sizes={name: native[name] for name in order},
         input_sizes={name: at_input[name] for name in order} if input_size else {},
         images_without_boxes=len(records) - len(boxed_images),
+        dropped=len(plain) - int(kept.sum()),
     )
 
 

@@ -140,11 +140,13 @@ def evaluate_spec(
     """
     from hmkd_core.evaluation import write_eval_json
     from hmkd_core.models import build_detector
+    from hmkd_core.models.export import check_trained_on
 
     if spec.data.val is None:
         raise ValueError("data.val: evaluation needs a validation split")
     reporter = reporter or Reporter()
     dataset = CocoDetectionDataset(spec.data.val.images, spec.data.val.annotations)
+    check_trained_on(spec.student.weights, dataset.categories, same_classes=True)
     device = torch.device("cuda" if spec.runtime.device == "cuda" else "cpu")
     model = build_detector(spec.student, dataset.num_classes).to(device)
     metrics = evaluate_detector(

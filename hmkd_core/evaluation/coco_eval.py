@@ -86,6 +86,7 @@ def summarize_coco(
     cat_ids = _check_categories(coco_gt, cats)
     img_ids = _check_image_ids(coco_gt, image_ids)
     results = _check_detections(coco_gt, detections)
+    coco_gt = _matchable(coco_gt)
 
     with _quiet_pycocotools("loadRes"):
         coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
@@ -138,6 +139,27 @@ def _mean_valid(values: np.ndarray) -> float | None:
     """Mean of the entries pycocotools filled in; None when it had no ground truth to fill."""
     valid = values[values > -1]
     return float(valid.mean()) if valid.size else None
+
+
+def _matchable(coco_gt: COCO) -> COCO:
+    """`coco_gt`, or a copy whose annotation of id 0 has an unused id instead.
+
+    COCOeval records which ground truth a detection matched by the annotation's id, and reads
+    0 as "unmatched": a box of id 0 (ids counted from 0) could never be found, and a detection
+    of it counted as a false positive. The caller's index is left as it is."""
+    if 0 not in coco_gt.anns:
+        return coco_gt
+    unused = max(coco_gt.anns) + 1
+    renumbered = COCO()
+    renumbered.dataset = {
+        **coco_gt.dataset,
+        "annotations": [
+            {**a, "id": unused} if a["id"] == 0 else a for a in coco_gt.dataset["annotations"]
+        ],
+    }
+    with _quiet_pycocotools("createIndex"):
+        renumbered.createIndex()
+    return renumbered
 
 
 def _empty_results(coco_gt: COCO) -> COCO:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hmkd_core.data.coco import category_names
 from hmkd_core.models.builders import WeightsError, build_detector, resolve_norm
 from hmkd_core.spec import ModelSpec
 
@@ -62,6 +63,43 @@ def read_model_spec(path: str | Path) -> ModelSpec:
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise WeightsError(f"{path}: not an exported student (format {FORMAT!r} expected)")
     return ModelSpec.model_validate(blob["model"])
+
+
+def read_categories(path: str | Path) -> list[dict[str, Any]] | None:
+    """The categories a `student.pt` was trained on (its labels 1..K, in this order), read
+    without its tensors; None for a file that is not an exported student (a checkpoint)."""
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        return None
+    return list(blob.get("categories") or [])
+
+
+def check_trained_on(
+    path: str | Path, categories: list[dict[str, Any]], *, same_classes: bool
+) -> None:
+    """Refuse an exported student trained on other categories than a split's (COCO category
+    dicts): another number of them cannot load into the split's detector, and with
+    `same_classes` (evaluation, which maps labels to ids through the split's list) every label
+    must stand for the same id and name. Other files pass: their tensors are checked on load."""
+    if str(path) in ("none", "imagenet", "coco"):  # named weights, not a file
+        return
+    trained = read_categories(path)
+    if trained is None:
+        return
+    theirs, ours = category_names(trained), category_names(categories)
+    if len(theirs) != len(ours):
+        raise WeightsError(
+            f"{path}: trained on {len(theirs)} categories, but the data lists {len(ours)}; "
+            "its box predictor cannot load into this dataset's detector"
+        )
+    if same_classes and theirs != ours:
+        raise WeightsError(
+            f"{path}: trained on categories {theirs}, but the data lists {ours}; its labels "
+            "would be scored as other classes: evaluate it on a split of the same categories"
+        )
 
 
 def load_student(

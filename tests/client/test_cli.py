@@ -79,6 +79,37 @@ def test_train_distil_and_eval_end_to_end(
     )
 
 
+def test_eval_refuses_a_student_whose_categories_have_other_names(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    """Only the label -> id map was compared: the same ids named otherwise were scored."""
+    from hmkd_core.models import StudentHeader, build_detector, export_student
+    from hmkd_core.spec import ModelSpec
+
+    ours = json.loads(Path(tiny_digits["val_annotations"]).read_text())["categories"]
+    names = [c["name"] for c in reversed(ours)]
+    theirs = [{"id": c["id"], "name": name} for c, name in zip(ours, names, strict=True)]
+    model = ModelSpec(**tiny_model())
+    header = StudentHeader(
+        model, len(theirs) + 1, theirs, {k + 1: c["id"] for k, c in enumerate(theirs)}
+    )
+    path = export_student(build_detector(model, header.num_classes), header, tmp_path / "s.pt")
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(path),
+            "--images",
+            str(tiny_digits["val_images"]),
+            "--annotations",
+            str(tiny_digits["val_annotations"]),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "trained on categories" in res.output
+
+
 def test_bad_spec_is_one_clear_error(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
     f.write_text(

@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from hmkd_core.data import CocoDetectionDataset, DatasetError
+from hmkd_core.evaluation import summarize_coco
 
 
 def write_dataset(
@@ -176,6 +177,23 @@ def test_sixteen_bit_image_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert image[0, 1, 1].item() == pytest.approx(255 / 65535)
 
 
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_exif_orientation_is_applied_as_the_annotator_saw_the_image(
+    tmp_path: Path, orientation: int
+) -> None:
+    raw = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10  # stored 3 wide, 2 high
+    shown = np.rot90(raw, 2) if orientation == 3 else np.rot90(raw, -1)  # 6: turned clockwise
+    height, width = shown.shape[:2]
+    images_dir, ann_path = write_dataset(tmp_path, [], sizes={1: (width, height)})
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(raw).save(images_dir / "1.png", exif=exif)
+    image, _ = CocoDetectionDataset(images_dir, ann_path)[0]
+
+    assert image.shape == (3, height, width)
+    assert torch.equal(image, torch.from_numpy(shown.transpose(2, 0, 1).copy()).float() / 255)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -245,6 +263,105 @@ def test_undecodable_image_names_file_and_id(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetError, match=r"image id 1: cannot decode .*1\.png"):
         ds[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"images": [], "categories": [{"id": 1, "name": "caf\u00e9"}]}'.encode("latin-1"),
+         r"not UTF-8 \(byte 52: "),
+        ('{"images": []}'.encode("utf-16"), r"not UTF-8 \(byte 0: "),
+        (b'{"images": [{"id": 1' + b"0" * 5000 + b"}]}", "cannot be parsed as JSON"),
+    ],
+)  # fmt: skip
+def test_annotation_text_that_cannot_be_decoded_names_the_file(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "a.json"
+    path.write_bytes(content)
+
+    with pytest.raises(DatasetError, match=message) as info:
+        CocoDetectionDataset(tmp_path, path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    images_dir, ann_path = write_dataset(tmp_path, [ann(1, [1, 1, 4, 4])])
+    ann_path.write_bytes(b"\xef\xbb\xbf" + ann_path.read_bytes())
+
+    assert len(CocoDetectionDataset(images_dir, ann_path)) == 1
+
+
+@pytest.mark.parametrize("key", ["images", "categories"])
+def test_a_file_without_images_or_categories_is_refused(tmp_path: Path, key: str) -> None:
+    images_dir, ann_path = write_dataset(tmp_path, [])
+    data = json.loads(ann_path.read_text())
+    data[key] = []
+    ann_path.write_text(json.dumps(data))
+
+    with pytest.raises(DatasetError, match=f"lists no {key}"):
+        CocoDetectionDataset(images_dir, ann_path)
+
+
+def test_a_category_without_a_name_is_named_by_its_id(tmp_path: Path) -> None:
+    images_dir, ann_path = write_dataset(tmp_path, [ann(1, [1, 1, 4, 4], category_id=3)])
+    data = json.loads(ann_path.read_text())
+    data["categories"] = [{"id": 3}]
+    ann_path.write_text(json.dumps(data))
+    ds = CocoDetectionDataset(images_dir, ann_path)
+
+    assert ds.categories == [{"id": 3, "name": "3"}]
+    assert summarize_coco(ds.coco, [])["per_category"] == {"3": 0.0}
+
+
+def test_two_categories_of_one_name_are_refused(tmp_path: Path) -> None:
+    images_dir, ann_path = write_dataset(tmp_path, [], categories=[1, 2])
+    data = json.loads(ann_path.read_text())
+    data["categories"][1]["name"] = data["categories"][0]["name"]
+    ann_path.write_text(json.dumps(data))
+
+    with pytest.raises(DatasetError, match=r"category ids 1 and 2 are both named 'c1'"):
+        CocoDetectionDataset(images_dir, ann_path)
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(20_000, 20_000), (10**400, 1)], ids=["over-decoder-limit", "400-digits"]
+)
+def test_a_declared_size_the_decoder_refuses_is_refused_up_front(
+    tmp_path: Path, width: int, height: int
+) -> None:
+    images_dir, ann_path = write_dataset(tmp_path, [])
+    data = json.loads(ann_path.read_text())
+    data["images"][0].update(width=width, height=height)
+    ann_path.write_text(json.dumps(data))
+
+    with pytest.raises(DatasetError, match=r"image id 1: 'width' x 'height' is more pixels than"):
+        CocoDetectionDataset(images_dir, ann_path)
+
+
+def test_an_image_over_the_decoder_limit_names_file_and_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = CocoDetectionDataset(*write_dataset(tmp_path, [], sizes={1: (16, 12)}))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+
+    with pytest.raises(DatasetError, match=r"image id 1: cannot decode .*1\.png"):
+        ds[0]
+
+
+@pytest.mark.parametrize("kind", ["symlink-loop", "name-too-long"])
+def test_a_file_name_the_filesystem_cannot_resolve_is_refused(tmp_path: Path, kind: str) -> None:
+    images_dir, ann_path = write_dataset(tmp_path, [])
+    data = json.loads(ann_path.read_text())
+    if kind == "symlink-loop":
+        data["images"][0]["file_name"] = "loop.png"
+        (images_dir / "loop.png").symlink_to("loop.png")
+    else:
+        data["images"][0]["file_name"] = "a" * 300 + ".png"
+    ann_path.write_text(json.dumps(data))
+
+    with pytest.raises(DatasetError, match=r"image id 1: .* cannot be opened in the images"):
+        CocoDetectionDataset(images_dir, ann_path)
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -62,3 +62,28 @@ def test_input_ranges_scale_cocos_small_by_the_resize_factor() -> None:
     assert ranges["S_input"] == (0.0, 64.0**2)  # small at input: under 32 px, 64 native
     assert ranges["xsmall_input"] == (16.0**2, 32.0**2)
     assert input_area_ranges([(640, 512), (320, 256)], 256, 320) == {}  # two factors
+
+
+def test_boxes_the_loader_drops_are_not_counted_as_boxes_but_warned_about(tmp_path: Path) -> None:
+    kept, clipped = [0, 0, 20, 20], [630, 0, 20, 20]
+    zero_width, outside = [5, 5, 0, 10], [700, 0, 5, 5]  # the image is 640 wide
+    images, annotations = _split(tmp_path, [kept, clipped, zero_width, outside])
+    summary = summarize_split(images, annotations, input_size=(256, 320))
+    assert (summary.boxes, summary.dropped, summary.images_without_boxes) == (2, 2, 0)
+    assert [c.boxes for c in summary.categories] == [2, 0]
+    assert sum(summary.native_sizes.values()) == sum(summary.input_sizes.values()) == 2
+    dropped = [w for w in summary.warnings("train") if "dropped" in w]
+    assert dropped == [
+        "data.train: 2 box(es) dropped: under 1 px a side once clipped to their image (a zero "
+        "or negative width or height, or a box outside the image); the detector never sees them"
+    ]
+
+
+def test_a_split_whose_every_box_is_dropped_has_no_boxes(tmp_path: Path) -> None:
+    images, annotations = _split(tmp_path, [[0, 0, 0, 0], [0, 600, 10, 10]])
+    summary = summarize_split(images, annotations)
+    assert (summary.boxes, summary.dropped, summary.images_without_boxes) == (0, 2, 1)
+    train, val = summary.warnings("train"), summary.warnings("val")
+    assert "data.train: no boxes at all; the detector learns only background" in train
+    assert any(w.startswith("data.val: no boxes at all; every AP is undefined") for w in val)
+    assert any("data.val: 2 box(es) dropped" in w and "evaluation" in w for w in val)

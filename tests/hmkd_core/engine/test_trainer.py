@@ -236,6 +236,45 @@ def test_evaluate_spec_scores_a_trained_file_without_training(
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_splits_need_only_agree_on_category_ids_and_names(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    """The submit check compares ids and names; the trainer compared whole category entries,
+    so a `supercategory` on one split only passed the check and failed the job."""
+    coco = json.loads(Path(tiny_digits["train_annotations"]).read_text())
+    for c in coco["categories"]:
+        c["supercategory"] = "digit"
+    annotations = tmp_path / "train.json"
+    annotations.write_text(json.dumps(coco))
+    paths = {**tiny_digits, "train_annotations": annotations}
+    result = train(tiny_spec(paths, schedule={"iterations": 1}), tmp_path / "run")
+    assert result.status == "succeeded"
+
+
+def test_evaluate_spec_refuses_a_student_trained_on_other_categories(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    """Its labels are mapped to category ids through the split's own list: the same number of
+    categories named otherwise loaded fine and was scored against the wrong classes."""
+    from hmkd_core.engine.evaluate import evaluate_spec
+    from hmkd_core.models import StudentHeader, WeightsError, build_detector, export_student
+    from hmkd_core.spec import ModelSpec
+
+    ours = json.loads(Path(tiny_digits["val_annotations"]).read_text())["categories"]
+    names = [c["name"] for c in reversed(ours)]
+    theirs = [{"id": c["id"], "name": name} for c, name in zip(ours, names, strict=True)]
+    model = ModelSpec(**tiny_model())
+    header = StudentHeader(
+        model, len(theirs) + 1, theirs, {k + 1: c["id"] for k, c in enumerate(theirs)}
+    )
+    path = export_student(build_detector(model, header.num_classes), header, tmp_path / "s.pt")
+
+    spec = tiny_spec(tiny_digits, student=tiny_model(weights=str(path)))
+    with pytest.raises(WeightsError, match=r"s\.pt: trained on categories \[\(1, "):
+        evaluate_spec(spec, tmp_path / "eval")
+    assert not (tmp_path / "eval" / "eval.json").exists()
+
+
 class _LosesTheRunAt(StopAfter):
     """A reporter whose run directory stops being its own after `iteration` iterations."""
 

@@ -96,6 +96,26 @@ def test_iou_062_counts_at_50_not_at_75(coco_gt: COCO) -> None:
     assert metrics["AP"] == pytest.approx(0.3)
 
 
+def test_a_box_of_annotation_id_zero_is_found_like_any_other(tmp_path: Path) -> None:
+    """COCOeval records a match by the ground truth's annotation id and reads 0 as no match:
+    id 0 (a converter counting from 0) made a perfect detection of it a false positive."""
+    path = tmp_path / "from_zero.json"
+    images = [{"id": 1, "file_name": "1.png", "width": 100, "height": 100}]
+    boxes = [[10.0, 10.0, 10.0, 10.0], [50.0, 50.0, 20.0, 20.0]]
+    annotations = [
+        {"id": n, "image_id": 1, "category_id": 3, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+        for n, b in enumerate(boxes)
+    ]
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES})
+    )
+    gt = COCO(str(path))
+
+    metrics = summarize_coco(gt, [detection(1, 3, b) for b in boxes])
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AR@100"] == pytest.approx(1.0)
+    assert 0 in gt.anns and gt.anns[0]["bbox"] == boxes[0]  # the ground truth is left as given
+
+
 def test_extra_area_ranges(coco_gt: COCO) -> None:
     ranges = {"tiny": (0.0, 64.0), "xsmall": (64.0, 256.0), "huge": (5000.0, 1e6)}
     found = detection(2, 3, [5.0, 5.0, 6.0, 6.0])  # the tiny car; the 12x12 one is missed
