@@ -127,8 +127,10 @@ class RejectControlCharacters:
         if has_control_characters(scope.get("path", "")):
             await _problem_422("path", f"the URL path {msg}", ["path"])(scope, receive, send)
             return
+        # decoded as the routes read it (Starlette's QueryParams): %-escapes as UTF-8, so the
+        # bytes 0x80-0x9f inside a character such as `ā` or `数` are not taken for C1 controls
         query = scope.get("query_string", b"").decode("latin-1")
-        for name, value in parse_qsl(query, keep_blank_values=True, encoding="latin-1"):
+        for name, value in parse_qsl(query, keep_blank_values=True):
             if has_control_characters(name) or has_control_characters(value):
                 safe = name.encode("unicode_escape").decode("ascii")
                 response = _problem_422(safe, f"query parameter {msg}", ["query", safe])

@@ -34,6 +34,9 @@ from jobs.settings import Settings
 log = logging.getLogger(__name__)
 
 UNMATCHED_ROUTE = "<unmatched>"  # 404s for arbitrary paths share one series
+# and methods a client makes up (any token is a method to HTTP) share one too
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "<other>"
 
 
 def _utc(t: datetime) -> datetime:
@@ -200,8 +203,9 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            method = scope.get("method", "")
             self.histogram.labels(
-                method=scope.get("method", ""),
+                method=method if method in METHODS else OTHER_METHOD,
                 route=route_template(scope),
                 status=str(status),
             ).observe(time.perf_counter() - start)

@@ -27,6 +27,7 @@ from api.schemas import (
 from jobs.models import Evaluation, Job, JobState, MetricPoint, User, Worker, utcnow
 from jobs.retention import disk_by_team
 from jobs.scheduling import queued_order
+from jobs.schemas import has_control_characters
 
 
 class BadCursor(ValueError):
@@ -46,7 +47,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-        return _utc(datetime.fromisoformat(created)), str(job_id)
+        if not isinstance(job_id, str) or has_control_characters(job_id):
+            raise ValueError(f"{job_id!r} is not a job id")
+        return _utc(datetime.fromisoformat(created)), job_id
     except (binascii.Error, ValueError, TypeError) as err:
         raise BadCursor(
             "cursor is not one this API handed out; pass next_cursor unchanged"

@@ -52,6 +52,17 @@ def artifact_kind(name: str) -> str:
     return "other"
 
 
+RUN_FOLDER = "run"
+
+
+def job_of_run_file(path: Path | str) -> str | None:
+    """The id of the job whose run folder holds the file `path` (as `ArtifactStore.run_dir`
+    lays it out: `<root>/<job id>/run/<file>`), or None for a file elsewhere."""
+    path = Path(path)
+    job_id = path.parent.parent.name
+    return job_id if path.parent.name == RUN_FOLDER and _JOB_ID.match(job_id) else None
+
+
 class ArtifactStore:
     """Paths of jobs' files under `root`; creates nothing but what the caller writes."""
 
@@ -88,7 +99,7 @@ class ArtifactStore:
 
     def run_dir(self, job_id: str) -> Path:
         """The folder hmkd_core trains into; resuming reuses it, so its checkpoints survive."""
-        return self.job_dir(job_id) / "run"
+        return self.job_dir(job_id) / RUN_FOLDER
 
     def checkpoint_dir(self, job_id: str, attempt: int) -> Path:
         """Where attempt `attempt` writes its checkpoints: no two attempts share a folder, so

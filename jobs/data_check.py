@@ -3,7 +3,9 @@
 Each split is summarised with the loader's own checks (`hmkd_core.data.summary`): annotations
 that do not parse, images missing from the folder, file names leading out of it, and a
 validation split whose categories differ from training's are refused with the field at fault.
-What is legal but likely a mistake (a category without boxes) comes back as warnings.
+What is legal but likely a mistake (a category without boxes) comes back as warnings. Once
+the spec's weights are resolved to files, an exported student trained on other categories than
+the split it meets is refused too (`check_weights`).
 Summaries are cached by the files' size and modification time: users submit many jobs over one
 dataset, and a large annotation file takes seconds to parse.
 """
@@ -80,6 +82,31 @@ def check_data(spec: TrainSpec) -> list[str]:
         except DatasetError as err:
             raise DataFieldError("data.val.annotations", str(err)) from None
     return [w for split, s in summaries.items() for w in s.warnings(split)]
+
+
+def check_weights(spec: TrainSpec, *, evaluate: bool) -> None:
+    """Refuse an exported student named as `student.weights` or `teacher.weights` that was
+    trained on other categories than the split it meets (data.val for an evaluation, else
+    data.train): another number of them fails the job when it starts, and an evaluation
+    would score its labels as other classes (`check_trained_on`). Run once the weights are
+    resolved to files under the roots; one still to be written is checked when it loads."""
+    from hmkd_core.models import WeightsError
+    from hmkd_core.models.export import check_trained_on
+
+    split = spec.data.val if evaluate else spec.data.train
+    if split is None:
+        return
+    summary = summary_of(
+        split.images, split.annotations, (spec.student.min_size, spec.student.max_size)
+    )
+    categories = [{"id": c.id, "name": c.name} for c in summary.categories]
+    for role, model in (("student", spec.student), ("teacher", spec.teacher)):
+        if model is None:
+            continue
+        try:
+            check_trained_on(model.weights, categories, same_classes=evaluate)
+        except WeightsError as err:
+            raise DataFieldError(f"{role}.weights", str(err)) from None
 
 
 @functools.lru_cache(maxsize=16)

@@ -33,6 +33,7 @@ from jobs.data_check import summary_of
 from jobs.lifecycle import Conflict, InvalidJob, NotFound
 from jobs.models import Dataset, DatasetUpload, User
 from jobs.paths import PathNotAllowed, confine
+from jobs.schemas import has_control_characters
 from jobs.settings import Settings
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -174,6 +175,10 @@ def _member_path(name: str) -> PurePosixPath:
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or ".." in pure.parts or "\x00" in name:
         raise ArchiveError(f"archive entry {name!r} leads outside the archive")
+    if has_control_characters(name):  # a tar's bytes that are not UTF-8 decode to surrogates
+        raise ArchiveError(
+            f"archive entry {name!r} holds control characters or bytes that are not UTF-8"
+        )
     return pure
 
 
@@ -298,7 +303,13 @@ def register_path(
                 raise InvalidJob(field, err.message) from None
     digest = hashlib.sha256()
     for split in sorted(absolute):
-        digest.update(Path(absolute[split]["annotations"]).read_bytes())
+        annotations = Path(absolute[split]["annotations"])
+        try:
+            digest.update(annotations.read_bytes())
+        except OSError as err:  # a folder, or a file the server may not read
+            raise InvalidJob(
+                f"{split}.annotations", f"{annotations} cannot be read: {err.strerror}"
+            ) from None
     dataset = _create(session, user, name, digest.hexdigest(), "path", absolute, None)
     assert dataset is not None
     return dataset

@@ -136,6 +136,16 @@ def _check_data(spec: JobSpec) -> list[str]:
         raise InvalidJob(err.field, err.message.removeprefix(f"{err.field}: ")) from None
 
 
+def _check_weights(spec: JobSpec) -> None:
+    """Resolved weights trained on other categories than the data's, refused (InvalidJob)."""
+    from jobs.data_check import DataFieldError, check_weights
+
+    try:
+        check_weights(spec, evaluate=spec.kind == "evaluate")
+    except DataFieldError as err:
+        raise InvalidJob(err.field, err.message.removeprefix(f"{err.field}: ")) from None
+
+
 def _job_by_prefix(session: Session, user: User, prefix: str, field: str) -> Job:
     """The team's job whose id is `prefix` or starts with it; InvalidJob when none or several."""
     found = list(
@@ -163,8 +173,10 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
     """A submitted spec (as JSON) whose teacher is `job:<id>`, with the teacher's architecture
     filled in from that job's `student.pt` and its transforms from the student, so a user need
     not copy them by hand. A field given otherwise than the weights were built with is an
-    InvalidJob naming it. Anything unresolvable is left as it is, for validation and
-    `submit_job` to report."""
+    InvalidJob naming it, and so is `teacher.weights` when it names no job of the team (or
+    several, or one without a student.pt): left to validation, that would be reported as the
+    teacher's defaults differing from the student. Anything else unresolvable is left as it
+    is, for validation and `submit_job` to report."""
     teacher = body.get("teacher") if isinstance(body, dict) else None
     if not isinstance(teacher, dict) or not isinstance(teacher.get("weights"), str):
         return body
@@ -181,7 +193,7 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
             built = read_model_spec(path)
         else:  # its student.pt is still to come: what it will hold is in its spec
             built = _model_to_come(source)
-    except (InvalidJob, WeightsError, ValueError, StorageError):
+    except (WeightsError, ValueError, StorageError):
         return body
     filled = dict(teacher)
     for name in _ARCHITECTURE:
@@ -251,9 +263,16 @@ def _resolve_weights(
     m = JOB_REF.match(ref)
     if m is None:
         try:
-            return str(confine(ref, settings.dataset_roots, field=field))
+            path = confine(ref, settings.dataset_roots, field=field)
         except PathNotAllowed as err:
             raise InvalidJob(field, str(err).removeprefix(f"{field}: ")) from None
+        if not path.is_file():
+            raise InvalidJob(
+                field,
+                f"{ref} is not a file: name a weights file (a student.pt or a "
+                "checkpoint or state dict saved by torch.save)",
+            )
+        return str(path)
     job = _job_by_prefix(session, user, m.group(1), field)
     if job.kind == "evaluate":
         raise InvalidJob(field, f"job {job.id} is an evaluation: it makes no student.pt")
@@ -281,9 +300,12 @@ def submit_job(
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued, undispatched job; the same idempotency key returns the first job."""
-    bad = control_text_field(spec.model_dump(mode="json"))
+    # the Python dump: the JSON one turns a lone surrogate in a key into U+FFFD
+    bad = control_text_field(spec.model_dump())
     if bad is not None:
-        raise InvalidJob(bad, "must not contain control characters (NUL, newline, ...)")
+        raise InvalidJob(
+            bad, "must not contain control characters (NUL, newline, ...) or lone surrogates"
+        )
     if idempotency_key is not None:
         existing = session.scalar(
             select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key)
@@ -314,6 +336,7 @@ def submit_job(
     resolved.student.weights = _resolve_weights(
         session, user, spec.student.weights, "student.weights", settings
     )
+    _check_weights(resolved)
     waits = teacher_job is not None and teacher_job.state != JobState.succeeded
     queue = (
         spec.resources.queue
@@ -915,11 +938,30 @@ def restart_group(
     return state
 
 
+def _check_sources_kept(session: Session, job: Job) -> None:
+    """Conflict when weights the job named as `job:<id>` belonged to a job deleted since: its
+    student.pt went with it, so the retried job could only fail when it starts."""
+    from jobs.artifacts import job_of_run_file
+
+    for model in ("student", "teacher"):
+        ref = ((job.spec or {}).get(model) or {}).get("weights")
+        resolved = ((job.resolved_spec or {}).get(model) or {}).get("weights")
+        if not isinstance(ref, str) or not JOB_REF.match(ref) or not isinstance(resolved, str):
+            continue
+        source = job_of_run_file(resolved)
+        if source is None or session.get(Job, source) is None:
+            raise Conflict(
+                f"job {job.id}'s {model}.weights is {ref}, a job deleted since with its "
+                "student.pt: submit a new job that names other weights"
+            )
+
+
 def retry_job(session: Session, job: Job, *, attempts: int = 3) -> Job:
     """Re-queue a failed or cancelled job with `attempts` more tries; the worker resumes from
     its last checkpoint."""
     if job.state not in (JobState.failed, JobState.cancelled):
         raise Conflict(f"job {job.id} is {job.state}; only failed or cancelled jobs can be retried")
+    _check_sources_kept(session, job)
     teacher = session.get(Job, job.teacher_job_id) if job.teacher_job_id else None
     if teacher is not None:
         lock_job(session, teacher)

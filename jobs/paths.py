@@ -36,18 +36,24 @@ def confine(
             f"{text} is a relative path; give an absolute path under the dataset roots "
             f"{_show(roots)}",
         )
-    resolved = given.resolve()
-    resolved_roots = [Path(root).expanduser().resolve() for root in roots]
-    if not any(resolved.is_relative_to(root) for root in resolved_roots):
-        via = "" if resolved == given else f" (it resolves to {resolved})"
-        raise PathNotAllowed(
-            field,
-            f"{text} is outside the dataset roots {_show(resolved_roots)}{via}; copy or move "
-            "the data under a root (a symlink to it is not enough), or ask the admin to add a "
-            "root (HMKD_DATASET_ROOTS)",
-        )
-    if must_exist and not resolved.exists():
-        raise PathNotAllowed(field, f"{text} does not exist")
+    try:
+        resolved = given.resolve()
+        resolved_roots = [Path(root).expanduser().resolve() for root in roots]
+        if not any(resolved.is_relative_to(root) for root in resolved_roots):
+            via = "" if resolved == given else f" (it resolves to {resolved})"
+            raise PathNotAllowed(
+                field,
+                f"{text} is outside the dataset roots {_show(resolved_roots)}{via}; copy or move "
+                "the data under a root (a symlink to it is not enough), or ask the admin to add "
+                "a root (HMKD_DATASET_ROOTS)",
+            )
+        if must_exist and not resolved.exists():
+            raise PathNotAllowed(field, f"{text} does not exist")
+    except (OSError, RuntimeError) as err:
+        # a name too long for the file system, or a symlink loop (which resolve() raises as a
+        # RuntimeError before Python 3.13)
+        reason = getattr(err, "strerror", None) or "symlink loop"
+        raise PathNotAllowed(field, f"{text} cannot be resolved: {reason}") from None
     return resolved
 
 

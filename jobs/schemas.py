@@ -7,6 +7,7 @@ service resolves that to a file before the worker sees it.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Literal
 
@@ -19,14 +20,17 @@ JOB_REF = re.compile(r"^job:([0-9a-f]{6,32})$")
 
 
 def has_control_characters(text: str) -> bool:
-    """NUL and the other C0/C1 control characters: no id, name, cursor or path holds them,
-    and PostgreSQL refuses NUL in text outright."""
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+    """NUL and the other C0/C1 control characters, and lone surrogates (what a JSON `\\ud800`
+    escape decodes to): no id, name, cursor or path holds them, PostgreSQL refuses NUL in text
+    outright, and a surrogate has no UTF-8 for a file name, a database or an answer."""
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in text)
 
 
 def control_text_field(data: Any, path: tuple[str, ...] = ()) -> str | None:
-    """The dotted path of the first string (value or key) in `data` holding a control
-    character, or None."""
+    """The dotted path of the first string or path (value or key) in `data` holding a control
+    character or a lone surrogate, or None."""
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
     if isinstance(data, str):
         return ".".join(path) or "<body>" if has_control_characters(data) else None
     if isinstance(data, dict):

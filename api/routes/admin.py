@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import AdminUser, SessionDep
 from api.schemas import Problem
@@ -85,6 +85,13 @@ class TeamChange(BaseModel):
     gpu_quota: int | None = Field(None, ge=0, le=1_000_000)
     max_running: int | None = Field(None, ge=1, le=1_000_000)
 
+    @field_validator("share")
+    @classmethod
+    def _share_is_not_cleared(cls, v: float | None) -> float:
+        if v is None:  # given as null (a field left out is not validated)
+            raise ValueError("a team always has a share: give a number above 0, or leave it out")
+        return v
+
 
 @router.get(
     "/teams", response_model=list[TeamPublic], summary="Teams and their shares", responses=_ERRORS
@@ -108,8 +115,6 @@ def put_team(
 ) -> TeamPublic:
     """The same as `hmkd teams set`: share, GPU quota, job cap."""
     given = {k: getattr(body, k) for k in body.model_fields_set}
-    if given.get("share", 1.0) is None:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "share cannot be null")
     try:
         info = admin_commands.change_team(session, name, **given)
     except admin_commands.UnknownTeam as err:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -201,6 +203,18 @@ def list_datasets(session: SessionDep, user: CurrentUser) -> list[DatasetPublic]
     return [DatasetPublic.of(d) for d in datasets.list_datasets(session, user)]
 
 
+@contextmanager
+def _as_checked() -> Iterator[None]:
+    """Around a read of a split's files, checked when the dataset was made: one changed on
+    disk since (a registered folder is the server's) is a 404 that says what is wrong."""
+    from hmkd_core.data.coco import DatasetError
+
+    try:
+        yield
+    except DatasetError as err:
+        raise NotFound(str(err)) from None
+
+
 def _get(session: Any, user: Any, ref: str) -> Dataset:
     try:
         return datasets.find(session, user, ref)
@@ -225,10 +239,11 @@ def get_dataset(
     if min_size is None:
         return DatasetPublic.of(dataset)
     size = (min_size, max(max_size or 1333, min_size))
-    stats = {
-        split: summary_of(paths["images"], paths["annotations"], size).as_dict()
-        for split, paths in dataset.splits.items()
-    }
+    with _as_checked():
+        stats = {
+            split: summary_of(paths["images"], paths["annotations"], size).as_dict()
+            for split, paths in dataset.splits.items()
+        }
     return DatasetPublic.of(dataset, stats)
 
 
@@ -253,7 +268,8 @@ def samples(
 ) -> list[Sample]:
     """The first `n` images with boxes, each with its boxes and their categories."""
     paths = _split(_get(session, user, ref), split)
-    data = annotations_of(paths["annotations"])
+    with _as_checked():
+        data = annotations_of(paths["annotations"])
     names = data["categories"]
     boxes: dict[int, list[SampleBox]] = {}
     for ann in data["annotations"]:
@@ -293,18 +309,13 @@ def image(
 def image_response(paths: dict[str, str], image_id: int, split: str) -> FileResponse:
     """Image `image_id` of a split (its `images` folder and `annotations` file), looked up in
     the annotations and kept inside the folder the way the loader keeps it."""
-    from hmkd_core.data.coco import DatasetError, image_path
+    from hmkd_core.data.coco import image_path
 
-    try:
+    with _as_checked():
         entry = annotations_of(paths["annotations"])["images"].get(image_id)
-    except DatasetError as err:  # the file changed on disk since it was checked
-        raise NotFound(str(err)) from None
-    if entry is None:
-        raise NotFound(f"no image {image_id} in the {split} split")
-    try:
+        if entry is None:
+            raise NotFound(f"no image {image_id} in the {split} split")
         path = image_path(Path(paths["images"]), entry["file_name"], image_id)
-    except DatasetError as err:
-        raise NotFound(str(err)) from None
     if not path.is_file():
         raise NotFound(f"image {image_id}'s file is missing")
     return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})

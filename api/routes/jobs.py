@@ -85,6 +85,15 @@ def _dispatch(request: Request, session: Session, job: Job) -> None:
     session.refresh(job)
 
 
+def _json_int(digits: str) -> int | float:
+    """A JSON integer. One longer than Python converts (4300 digits) is past every bound a
+    field has: it becomes an infinite float, which the field it was given for refuses by name."""
+    try:
+        return int(digits)
+    except ValueError:
+        return float(digits)
+
+
 async def _json_body(request: Request) -> Any:
     """The request's JSON, decoded but not yet validated.
 
@@ -94,7 +103,7 @@ async def _json_body(request: Request) -> Any:
     """
     raw = await request.body()
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_int=_json_int)
     except UnicodeDecodeError as err:
         reason = f"the body is not UTF-8: {err.reason} at byte {err.start}"
         raise HTTPException(400, reason) from None
@@ -154,7 +163,9 @@ def create_job(
         Header(
             min_length=1,
             max_length=200,
-            description="Retry-safe submission: the same key returns the job it first made.",
+            pattern=r"^[\x20-\x7e]+$",  # printable ASCII: stored, and echoed in answers
+            description="Retry-safe submission: the same key returns the job it first made "
+            "(printable ASCII, up to 200 characters).",
         ),
     ] = None,
 ) -> JobPublic:

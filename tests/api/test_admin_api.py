@@ -52,7 +52,10 @@ def test_admin_sets_a_teams_share_and_gpu_quota(
     assert r.json()["gpu_quota"] is None and r.json()["share"] == 3.0
     assert {t["name"] for t in client.get("/v1/admin/teams").json()} == {"alpha", "beta"}
     for bad in ({"share": 0}, {"share": None}, {"gpu_quota": -1}, {"colour": "red"}):
-        assert client.put("/v1/admin/teams/beta", json=bad).status_code == 422, bad
+        r = client.put("/v1/admin/teams/beta", json=bad)
+        assert r.status_code == 422, bad
+        assert [e["field"] for e in r.json()["detail"]] == list(bad), r.text  # as every 422
+    assert client.get("/v1/admin/teams").json()[1]["share"] == 3.0  # none of them changed it
     assert client.put("/v1/admin/teams/nobody", json={"share": 2}).status_code == 404
     theirs = bearer(other_team_user[1])  # not an administrator
     assert client.put("/v1/admin/teams/beta", json={"share": 9}, headers=theirs).status_code == 403

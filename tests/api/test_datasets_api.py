@@ -148,6 +148,11 @@ def _tar(entries: list[tuple[str, bytes | None, dict[str, str]]], mode: str = "w
     return buffer.getvalue()
 
 
+def _tar_in(folder: str) -> bytes:
+    """A good single-split export inside `folder`."""
+    return _tar([(f"{folder}/{name}", data, {}) for name, data in _coco_with().items()])
+
+
 def _coco_with(**changes: Any) -> dict[str, bytes]:
     coco = _coco(1)
     for key, value in changes.items():
@@ -196,6 +201,11 @@ def _coco_with(**changes: Any) -> dict[str, bytes]:
             "4 finite numbers",
         ),
         (_tar_with_link(), "archive", "is not a file or folder"),
+        # folder names a job's paths would carry: a tar's bytes that are not UTF-8 (here 0xff)
+        # decode to a lone surrogate, which once made the job's answer a 500 after it was
+        # stored; a tab made the dataset one that no spec could name
+        (_tar_in("export\udcff"), "archive", "control characters or bytes that are not UTF-8"),
+        (_tar_in("export\t1"), "archive", "control characters or bytes that are not UTF-8"),
         (_zip({"readme.txt": b"hi"}), "archive", "found no train/annotations.json"),
         (_zip(_files(missing=True)), "train", "train/images/gone.png not found"),
         (b"not an archive at all", "archive", "not a zip or tar archive"),
@@ -258,6 +268,36 @@ def test_another_team_sees_nothing_and_only_admins_register_folders(
     outside = {"images": str(tmp_path), "annotations": str(tmp_path / "a.json")}
     r = client.post("/v1/datasets", json={"name": "x", "train": outside})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "train.images"
+
+
+def test_registering_a_folder_as_annotations_names_the_field(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    """The annotations were read for the dataset's hash before any check, a 500 for a folder."""
+    folder = {"images": str(dataset["train_images"]), "annotations": str(dataset["train_images"])}
+    r = client.post("/v1/datasets", json={"name": "folder", "train": folder})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["field"] == "train.annotations"
+    assert client.get("/v1/datasets").json() == []
+
+
+def test_a_registered_folder_whose_annotations_changed_since_is_404_not_500(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    """A registered folder stays the server's: its files can change under a version."""
+    folder = {
+        "images": str(dataset["train_images"]),
+        "annotations": str(dataset["train_annotations"]),
+    }
+    assert client.post("/v1/datasets", json={"name": "folder", "train": folder}).status_code == 201
+    for change, words in (("{not json", "not valid JSON"), (None, "cannot read")):
+        if change is None:
+            dataset["train_annotations"].unlink()
+        else:
+            dataset["train_annotations"].write_text(change)
+        for url in ("/folder/samples", "/folder?min_size=64", "/folder/images/1"):
+            r = client.get(f"/v1/datasets{url}")
+            assert r.status_code == 404 and words in r.json()["detail"], (url, r.text)
 
 
 def test_samples_and_images_to_draw(client: TestClient) -> None:

@@ -177,3 +177,100 @@ def test_a_spec_is_validated_off_the_event_loop_and_hostile_json_is_4xx(
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"] == {"$ref": "#/components/schemas/JobSpec"}
     assert "Resources" in schema["components"]["schemas"]
+
+
+def test_an_integer_longer_than_python_converts_names_its_field(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """json.loads refuses an integer of more than 4300 digits with a bare ValueError."""
+    body = json.dumps(job_spec(dataset, schedule={"iterations": 0}))
+    body = body.replace('"iterations": 0', '"iterations": ' + "9" * 5000)
+    r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert "schedule.iterations" in _fields(r)
+    assert _jobs(service_settings) == 0
+
+
+def _with(spec: dict, path: str, value: object) -> dict:
+    """`spec` with `value` at the dotted `path`."""
+    *parents, last = path.split(".")
+    node = spec
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        ("data.train.images", "{train_images}\ud800", "data.train.images"),
+        ("student.weights", "/weights\ud800.pt", "student.weights"),
+        ("student.weights", "weights\udcff.pt", "student.weights"),
+        ("eval.extra_area_ranges", {"\ud800": [0, 64]}, "eval.extra_area_ranges.\\ud800"),
+        ("distill.hmkd.hm.level_weights", {"\udcff": 1.0}, "distill.hmkd.hm.level_weights."),
+    ],
+)
+def test_lone_surrogates_in_a_spec_name_the_field(
+    client: TestClient,
+    dataset: dict[str, Path],
+    service_settings: Settings,
+    path: str,
+    value: object,
+    field: str,
+) -> None:
+    """A JSON `\\ud800` escape decodes to text no file name, database or answer can encode:
+    it once answered 500 (or was stored, for a key) instead of naming the field."""
+    if isinstance(value, str):
+        value = value.format(train_images=dataset["train_images"])
+    spec = _with(job_spec(dataset), path, value)
+    body = json.dumps(spec)  # ASCII: the surrogate travels as its escape
+    r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert any(f.startswith(field) for f in _fields(r)), r.text
+    assert _jobs(service_settings) == 0
+
+
+def test_a_forged_cursor_with_a_control_character_is_422(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    """A cursor is base64 JSON; the job id inside it reached the query unchecked (PostgreSQL
+    refuses a NUL, and no database takes a lone surrogate)."""
+    submit(client, job_spec(dataset))
+    for job_id in ("\u0000", "\ud800"):
+        raw = json.dumps(["2020-01-01T00:00:00+00:00", job_id]).encode()
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        assert "cursor" in _fields(client.get("/v1/jobs", params={"cursor": cursor}))
+
+
+def test_query_values_are_read_as_utf8_when_looking_for_control_characters(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    """UTF-8 continuation bytes 0x80-0x9f (in `ā`, `数`, ...) are not C1 control characters."""
+    job = submit(client, job_spec(dataset, name="数据 ā"))
+    for name in ("数据", "ā"):
+        r = client.get("/v1/jobs", params={"name": name})
+        assert r.status_code == 200, r.text
+        assert [j["id"] for j in r.json()["items"]] == [job["id"]]
+    assert "name" in _fields(client.get("/v1/jobs", params={"name": "a\u0085"}))
+
+
+def test_a_path_that_cannot_be_resolved_is_422_naming_the_field(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """A symlink loop, or a name longer than the file system takes, under the dataset roots."""
+    root = service_settings.dataset_roots[0]
+    (root / "loop").symlink_to(root / "loop")
+    too_long = dataset["train_images"] / ("a" * 300)
+    for path, value in [
+        ("data.train.images", root / "loop"),
+        ("data.val.annotations", root / "loop" / "annotations.json"),
+        ("student.weights", root / "loop"),
+        ("data.train.images", too_long),
+    ]:
+        spec = _with(job_spec(dataset), path, str(value))
+        r = client.post("/v1/jobs", json=spec)
+        assert path in _fields(r), (path, value)
+    folder = {"images": str(root / "loop"), "annotations": str(dataset["train_annotations"])}
+    r = client.post("/v1/datasets", json={"name": "looped", "train": folder})
+    assert "train.images" in _fields(r)
+    assert _jobs(service_settings) == 0
+    assert client.get("/v1/datasets").json() == []

@@ -109,12 +109,37 @@ def test_teacher_job_must_be_visible_to_the_team(
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "teacher.weights"
 
 
+def test_a_teacher_given_only_as_an_unknown_job_is_blamed_on_its_weights(
+    client: TestClient,
+    dataset: dict[str, Path],
+    service_settings: Settings,
+    other_team_user: tuple[Any, str],
+) -> None:
+    """`teacher: {weights: job:<id>}` takes everything else from the job; an id that names
+    no job of the team was reported as the defaulted teacher.min_size instead."""
+    theirs = client.post(
+        "/v1/jobs", json=job_spec(dataset, name="bob-teacher"), headers=bearer(other_team_user[1])
+    ).json()
+    run_to_end(service_settings, theirs["id"], files={"run/student.pt": b"weights"})
+    spec = job_spec(dataset, name="d", kind="distill", distill={"method": "mimic"})
+    for ref in (theirs["id"], "0" * 32):  # another team's job, and one that is nobody's
+        spec["teacher"] = {"weights": f"job:{ref}"}
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 422, r.text
+        (error,) = r.json()["detail"]
+        assert error["field"] == "teacher.weights" and "no job" in error["msg"], error
+
+
 def test_a_job_teacher_brings_its_architecture_from_its_student_file(
     client: TestClient,
     dataset: dict[str, Path],
     service_settings: Settings,
+    tiny_digits: dict[str, Path],
     tiny_teacher: Path,
 ) -> None:
+    digits = json.loads(tiny_digits["train_annotations"].read_text())["categories"]
+    for split in ("train", "val"):  # the categories the teacher's weights were trained on
+        _write_coco(dataset[f"{split}_annotations"], categories=digits)
     mine = submit(client, job_spec(dataset, name="teacher"))
     run_to_end(service_settings, mine["id"], files={"run/student.pt": tiny_teacher.read_bytes()})
     spec = job_spec(dataset, name="d", kind="distill", distill={"method": "mimic"})
@@ -270,6 +295,28 @@ def test_cancel_queued_then_retry(
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "queued" and r.json()["dispatched"] is True
     assert client.post(f"/v1/jobs/{job['id']}/retry").status_code == 409  # queued: not retryable
+
+
+def test_a_weights_path_that_is_a_folder_is_refused_at_submit(
+    client: TestClient, dataset: dict[str, Path]
+) -> None:
+    spec = job_spec(dataset)
+    spec["student"]["weights"] = str(dataset["train_images"])
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["field"] == "student.weights" and "not a file" in error["msg"], error
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
+@pytest.mark.parametrize("key", [b"tab\there", "caf\u00e9".encode("latin-1")])
+def test_an_idempotency_key_must_be_printable_ascii(
+    client: TestClient, dataset: dict[str, Path], key: bytes
+) -> None:
+    r = client.post("/v1/jobs", json=job_spec(dataset), headers={"Idempotency-Key": key})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["field"] == "idempotency-key"
+    assert client.get("/v1/jobs").json()["items"] == []
 
 
 def test_logs_tail_and_offset(
@@ -524,6 +571,80 @@ def test_images_that_do_not_match_their_annotations_are_refused_at_submit(
     (error,) = r.json()["detail"]
     assert error["field"] == field and words in error["msg"], error
     assert _count_jobs(service_settings) == 0
+
+
+def _loop_file_name(annotations: Path) -> None:
+    (annotations.parent / "images" / "loop.png").symlink_to("loop.png")
+    coco = json.loads(annotations.read_text())
+    coco["images"][0]["file_name"] = "loop.png"
+    annotations.write_text(json.dumps(coco))
+
+
+@pytest.mark.parametrize(
+    ("spoil", "field", "words"),
+    [
+        (lambda p: p.write_bytes(p.read_text().replace("digit", "d\u00efgit").encode("latin-1")),
+         "data.train.annotations", "not UTF-8"),
+        (lambda p: p.write_text(p.read_text().replace('"id": 1', '"id": 1' + "0" * 5000, 1)),
+         "data.train.annotations", "cannot be parsed as JSON"),
+        (lambda p: p.write_text(p.read_text().replace('"width": 64', '"width": 1' + "0" * 400)),
+         "data.train.annotations", "more pixels than"),
+        (_loop_file_name, "data.train.images", "cannot be opened"),
+    ],
+    ids=["latin-1", "5000-digit-id", "400-digit-width", "file-name-symlink-loop"],
+)  # fmt: skip
+def test_annotations_that_cannot_be_read_are_refused_at_submit_not_a_500(
+    client: TestClient,
+    dataset: dict[str, Path],
+    spoil: Any,
+    field: str,
+    words: str,
+    service_settings: Settings,
+) -> None:
+    spoil(dataset["train_annotations"])
+    r = client.post("/v1/jobs", json=job_spec(dataset))
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["field"] == field and words in error["msg"], error
+    assert _count_jobs(service_settings) == 0
+
+
+def test_weights_trained_on_other_categories_are_refused_at_submit(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """A teacher of another number of classes failed only once its job started; a student of
+    the same number under other names was evaluated against the wrong classes."""
+    from hmkd_core.models import StudentHeader, build_detector, export_student
+    from hmkd_core.spec import ModelSpec
+
+    def student_file(name: str, categories: list[dict[str, Any]]) -> str:
+        model = ModelSpec(**tiny_model())
+        labels = {k + 1: c["id"] for k, c in enumerate(categories)}
+        header = StudentHeader(model, len(categories) + 1, categories, labels)
+        path = service_settings.dataset_roots[0] / name
+        export_student(build_detector(model, header.num_classes), header, path)
+        return str(path)
+
+    digit = {"id": 1, "name": "digit"}  # the dataset's one category
+    two = student_file("two.pt", [digit, {"id": 2, "name": "letter"}])
+    renamed = student_file("renamed.pt", [{"id": 1, "name": "letter"}])
+    same = student_file("same.pt", [digit])
+
+    for spec, field in [
+        (distill_spec(dataset, two), "teacher.weights"),
+        (job_spec(dataset, student=tiny_model(weights=two)), "student.weights"),
+        (
+            job_spec(dataset, kind="evaluate", student=tiny_model(weights=renamed)),
+            "student.weights",
+        ),
+    ]:
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 422, r.text
+        (error,) = r.json()["detail"]
+        assert error["field"] == field and "trained on" in error["msg"], error
+    assert _count_jobs(service_settings) == 0
+    submit(client, distill_spec(dataset, renamed))  # a teacher's classes need only match in number
+    submit(client, job_spec(dataset, kind="evaluate", student=tiny_model(weights=same)))
 
 
 def test_a_category_without_boxes_is_a_warning_on_the_job(

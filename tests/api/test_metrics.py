@@ -106,9 +106,13 @@ def test_unknown_paths_share_one_series_and_apps_keep_their_own_registry(
     with TestClient(app) as c:
         assert c.get("/no/such/thing-1").status_code == 404
         assert c.get("/no/such/thing-2").status_code == 404
+        for i in range(3):  # methods a client makes up: one series, not one each
+            assert c.request(f"MADEUP{i}", "/v1/health").status_code == 405
         s = _samples(c.get("/metrics").text)
     labels = {"method": "GET", "route": "<unmatched>", "status": "404"}
     assert _get(s, "hmkd_api_request_duration_seconds_count", **labels) == 2.0
+    made_up = {"method": "<other>", "route": "/v1/health", "status": "405"}
+    assert _get(s, "hmkd_api_request_duration_seconds_count", **made_up) == 3.0
     with TestClient(create_app(service_settings)) as other:  # a second app: no clash, no share
         s = _samples(other.get("/metrics").text)
     assert _get(s, "hmkd_api_request_duration_seconds_count", **labels) is None

@@ -141,6 +141,10 @@ def test_deleting_a_job_removes_its_files_and_rows(
             assert session.scalar(count) == 0
     metrics = client.get("/metrics").text
     assert "hmkd_team_disk_bytes" in metrics
+    # the student's teacher file went with the teacher: retried, it could only fail
+    r = client.post(f"/v1/jobs/{student['id']}/retry")
+    assert r.status_code == 409 and "teacher.weights" in r.json()["detail"], r.text
+    assert client.get(f"/v1/jobs/{student['id']}").json()["state"] == "cancelled"
 
 
 def test_a_folder_left_by_an_interrupted_deletion_is_purged(service_settings: Settings) -> None:

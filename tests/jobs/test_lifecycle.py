@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,7 +34,11 @@ from jobs.settings import Settings
 
 def _spec(root: Path, **extra: object) -> JobSpec:
     (root / "d" / "img").mkdir(parents=True, exist_ok=True)
-    (root / "d" / "a.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    (root / "d" / "img" / "0.png").write_bytes(b"")  # the submit check reads no pixels
+    image = {"id": 1, "file_name": "0.png", "width": 8, "height": 8}
+    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}
+    coco = {"images": [image], "annotations": [box], "categories": [{"id": 1, "name": "c"}]}
+    (root / "d" / "a.json").write_text(json.dumps(coco))
     data = {"train": {"images": str(root / "d" / "img"), "annotations": str(root / "d" / "a.json")}}
     return JobSpec.model_validate({"name": "j", "data": data, "student": {}, **extra})
 
