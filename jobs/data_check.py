@@ -87,24 +87,30 @@ def check_data(spec: TrainSpec) -> list[str]:
 def check_weights(spec: TrainSpec, *, evaluate: bool) -> None:
     """Refuse an exported student named as `student.weights` or `teacher.weights` that was
     trained on other categories than the split it meets (data.val for an evaluation, else
-    data.train): another number of them fails the job when it starts, and an evaluation
-    would score its labels as other classes (`check_trained_on`). Run once the weights are
-    resolved to files under the roots; one still to be written is checked when it loads."""
+    data.train). Another number of them fails the job only when it starts; and where labels
+    are compared one by one (an evaluation scores them as the split's classes, the response
+    terms match the teacher's class k to the student's) other names would give a wrong result
+    with no error. A file still to be written (a teacher job not yet ended) is checked when it
+    loads."""
     from hmkd_core.models import WeightsError
-    from hmkd_core.models.export import check_trained_on
+    from hmkd_core.models.export import check_trained_on, labels_compared
 
     split = spec.data.val if evaluate else spec.data.train
     if split is None:
         return
-    summary = summary_of(
-        split.images, split.annotations, (spec.student.min_size, spec.student.max_size)
-    )
+    try:
+        summary = summary_of(
+            split.images, split.annotations, (spec.student.min_size, spec.student.max_size)
+        )
+    except DatasetError as err:  # changed on disk since `check_data` read it
+        raise DataFieldError(_field_of(err, "val" if evaluate else "train"), str(err)) from None
     categories = [{"id": c.id, "name": c.name} for c in summary.categories]
     for role, model in (("student", spec.student), ("teacher", spec.teacher)):
         if model is None:
             continue
         try:
-            check_trained_on(model.weights, categories, same_classes=evaluate)
+            same = labels_compared(spec, role, evaluate=evaluate)
+            check_trained_on(model.weights, categories, same_classes=same)
         except WeightsError as err:
             raise DataFieldError(f"{role}.weights", str(err)) from None
 

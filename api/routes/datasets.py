@@ -316,6 +316,10 @@ def image_response(paths: dict[str, str], image_id: int, split: str) -> FileResp
         if entry is None:
             raise NotFound(f"no image {image_id} in the {split} split")
         path = image_path(Path(paths["images"]), entry["file_name"], image_id)
-    if not path.is_file():
+        try:
+            present = path.is_file()
+        except OSError:  # a name longer than the file system takes
+            present = False
+    if not present:
         raise NotFound(f"image {image_id}'s file is missing")
     return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})

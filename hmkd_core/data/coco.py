@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -69,15 +69,17 @@ def read_annotation_file(path: Path | str) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is read past
+        raw = path.read_bytes()
     except OSError as err:
         raise DatasetError(f"{path}: cannot read annotation file: {err.strerror}") from None
+    try:
+        # JSON's own encodings, told apart as RFC 8259 says (UTF-8 with or without a byte
+        # order mark, UTF-16 and UTF-32 as some Windows tools write them)
+        data = json.loads(raw)
     except UnicodeDecodeError as err:
         raise DatasetError(
             f"{path}: not UTF-8 (byte {err.start}: {err.reason}); save the file as UTF-8"
         ) from None
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(
             f"{path}: not valid JSON at line {err.lineno} column {err.colno} (char {err.pos}): "
@@ -353,17 +355,17 @@ def _log_box_report(report: dict[str, int], source: Path) -> None:
 # --------------------------------------------------------------------------- images
 
 
-def load_rgb_image(path: Path | str) -> torch.Tensor:
+def load_rgb_image(path: Path | str, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode an image file to a (3, H, W) float32 tensor in [0, 1], whatever its mode.
 
     Grayscale, palette and alpha images become RGB (alpha dropped). 16-bit grayscale (PIL
     modes ``I;16*`` and ``I``) is scaled by 1/65535 — converting it through 8-bit PIL modes
-    would clip everything above 255 to white. An EXIF orientation (a camera held sideways or
-    upside down) is applied: annotation tools, viewers and the other detection libraries show
-    the image turned, so its boxes and its 'width'/'height' are those of the turned image.
+    would clip everything above 255 to white. `size` is the (width, height) the annotation
+    declares: a photo whose EXIF orientation swaps its sides is turned when `size` is that of
+    the turned photo (`upright`).
     """
     with Image.open(path) as img:
-        ImageOps.exif_transpose(img, in_place=True)  # decodes it, turned as shown
+        img = upright(img, size)
         if img.mode in _SIXTEEN_BIT_MODES:
             gray = np.asarray(img).astype(np.float32) / 65535.0
             rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
@@ -373,6 +375,34 @@ def load_rgb_image(path: Path | str) -> torch.Tensor:
         else:
             rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+# EXIF orientations that swap width and height, and the turn that shows the photo upright
+_SIDE_SWAPPING = {
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(img: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    """`img` turned by its EXIF orientation when that swaps its sides and `size` (the
+    annotation's width, height) is the turned photo's; else `img` as stored.
+
+    Annotation tools disagree: some draw boxes on the stored pixels, others on the photo as
+    viewers show it. Where the orientation swaps the sides, the declared size tells which one
+    the boxes were drawn on. Where it does not (upside down, mirrored) nothing tells, and the
+    stored pixels are read, as torchvision's own reader reads them. A malformed EXIF block is
+    read as no orientation: the pixels are still the image."""
+    if size is None or img.size == size or img.size[::-1] != size:
+        return img
+    try:
+        orientation = img.getexif().get(0x0112)  # the Orientation tag
+    except Exception:  # PIL's EXIF parser raises many kinds on broken camera metadata
+        return img
+    turn = _SIDE_SWAPPING.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(turn) if turn is not None else img
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:
@@ -438,7 +468,7 @@ class CocoDetectionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         record = self._records[self.image_ids[index]]
         try:
-            pixels = load_rgb_image(record.path)
+            pixels = load_rgb_image(record.path, (record.width, record.height))
         except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError too
             raise DatasetError(
                 f"{self.annotation_file}: image id {record.image_id}: cannot decode "
@@ -448,8 +478,7 @@ class CocoDetectionDataset(Dataset):
             raise DatasetError(
                 f"{self.annotation_file}: image id {record.image_id}: {record.path} is "
                 f"{pixels.shape[2]}x{pixels.shape[1]} but the annotation says "
-                f"{record.width}x{record.height}; fix 'width'/'height' (those of the image as "
-                "shown, its EXIF orientation applied) or the file"
+                f"{record.width}x{record.height}; fix 'width'/'height' or the file"
             )
         image = tv_tensors.Image(pixels)
         target = {

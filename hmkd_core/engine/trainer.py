@@ -36,6 +36,7 @@ from hmkd_core.engine.sampler import ResumableSampler
 from hmkd_core.engine.tensorboard import TensorBoardReporter
 from hmkd_core.evaluation import write_eval_json
 from hmkd_core.models import StudentHeader, build_detector, export_student
+from hmkd_core.models.export import check_trained_on, labels_compared
 from hmkd_core.spec import DEFAULT_LEVELS, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ class Trainer:
         if spec.distill.method == "none":
             return TrainModule(student)
         assert spec.teacher is not None
+        same = labels_compared(spec, "teacher", evaluate=False)
+        check_trained_on(spec.teacher.weights, self.train_set.categories, same_classes=same)
         levels = tuple(spec.distill.levels or DEFAULT_LEVELS[spec.student.arch])
         scale = check_pair(spec.student, spec.teacher, levels)
         teacher = FrozenTeacher(build_detector(spec.teacher, n), scale).to(self.ctx.device)

@@ -17,7 +17,7 @@ from torch import nn
 
 from hmkd_core.data.coco import category_names
 from hmkd_core.models.builders import WeightsError, build_detector, resolve_norm
-from hmkd_core.spec import ModelSpec
+from hmkd_core.spec import ModelSpec, TrainSpec
 
 FORMAT = "hmkd-student"
 VERSION = 1
@@ -67,14 +67,33 @@ def read_model_spec(path: str | Path) -> ModelSpec:
 
 def read_categories(path: str | Path) -> list[dict[str, Any]] | None:
     """The categories a `student.pt` was trained on (its labels 1..K, in this order), read
-    without its tensors; None for a file that is not an exported student (a checkpoint)."""
+    without its tensors; None for a file that is not an exported student (a checkpoint),
+    WeightsError for one whose header is malformed."""
     try:
         blob = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         return None
-    return list(blob.get("categories") or [])
+    categories = blob.get("categories") or []
+    well_formed = isinstance(categories, list) and all(
+        isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name", ""), str)
+        for c in categories
+    )
+    if not well_formed:  # a hand-made file: its header is as untrusted as any input
+        raise WeightsError(
+            f"{path}: its 'categories' are not a list of {{'id': int, 'name': str}}; it is "
+            "not a student.pt this library exported"
+        )
+    return categories
+
+
+def labels_compared(spec: TrainSpec, role: str, *, evaluate: bool) -> bool:
+    """Whether the `role` ("student" or "teacher") weights of `spec` must have been trained on
+    the very categories of the data, not only as many: an evaluation scores the student's
+    labels as the split's classes, and the response terms match the teacher's class k to the
+    student's class k."""
+    return evaluate or (role == "teacher" and spec.distill.response.active)
 
 
 def check_trained_on(

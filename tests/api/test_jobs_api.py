@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -612,9 +613,11 @@ def test_annotations_that_cannot_be_read_are_refused_at_submit_not_a_500(
 def test_weights_trained_on_other_categories_are_refused_at_submit(
     client: TestClient, dataset: dict[str, Path], service_settings: Settings
 ) -> None:
-    """A teacher of another number of classes failed only once its job started; a student of
-    the same number under other names was evaluated against the wrong classes."""
+    """Labels mean categories: a detector of another number of them cannot load, and where
+    labels are compared one by one (an evaluation, the response terms' class scores) the same
+    number under other names would score or teach the wrong classes."""
     from hmkd_core.models import StudentHeader, build_detector, export_student
+    from hmkd_core.models.export import FORMAT
     from hmkd_core.spec import ModelSpec
 
     def student_file(name: str, categories: list[dict[str, Any]]) -> str:
@@ -629,8 +632,14 @@ def test_weights_trained_on_other_categories_are_refused_at_submit(
     two = student_file("two.pt", [digit, {"id": 2, "name": "letter"}])
     renamed = student_file("renamed.pt", [{"id": 1, "name": "letter"}])
     same = student_file("same.pt", [digit])
+    with_scores = distill_spec(dataset, renamed)
+    with_scores["distill"]["response"] = {"weight": 1.0}
+    broken = service_settings.dataset_roots[0] / "broken.pt"  # a hand-made header
+    torch.save({"format": FORMAT, "categories": [1]}, broken)
 
     for spec, field in [
+        (with_scores, "teacher.weights"),
+        (distill_spec(dataset, str(broken)), "teacher.weights"),
         (distill_spec(dataset, two), "teacher.weights"),
         (job_spec(dataset, student=tiny_model(weights=two)), "student.weights"),
         (
@@ -641,7 +650,7 @@ def test_weights_trained_on_other_categories_are_refused_at_submit(
         r = client.post("/v1/jobs", json=spec)
         assert r.status_code == 422, r.text
         (error,) = r.json()["detail"]
-        assert error["field"] == field and "trained on" in error["msg"], error
+        assert error["field"] == field and "categories" in error["msg"], error
     assert _count_jobs(service_settings) == 0
     submit(client, distill_spec(dataset, renamed))  # a teacher's classes need only match in number
     submit(client, job_spec(dataset, kind="evaluate", student=tiny_model(weights=same)))

@@ -177,21 +177,30 @@ def test_sixteen_bit_image_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert image[0, 1, 1].item() == pytest.approx(255 / 65535)
 
 
-@pytest.mark.parametrize("orientation", [3, 6])
-def test_exif_orientation_is_applied_as_the_annotator_saw_the_image(
-    tmp_path: Path, orientation: int
+@pytest.mark.parametrize(
+    ("orientation", "declared_turned", "turned"),
+    [
+        (6, True, True),  # sides swapped, declared as shown: boxes drawn on the turned photo
+        (8, True, True),
+        (6, False, False),  # declared as stored: boxes drawn on the stored pixels
+        (3, True, False),  # upside down: nothing tells, so the stored pixels
+    ],
+)
+def test_an_exif_orientation_is_applied_where_the_declared_size_is_the_turned_photos(
+    tmp_path: Path, orientation: int, declared_turned: bool, turned: bool
 ) -> None:
     raw = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10  # stored 3 wide, 2 high
-    shown = np.rot90(raw, 2) if orientation == 3 else np.rot90(raw, -1)  # 6: turned clockwise
-    height, width = shown.shape[:2]
+    shown = {3: np.rot90(raw, 2), 6: np.rot90(raw, -1), 8: np.rot90(raw, 1)}[orientation]
+    declared = shown if declared_turned else raw
+    height, width = declared.shape[:2]
     images_dir, ann_path = write_dataset(tmp_path, [], sizes={1: (width, height)})
     exif = Image.Exif()
     exif[0x0112] = orientation
     Image.fromarray(raw).save(images_dir / "1.png", exif=exif)
     image, _ = CocoDetectionDataset(images_dir, ann_path)[0]
 
-    assert image.shape == (3, height, width)
-    assert torch.equal(image, torch.from_numpy(shown.transpose(2, 0, 1).copy()).float() / 255)
+    expected = shown if turned else raw
+    assert torch.equal(image, torch.from_numpy(expected.transpose(2, 0, 1).copy()).float() / 255)
 
 
 # --------------------------------------------------------------------------- errors
@@ -270,7 +279,6 @@ def test_undecodable_image_names_file_and_id(tmp_path: Path) -> None:
     [
         ('{"images": [], "categories": [{"id": 1, "name": "caf\u00e9"}]}'.encode("latin-1"),
          r"not UTF-8 \(byte 52: "),
-        ('{"images": []}'.encode("utf-16"), r"not UTF-8 \(byte 0: "),
         (b'{"images": [{"id": 1' + b"0" * 5000 + b"}]}", "cannot be parsed as JSON"),
     ],
 )  # fmt: skip
@@ -285,9 +293,10 @@ def test_annotation_text_that_cannot_be_decoded_names_the_file(
     assert str(info.value).startswith(f"{path}: ")
 
 
-def test_a_utf8_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_annotations_in_every_encoding_json_allows_are_read(tmp_path: Path, encoding: str) -> None:
     images_dir, ann_path = write_dataset(tmp_path, [ann(1, [1, 1, 4, 4])])
-    ann_path.write_bytes(b"\xef\xbb\xbf" + ann_path.read_bytes())
+    ann_path.write_bytes(ann_path.read_text().encode(encoding))
 
     assert len(CocoDetectionDataset(images_dir, ann_path)) == 1
 
