@@ -22,6 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from client.follow import eval_line, follow, jobs_table, queue_tables, status_table
 from client.sdk import TERMINAL_STATES, ApiError, Client
+from hmkd_core.spec import NAMED_WEIGHTS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 users_app = typer.Typer(no_args_is_help=True, help="Users of the service (server side).")
@@ -36,7 +37,6 @@ app.add_typer(db_app, name="db")
 console = Console()
 err_console = Console(stderr=True)
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job's id.")]
-_KEYWORD_WEIGHTS = ("none", "imagenet", "coco")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -92,7 +92,7 @@ def read_spec(path: Path, overrides: list[str]) -> dict[str, Any]:
     for model in (data.get("student"), data.get("teacher")):
         if isinstance(model, dict) and "weights" in model:
             weights = model["weights"]
-            if weights not in _KEYWORD_WEIGHTS and not str(weights).startswith("job:"):
+            if weights not in NAMED_WEIGHTS and not str(weights).startswith("job:"):
                 model["weights"] = absolute(weights)
     return data
 

@@ -61,6 +61,11 @@ class DataSpec(_Strict):
     num_workers: int = Field(0, ge=0, le=64)
 
 
+# `ModelSpec.weights` values that name weights instead of a file: no weights, torchvision's
+# ImageNet backbone, torchvision's COCO detector
+NAMED_WEIGHTS = ("none", "imagenet", "coco")
+
+
 class ModelSpec(_Strict):
     """A torchvision detector, built from parts by `hmkd_core.models.build_detector`."""
 
@@ -601,6 +606,6 @@ def resolve_paths(spec: TrainSpec, base: Path) -> TrainSpec:
             split.images = fix(split.images)
             split.annotations = fix(split.annotations)
     for model in (spec.student, spec.teacher):
-        if model is not None and model.weights not in ("none", "imagenet", "coco"):
+        if model is not None and model.weights not in NAMED_WEIGHTS:
             model.weights = str(fix(Path(model.weights)))
     return spec

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from hmkd_core.spec import NAMED_WEIGHTS
 from jobs.db import db_clock
 from jobs.models import TERMINAL, Artifact, Job, JobEvent, JobState, Team, User, utcnow
 from jobs.schemas import JOB_REF, JobSpec, control_text_field
@@ -258,7 +259,7 @@ def _resolve_weights(
     where its student.pt will be: the caller makes its own job wait for it."""
     from jobs.paths import PathNotAllowed, confine
 
-    if ref in ("none", "imagenet", "coco"):
+    if ref in NAMED_WEIGHTS:
         return ref
     m = JOB_REF.match(ref)
     if m is None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from hmkd_core.data.coco import category_names
 from hmkd_core.models.builders import WeightsError, build_detector, resolve_norm
-from hmkd_core.spec import ModelSpec, TrainSpec
+from hmkd_core.spec import NAMED_WEIGHTS, ModelSpec, TrainSpec
 
 FORMAT = "hmkd-student"
 VERSION = 1
@@ -103,7 +103,7 @@ def check_trained_on(
     dicts): another number of them cannot load into the split's detector, and with
     `same_classes` (evaluation, which maps labels to ids through the split's list) every label
     must stand for the same id and name. Other files pass: their tensors are checked on load."""
-    if str(path) in ("none", "imagenet", "coco"):  # named weights, not a file
+    if str(path) in NAMED_WEIGHTS:
         return
     trained = read_categories(path)
     if trained is None:
