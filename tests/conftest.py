@@ -42,6 +42,18 @@ def tiny_model(**overrides: Any) -> dict[str, Any]:
     return model
 
 
+def export_tiny_student(path: Path, categories: list[dict[str, Any]]) -> Path:
+    """A `student.pt` of `tiny_model`'s detector with random weights, exported as trained on
+    `categories` (COCO category dicts, labels 1..K in this order)."""
+    from hmkd_core.models import StudentHeader, build_detector, export_student
+    from hmkd_core.spec import ModelSpec
+
+    model = ModelSpec(**tiny_model())
+    labels = {k + 1: c["id"] for k, c in enumerate(categories)}
+    header = StudentHeader(model, len(categories) + 1, categories, labels)
+    return export_student(build_detector(model, header.num_classes), header, path)
+
+
 def tiny_spec_dict(paths: dict[str, Path], **sections: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "data": {

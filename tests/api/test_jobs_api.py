@@ -19,7 +19,7 @@ from jobs.db import session_scope
 from jobs.models import Job
 from jobs.settings import Settings
 from tests.api.conftest import bearer, distill_spec, job_spec, run_to_end, submit
-from tests.conftest import tiny_model
+from tests.conftest import export_tiny_student, tiny_model
 
 
 def _count_jobs(settings: Settings) -> int:
@@ -616,17 +616,10 @@ def test_weights_trained_on_other_categories_are_refused_at_submit(
     """Labels mean categories: a detector of another number of them cannot load, and where
     labels are compared one by one (an evaluation, the response terms' class scores) the same
     number under other names would score or teach the wrong classes."""
-    from hmkd_core.models import StudentHeader, build_detector, export_student
     from hmkd_core.models.export import FORMAT
-    from hmkd_core.spec import ModelSpec
 
     def student_file(name: str, categories: list[dict[str, Any]]) -> str:
-        model = ModelSpec(**tiny_model())
-        labels = {k + 1: c["id"] for k, c in enumerate(categories)}
-        header = StudentHeader(model, len(categories) + 1, categories, labels)
-        path = service_settings.dataset_roots[0] / name
-        export_student(build_detector(model, header.num_classes), header, path)
-        return str(path)
+        return str(export_tiny_student(service_settings.dataset_roots[0] / name, categories))
 
     digit = {"id": 1, "name": "digit"}  # the dataset's one category
     two = student_file("two.pt", [digit, {"id": 2, "name": "letter"}])

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from client.cli import app
-from tests.conftest import tiny_model, tiny_spec_dict
+from tests.conftest import export_tiny_student, tiny_model, tiny_spec_dict
 
 runner = CliRunner()
 
@@ -83,17 +83,10 @@ def test_eval_refuses_a_student_whose_categories_have_other_names(
     tiny_digits: dict, tmp_path: Path
 ) -> None:
     """Only the label -> id map was compared: the same ids named otherwise were scored."""
-    from hmkd_core.models import StudentHeader, build_detector, export_student
-    from hmkd_core.spec import ModelSpec
-
     ours = json.loads(Path(tiny_digits["val_annotations"]).read_text())["categories"]
     names = [c["name"] for c in reversed(ours)]
     theirs = [{"id": c["id"], "name": name} for c, name in zip(ours, names, strict=True)]
-    model = ModelSpec(**tiny_model())
-    header = StudentHeader(
-        model, len(theirs) + 1, theirs, {k + 1: c["id"] for k, c in enumerate(theirs)}
-    )
-    path = export_student(build_detector(model, header.num_classes), header, tmp_path / "s.pt")
+    path = export_tiny_student(tmp_path / "s.pt", theirs)
     res = runner.invoke(
         app,
         [

@@ -11,7 +11,7 @@ import torch
 from hmkd_core.engine import RunDirError, StopAfter, TrainingError, train
 from hmkd_core.engine.trainer import NonFiniteLossError
 from hmkd_core.models import load_student
-from tests.conftest import tiny_model, tiny_spec
+from tests.conftest import export_tiny_student, tiny_model, tiny_spec
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -257,17 +257,12 @@ def test_evaluate_spec_refuses_a_student_trained_on_other_categories(
     """Its labels are mapped to category ids through the split's own list: the same number of
     categories named otherwise loaded fine and was scored against the wrong classes."""
     from hmkd_core.engine.evaluate import evaluate_spec
-    from hmkd_core.models import StudentHeader, WeightsError, build_detector, export_student
-    from hmkd_core.spec import ModelSpec
+    from hmkd_core.models import WeightsError
 
     ours = json.loads(Path(tiny_digits["val_annotations"]).read_text())["categories"]
     names = [c["name"] for c in reversed(ours)]
     theirs = [{"id": c["id"], "name": name} for c, name in zip(ours, names, strict=True)]
-    model = ModelSpec(**tiny_model())
-    header = StudentHeader(
-        model, len(theirs) + 1, theirs, {k + 1: c["id"] for k, c in enumerate(theirs)}
-    )
-    path = export_student(build_detector(model, header.num_classes), header, tmp_path / "s.pt")
+    path = export_tiny_student(tmp_path / "s.pt", theirs)
 
     spec = tiny_spec(tiny_digits, student=tiny_model(weights=str(path)))
     with pytest.raises(WeightsError, match=r"s\.pt: trained on categories \[\(1, "):
