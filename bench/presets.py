@@ -349,8 +349,10 @@ class Preset:
     threads: int = 1  # torch threads per run
     device: str = "auto"
     rows: tuple[str, ...] = field(default=tuple(ROWS))
-    # DistillSpec.weight per method, from `python -m bench.calibrate --preset NAME`.
+    # DistillSpec.weight per method, from `python -m bench.calibrate --preset NAME`, and,
+    # where it was run with `--per-level`, DistillSpec.level_weights per method.
     weights: dict[str, float] = field(default_factory=dict)
+    level_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per row, options that replace the row's declared ones on this preset only: a row set to
     # a given pull (e.g. HM half of it) needs its own multiplier on each teacher's features,
     # measured there with `bench.diagnose`.
@@ -399,11 +401,21 @@ _CPU_TEACHER_SCHEDULE = {"iterations": 1500, "batch_size": 4, "lr": 4e-4, "warmu
 _CPU_BASE_SCHEDULE = {"iterations": 2400, "batch_size": 2, "lr": 4e-4, "warmup_iters": 50}
 
 
+def _calibration(name: str) -> dict[str, Any]:
+    path = Path(__file__).resolve().parent / "results" / name / "weights.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def calibrated(name: str) -> dict[str, float]:
     """The weights `python -m bench.calibrate --preset NAME --write` stored for a preset
     (`bench/results/NAME/weights.json`, committed), or none: the library's defaults."""
-    path = Path(__file__).resolve().parent / "results" / name / "weights.json"
-    return json.loads(path.read_text())["weights"] if path.is_file() else {}
+    return _calibration(name).get("weights", {})
+
+
+def calibrated_levels(name: str) -> dict[str, dict[str, float]]:
+    """The per-level weights `bench.calibrate --per-level --write` stored for a preset, by
+    method, or none."""
+    return _calibration(name).get("level_weights", {})
 
 
 _CPU_WEIGHTS = calibrated("cpu")
@@ -619,6 +631,19 @@ HITUAV_CPU_NATIVE_TEACHER_CALIBRATED = replace(
     rows=("none", "hmkd", "fgd", "mgd", "mimic"),
 )
 
+# The `hituav-cpu` stages, each feature method calibrated level by level
+# (`python -m bench.calibrate --per-level`): one weight per method set on the ratio over all
+# levels left HMKD pulling P3 and P4 several times as hard as the detector does there and P2,
+# the small objects' level, at a fraction of it, because the detector's own gradient is about
+# ten times larger at P2. Here each level pulls half its own detection gradient.
+HITUAV_CPU_LEVEL_CALIBRATED = replace(
+    HITUAV_CPU,
+    name="hituav-cpu-level-calibrated",
+    weights=calibrated("hituav-cpu-level-calibrated"),
+    level_weights=calibrated_levels("hituav-cpu-level-calibrated"),
+    rows=("none", "hmkd", "mimic", "fgd", "mgd"),
+)
+
 # The same first stages as `hituav-cpu`, then a stage still gaining continues for one more
 # chunk (800 iterations at its own batch size). On every `hituav-cpu` pair the teacher was
 # only about 4 AP_S above the base, and the student alone reached within 2 AP_S of it in 600
@@ -716,6 +741,7 @@ PRESETS = {
         HITUAV_CPU_LONG,
         HITUAV_CPU_NATIVE_TEACHER,
         HITUAV_CPU_NATIVE_TEACHER_CALIBRATED,
+        HITUAV_CPU_LEVEL_CALIBRATED,
         HITUAV_CPU_EXTENDED,
         HITUAV_CPU_EXTENDED_BASE,
         HITUAV_CPU_CONTROLS,
@@ -841,11 +867,17 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def row_distill(preset: Preset, row: str) -> dict[str, Any]:
     """A row's `DistillSpec` dict with the preset's overrides for it and its calibrated weight
-    for its method."""
+    (and level weights, where calibrated per level) for its method."""
     distill = _merged(row_options(row), preset.row_overrides.get(row, {}))
-    weight = preset.weights.get(distill["method"])
-    if weight is not None and distill["method"] != "none":
+    method = distill["method"]
+    weight = preset.weights.get(method)
+    if weight is not None and method != "none":
         distill["weight"] = weight * distill.get("weight", 1.0)
+    levels = preset.level_weights.get(method)
+    if levels and method != "none":  # a row's own level weights multiply the preset's
+        own = distill.get("level_weights", {})
+        merged = {lv: w * own.get(lv, 1.0) for lv, w in levels.items()}
+        distill["level_weights"] = {**own, **merged}
     return distill
 
 

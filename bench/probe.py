@@ -48,7 +48,10 @@ def method_weight(spec: TrainSpec, term: str) -> float:
         "mgd": d.mgd.weight,
         "mimic": d.mimic.weight,
     }.get(d.method, 1.0)
-    return base * d.weight
+    level = term.rpartition("_")[2]
+    if d.method == "hmkd" and term.startswith("hm_"):
+        base *= d.hmkd.hm.level_weights.get(level, 1.0)
+    return base * d.weight * d.level_weights.get(level, 1.0)
 
 
 def term_kind(name: str, levels: tuple[str, ...]) -> str:

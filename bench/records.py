@@ -34,6 +34,7 @@ def _portable(spec: dict[str, Any], roots: dict[str, Path]) -> dict[str, Any]:
 LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "align_iters"): 0,
     ("distill", "clip_apart"): False,
+    ("distill", "level_weights"): {},
     ("distill", "hmkd", "hm", "cell_weights"): "masks",
     ("distill", "hmkd", "hm", "generator"): False,
     ("distill", "hmkd", "hm", "generator_kernel"): 3,

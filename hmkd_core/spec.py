@@ -9,8 +9,9 @@ the worst kind of bug in an experiment.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -35,6 +36,34 @@ REPORTED_METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR@100")
 # Counts stored by the service in 32-bit columns, and far past any real schedule.
 MAX_ITERATIONS = 100_000_000
 MAX_SEED = 2**31 - 1
+
+
+# Per-level loss multipliers, by FPN level name; a level not named keeps 1.
+LevelWeights = dict[str, Annotated[float, Field(ge=0.0)]]
+
+
+def _known_level_names(weights: Mapping[str, float]) -> Mapping[str, float]:
+    bad = sorted(lv for lv in weights if lv not in LEVELS)
+    if bad:
+        raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVELS)}")
+    return weights
+
+
+def resolve_level_weights(
+    levels: Sequence[str], weights: Mapping[str, float], field: str
+) -> dict[str, float]:
+    """Each distilled level's multiplier: its named weight, or 1.
+
+    A weight other than 1 for a level that is not distilled is refused, naming `field`: it
+    would silently do nothing (e.g. `p2` on a RetinaNet, whose finest level is P3).
+    """
+    stray = {lv: wt for lv, wt in weights.items() if lv not in levels and wt != 1.0}
+    if stray:
+        raise ValueError(
+            f"{field}: level(s) {sorted(stray)} are not distilled ({list(levels)}); "
+            "remove them or distil those levels"
+        )
+    return {lv: float(weights.get(lv, 1.0)) for lv in levels}
 
 
 class SpecError(ValueError):
@@ -149,8 +178,10 @@ class HMOptions(_Strict):
     )
     heads: int = Field(4, ge=1, le=64)
     window: int = Field(3, ge=1, le=15)
-    level_weights: dict[str, float] = Field(
-        default_factory=lambda: {"p2": 1.0, "p3": 1.0, "p4": 1.0}
+    level_weights: LevelWeights = Field(
+        default_factory=lambda: {"p2": 1.0, "p3": 1.0, "p4": 1.0},
+        description="Multiplies HM's loss at each level (SDM's terms are not affected; "
+        "distill.level_weights multiplies both).",
     )
     background_weight: float = Field(
         0.5, ge=0.0, description="Weight of background cells relative to foreground in WeightedMSE."
@@ -192,6 +223,8 @@ class HMOptions(_Strict):
         "mixes the window): a cell's error is then not spread over the values around it. "
         "`window` is the attention's true gradient.",
     )
+
+    _level_names = field_validator("level_weights")(_known_level_names)
 
     @field_validator("window")
     @classmethod
@@ -358,11 +391,22 @@ class DistillSpec(_Strict):
         "the student's: a distiller with large gradients of its own then never shrinks the "
         "student's step (false: one norm over both, as before).",
     )
+    level_weights: LevelWeights = Field(
+        default_factory=dict,
+        description="Multiplies every term of the feature method at each named level (a "
+        "level not named keeps 1), on top of `weight`. The detector's own gradient differs "
+        "from level to level (on HIT-UAV it is about ten times larger at P2 than at P3), so "
+        "one weight for all levels can pull one level several times as hard as the detector "
+        "does and another at a fraction of it; per-level weights set from the gradient "
+        "ratio (`python -m bench.calibrate --per-level`) even that out.",
+    )
     hmkd: HMKDOptions = Field(default_factory=HMKDOptions)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     fgd: FGDOptions = Field(default_factory=FGDOptions)
     mgd: MGDOptions = Field(default_factory=MGDOptions)
     response: ResponseOptions = Field(default_factory=ResponseOptions)
+
+    _level_names = field_validator("level_weights")(_known_level_names)
 
     @field_validator("levels")
     @classmethod
@@ -511,7 +555,12 @@ class TrainSpec(_Strict):
                     f"distill.levels: {role} ({model.arch}) has no level(s) {missing}; it has "
                     f"{list(PYRAMIDS[model.arch])}"
                 )
+        if self.distill.method != "none":
+            resolve_level_weights(levels, self.distill.level_weights, "distill.level_weights")
         if self.distill.method == "hmkd" and self.distill.hmkd.hm.enabled:
+            resolve_level_weights(
+                levels, self.distill.hmkd.hm.level_weights, "distill.hmkd.hm.level_weights"
+            )
             numbers = sorted(int(lv[1:]) for lv in levels)
             if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
                 raise ValueError(

@@ -8,10 +8,13 @@ detector whose features were captured by hooks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from hmkd_core.spec import resolve_level_weights
 
 
 def level_stride(level: str) -> int:
@@ -36,22 +39,48 @@ class DistillInputs:
 
 
 class Distiller(nn.Module):
-    """Base class: subclasses set `levels` and implement `forward` returning `loss_*` entries."""
+    """Base class: subclasses set `levels` and implement `level_losses`, whose `loss_*` entries
+    each end in the level they were computed at (`loss_mimic_p2`).
+
+    `forward` multiplies each entry by its level's weight (`DistillSpec.level_weights`), so the
+    multiplier is applied the same way for every method and only here.
+    """
 
     levels: tuple[str, ...]
 
-    def __init__(self, levels: tuple[str, ...] | list[str]) -> None:
+    def __init__(
+        self, levels: Sequence[str], level_weights: Mapping[str, float] | None = None
+    ) -> None:
         super().__init__()
         self.levels = tuple(levels)
+        self.level_weights = resolve_level_weights(
+            self.levels, level_weights or {}, "distill.level_weights"
+        )
 
-    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+        losses = self.level_losses(inputs)
+        if all(w == 1.0 for w in self.level_weights.values()):
+            return losses
+        return {
+            name: self.level_weights[level_of(name, self.levels)] * v for name, v in losses.items()
+        }
+
+
+def level_of(name: str, levels: Sequence[str]) -> str:
+    """The level a loss entry was computed at, from its name's last part: `loss_hm_p3` -> `p3`."""
+    level = name.rsplit("_", 1)[-1]
+    if level not in levels:
+        raise ValueError(f"distiller loss {name!r} names no distilled level ({list(levels)})")
+    return level
 
 
 class NoDistiller(Distiller):
     """`none`: the student alone. Returns no losses, has no parameters."""
 
-    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+    def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:
         return {}
 
 

@@ -10,7 +10,7 @@ GcBlock, both trained by this loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,15 +74,16 @@ class FGDDistiller(Distiller):
         teacher_channels: int,
         opts: FGDOptions,
         scale: float = 1.0,
+        level_weights: Mapping[str, float] | None = None,
     ) -> None:
-        super().__init__(levels)
+        super().__init__(levels, level_weights)
         self.opts = opts
         self.weight = opts.weight * scale
         self.align = build_aligners(self.levels, student_channels, teacher_channels)
         self.gc_student = nn.ModuleDict({lv: GcBlock(teacher_channels) for lv in self.levels})
         self.gc_teacher = nn.ModuleDict({lv: GcBlock(teacher_channels) for lv in self.levels})
 
-    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+    def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:
         check_inputs(self, inputs)
         teacher = {lv: inputs.teacher[lv].detach() for lv in self.levels}
         masks = level_masks(inputs.boxes, teacher, self.levels) if self.opts.focal.enabled else {}

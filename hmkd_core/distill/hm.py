@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hmkd_core.distill.attention import WindowCrossAttention
 from hmkd_core.distill.base import level_stride
 from hmkd_core.distill.mgd import Generator, random_spatial_mask
-from hmkd_core.spec import HMOptions
+from hmkd_core.spec import HMOptions, resolve_level_weights
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -46,23 +46,6 @@ def consecutive_levels(levels: Sequence[str]) -> tuple[str, ...]:
                 "distil e.g. p2,p3,p4 or p3,p4,p5, or turn hm off"
             )
     return ordered
-
-
-def resolve_level_weights(
-    levels: Sequence[str], level_weights: Mapping[str, float]
-) -> dict[str, float]:
-    """Per-level lambda: named weights, 1.0 for levels not named.
-
-    A non-default weight for a level that is not distilled is refused: it would silently do
-    nothing (e.g. `p2` on a RetinaNet whose finest level is P3).
-    """
-    stray = {lv: wt for lv, wt in level_weights.items() if lv not in levels and wt != 1.0}
-    if stray:
-        raise ValueError(
-            f"hm.level_weights names level(s) {sorted(stray)} that are not distilled "
-            f"({list(levels)}); remove them or distil those levels"
-        )
-    return {lv: float(level_weights.get(lv, 1.0)) for lv in levels}
 
 
 def hm_weights(fg: Tensor, weight: Tensor, background_weight: float) -> Tensor:
@@ -212,7 +195,9 @@ class HierarchicalMatching(nn.Module):
         self.uniform = opts.cell_weights == "uniform"
         self.mask_ratio = opts.mask_ratio
         self.query_pool = opts.query_pool
-        self.level_weights = resolve_level_weights(self.levels, opts.level_weights)
+        self.level_weights = resolve_level_weights(
+            self.levels, opts.level_weights, "hm.level_weights"
+        )
         self.query_levels = deep_levels(self.levels) if opts.query_levels == "deep" else self.levels
         self.encoder: nn.Module = (
             DeepEncoder(self.query_levels, channels, opts.dim)

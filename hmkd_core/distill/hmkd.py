@@ -8,7 +8,7 @@ feature comparison share it, so both train the same student-side projection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
@@ -33,8 +33,9 @@ class HMKDDistiller(Distiller):
         teacher_channels: int,
         opts: HMKDOptions,
         scale: float = 1.0,
+        level_weights: Mapping[str, float] | None = None,
     ) -> None:
-        super().__init__(levels)
+        super().__init__(levels, level_weights)
         if not (opts.hm.enabled or opts.sdm.enabled):
             raise ValueError("hmkd needs hm or sdm enabled (use method: none for neither)")
         self.opts = opts
@@ -49,7 +50,7 @@ class HMKDDistiller(Distiller):
             else None
         )
 
-    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+    def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:
         check_inputs(self, inputs)
         teacher = {lv: inputs.teacher[lv].detach() for lv in self.levels}
         aligned = {lv: self.align[lv](inputs.student[lv]) for lv in self.levels}

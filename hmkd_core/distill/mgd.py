@@ -8,7 +8,7 @@ generator is training-only; it pushes the student to encode neighbourhood contex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,14 +51,15 @@ class MGDDistiller(Distiller):
         teacher_channels: int,
         opts: MGDOptions,
         scale: float = 1.0,
+        level_weights: Mapping[str, float] | None = None,
     ) -> None:
-        super().__init__(levels)
+        super().__init__(levels, level_weights)
         self.mask_ratio = opts.mask_ratio
         self.weight = opts.weight * scale
         self.align = build_aligners(self.levels, student_channels, teacher_channels)
         self.generate = nn.ModuleDict({lv: Generator(teacher_channels) for lv in self.levels})
 
-    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+    def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:
         check_inputs(self, inputs)
         losses = {}
         for lv in self.levels:

@@ -6,7 +6,7 @@ channel, foreground or not: what HMKD's background handling is measured against.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,12 +26,13 @@ class MimicDistiller(Distiller):
         teacher_channels: int,
         opts: MimicOptions,
         scale: float = 1.0,
+        level_weights: Mapping[str, float] | None = None,
     ) -> None:
-        super().__init__(levels)
+        super().__init__(levels, level_weights)
         self.weight = opts.weight * scale
         self.align = build_aligners(self.levels, student_channels, teacher_channels)
 
-    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+    def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:
         check_inputs(self, inputs)
         return {
             f"loss_mimic_{lv}": self.weight

@@ -1,7 +1,8 @@
 """Method name -> distiller class, and the one function that builds a distiller from the spec.
 
 `DistillSpec.weight` (the whole-loss multiplier) is passed to the distiller as `scale` here and
-nowhere else; each method's own weights (`mimic.weight`, `hmkd.w_hm`, ...) are applied inside.
+nowhere else, and `DistillSpec.level_weights` beside it; each method's own weights
+(`mimic.weight`, `hmkd.w_hm`, ...) are applied inside.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def build_distiller(
         teacher_channels=teacher_channels,
         opts=opts,
         scale=spec.weight,
+        level_weights=spec.level_weights,
     )
 
 

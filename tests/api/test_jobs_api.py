@@ -207,6 +207,16 @@ def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
         ),
         ({"distill": {"method": "mimic", "levels": ["p7"]}}, "distill.levels", "no level"),
         ({"eval": {"metric": "mAP"}}, "eval.metric", "not reported"),
+        (  # p5 is in the pyramid but not distilled: its multiplier would do nothing
+            {"distill": {"method": "mimic", "level_weights": {"p5": 2.0}}},
+            "distill.level_weights",
+            "not distilled",
+        ),
+        (
+            {"distill": {"method": "hmkd", "hmkd": {"hm": {"level_weights": {"p6": 0.5}}}}},
+            "distill.hmkd.hm.level_weights",
+            "not distilled",
+        ),
         (
             {
                 "teacher": {**teacher, "arch": "retinanet"},

@@ -32,3 +32,20 @@ def test_every_presets_overrides_make_valid_specs() -> None:
         for row in preset.row_overrides:
             assert row in ROWS
             DistillSpec.model_validate(row_distill(preset, row))
+
+
+def test_a_presets_level_weights_reach_its_methods_rows_and_multiply_a_rows_own() -> None:
+    preset = replace(
+        CPU_SCRATCH,
+        weights={"hmkd": 2.0},
+        level_weights={"hmkd": {"p2": 4.0, "p3": 0.5, "p4": 1.0}},
+    )
+    plain = row_distill(preset, "hmkd")
+    assert plain["weight"] == 2.0
+    assert plain["level_weights"] == {"p2": 4.0, "p3": 0.5, "p4": 1.0}
+    DistillSpec.model_validate(plain)
+    own = replace(preset, row_overrides={"hmkd": {"level_weights": {"p3": 3.0}}})
+    assert row_distill(own, "hmkd")["level_weights"] == {"p2": 4.0, "p3": 1.5, "p4": 1.0}
+    # another method's rows, and the student alone, are untouched
+    assert "level_weights" not in row_distill(preset, "mimic")
+    assert "level_weights" not in row_distill(preset, "none")

@@ -130,3 +130,34 @@ def test_teacher_gets_no_gradient_whatever_the_method(make_inputs) -> None:
     for config in CONFIGS:
         sum(build(config, 16, 32)(inputs).values()).backward()
     assert all(feat.grad is None for feat in inputs.teacher.values())
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_level_weights_multiply_each_level_of_every_method(config: str, make_inputs) -> None:
+    inputs = make_inputs(16, 32)
+    weights = {"p2": 3.0, "p3": 0.0}  # p4 not named: kept at 1
+    torch.manual_seed(1)
+    plain = build(config, 16, 32)
+    torch.manual_seed(1)
+    weighted = build(config, 16, 32, level_weights=weights)
+    assert weighted.state_dict().keys() == plain.state_dict().keys()
+    for a, b in zip(plain.state_dict().values(), weighted.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)  # the same distiller; only the multipliers differ
+    # the same random draws (MGD's masks) on both sides
+    torch.manual_seed(2)
+    want = plain(inputs)
+    torch.manual_seed(2)
+    got = weighted(inputs)
+    assert set(got) == set(want)
+    for name, loss in want.items():
+        factor = weights.get(name.rsplit("_", 1)[-1], 1.0)
+        torch.testing.assert_close(got[name], factor * loss, msg=name)
+
+
+def test_level_weights_for_a_level_not_distilled_are_refused() -> None:
+    spec = DistillSpec.model_validate({**CONFIGS["mimic"], "level_weights": {"p5": 2.0}})
+    with pytest.raises(ValueError, match=r"distill\.level_weights: level\(s\) \['p5'\] are not"):
+        build_distiller(spec, levels=LEVELS, student_channels=8, teacher_channels=8)
+    # a weight of 1 for a level not distilled changes nothing, so it is let through
+    spec = DistillSpec.model_validate({**CONFIGS["mimic"], "level_weights": {"p5": 1.0}})
+    build_distiller(spec, levels=LEVELS, student_channels=8, teacher_channels=8)
