@@ -16,8 +16,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from hmkd_core.data.coco import DatasetError
-from hmkd_core.data.summary import SplitSummary, check_same_categories, summarize_split
+from hmkd_core.data.coco import DatasetError, check_same_categories
+from hmkd_core.data.summary import SplitSummary, summarize_split
 from hmkd_core.spec import TrainSpec
 
 
@@ -78,7 +78,11 @@ def check_data(spec: TrainSpec) -> list[str]:
             raise DataFieldError(_field_of(err, split), str(err)) from None
     if "train" in summaries and "val" in summaries and spec.data.val is not None:
         try:
-            check_same_categories(summaries["train"], summaries["val"], spec.data.val.annotations)
+            check_same_categories(
+                summaries["train"].category_names,
+                summaries["val"].category_names,
+                spec.data.val.annotations,
+            )
         except DatasetError as err:
             raise DataFieldError("data.val.annotations", str(err)) from None
     return [w for split, s in summaries.items() for w in s.warnings(split)]

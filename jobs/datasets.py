@@ -27,8 +27,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from hmkd_core.data.coco import DatasetError
-from hmkd_core.data.summary import check_same_categories
+from hmkd_core.data.coco import DatasetError, check_same_categories
 from jobs.data_check import summary_of
 from jobs.lifecycle import Conflict, InvalidJob, NotFound
 from jobs.models import Dataset, DatasetUpload, User
@@ -339,7 +338,9 @@ def _create(
     if "val" in summaries:
         try:
             check_same_categories(
-                summaries["train"], summaries["val"], splits["val"]["annotations"]
+                summaries["train"].category_names,
+                summaries["val"].category_names,
+                splits["val"]["annotations"],
             )
         except DatasetError as err:
             raise InvalidJob("val", str(err)) from None

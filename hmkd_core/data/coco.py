@@ -232,6 +232,19 @@ def category_names(categories: list[dict[str, Any]]) -> list[tuple[int, str]]:
     return [(c["id"], str(c.get("name", c["id"]))) for c in ordered]
 
 
+def check_same_categories(
+    train: list[tuple[int, str]], val: list[tuple[int, str]], val_file: Path | str
+) -> None:
+    """Evaluation maps the detector's labels to category ids through the training split's
+    categories (`category_names` of each): a validation file listing others would be scored
+    against the wrong classes. One rule for the submit check and the trainer."""
+    if train != val:
+        raise DatasetError(
+            f"{val_file}: categories {val} differ from the training split's {train}; "
+            "both splits must list the same categories (ids and names)"
+        )
+
+
 def coco_from_dict(data: dict[str, Any]) -> COCO:
     """A pycocotools `COCO` index over already-parsed data (no second read, no chatter)."""
     coco = COCO()

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from hmkd_core.data.coco import (
-    DatasetError,
     build_records,
     check_files_exist,
     clip_xywh_boxes,
@@ -68,6 +67,11 @@ class SplitSummary:
     input_sizes: dict[str, int] = field(default_factory=dict)  # at the model's input size
     images_without_boxes: int = 0
     dropped: int = 0  # non-crowd boxes the loader drops: nothing of them is left in the image
+
+    @property
+    def category_names(self) -> list[tuple[int, str]]:
+        """(id, name) of each category in id order, as `coco.category_names` gives them."""
+        return [(c.id, c.name) for c in self.categories]
 
     @property
     def empty_categories(self) -> list[CategoryCount]:
@@ -154,18 +158,6 @@ def summarize_split(
         images_without_boxes=len(records) - len(boxed_images),
         dropped=len(plain) - int(kept.sum()),
     )
-
-
-def check_same_categories(train: SplitSummary, val: SplitSummary, val_file: Path | str) -> None:
-    """Evaluation maps the detector's labels to category ids through the training split's
-    categories: a validation file listing others would be scored against the wrong classes."""
-    ours = [(c.id, c.name) for c in train.categories]
-    theirs = [(c.id, c.name) for c in val.categories]
-    if ours != theirs:
-        raise DatasetError(
-            f"{val_file}: categories {theirs} differ from the training split's {ours}; "
-            "both splits must list the same categories (ids and names)"
-        )
 
 
 INPUT_SUFFIX = "_input"

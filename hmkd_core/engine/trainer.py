@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hmkd_core.atomic import remove_orphans
-from hmkd_core.data import CocoDetectionDataset, DatasetError, collate_detection
-from hmkd_core.data.coco import category_names
+from hmkd_core.data import CocoDetectionDataset, collate_detection
+from hmkd_core.data.coco import category_names, check_same_categories
 from hmkd_core.distill import build_distiller, build_response
 from hmkd_core.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from hmkd_core.engine.distributed import DistContext, any_true, gather_objects
@@ -86,13 +86,11 @@ class Trainer:
             if spec.data.val is not None
             else None
         )
-        # evaluation maps labels to category ids through the training split's list
-        if self.val_set is not None and (
-            category_names(self.val_set.categories) != category_names(self.train_set.categories)
-        ):
-            raise DatasetError(
-                f"{self.val_set.annotation_file}: its categories differ from the training "
-                "split's; both splits must list the same categories (ids and names)"
+        if self.val_set is not None:
+            check_same_categories(
+                category_names(self.train_set.categories),
+                category_names(self.val_set.categories),
+                self.val_set.annotation_file,
             )
         self.module = self._build_module().to(ctx.device)
         self.student = self.module.student

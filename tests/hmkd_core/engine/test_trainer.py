@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hmkd_core.data import DatasetError
 from hmkd_core.engine import RunDirError, StopAfter, TrainingError, train
 from hmkd_core.engine.trainer import NonFiniteLossError
 from hmkd_core.models import load_student
@@ -249,6 +250,21 @@ def test_splits_need_only_agree_on_category_ids_and_names(
     paths = {**tiny_digits, "train_annotations": annotations}
     result = train(tiny_spec(paths, schedule={"iterations": 1}), tmp_path / "run")
     assert result.status == "succeeded"
+
+
+def test_a_validation_split_of_other_categories_is_refused_before_training(
+    tiny_digits: dict, tmp_path: Path
+) -> None:
+    """The same rule as the submit check (`coco.check_same_categories`), for specs that reach
+    the trainer without it (`hmkd train`)."""
+    coco = json.loads(Path(tiny_digits["val_annotations"]).read_text())
+    coco["categories"][0]["name"] = "not a digit"
+    annotations = tmp_path / "val.json"
+    annotations.write_text(json.dumps(coco))
+    paths = {**tiny_digits, "val_annotations": annotations}
+    with pytest.raises(DatasetError, match=r"val\.json: categories .*'not a digit'.* differ"):
+        train(tiny_spec(paths, schedule={"iterations": 1}), tmp_path / "run")
+    assert not (tmp_path / "run" / "student.pt").exists()
 
 
 def test_evaluate_spec_refuses_a_student_trained_on_other_categories(
