@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -70,20 +71,49 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message names the field path and what is wrong."""
 
 
-class _Strict(BaseModel):
-    # Non-finite floats are refused: no loss weight or rate is meaningful as inf or NaN, and
-    # PostgreSQL's JSON cannot store them.
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field of this type takes a number and never a boolean (`float`, `int | None`,
+    `Annotated[float, ...]`)."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+    options = options or (annotation,)
+    return bool not in options and any(t in (int, float) for t in options)
+
+
+def _booleans_refused(value: Any, annotation: Any, where: str) -> None:
+    if isinstance(value, bool) and _wants_number(annotation):
+        raise ValueError(f"{where}expected a number, got {str(value).lower()}")
+    if isinstance(value, dict) and get_origin(annotation) is dict:
+        for key, item in value.items():
+            _booleans_refused(item, get_args(annotation)[1], f"{key}: ")
+
+
+class StrictModel(BaseModel):
+    """What every model read from a user refuses: unknown keys (a misspelt option would fall
+    back to its default), non-finite floats (no weight or rate is meaningful as inf or NaN,
+    and PostgreSQL's JSON cannot store them) and booleans given for numbers."""
+
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads `true` as 1 where a number is expected: `"lr": true` would train at
+        lr 1 without a word. Strings stay accepted (YAML reads `1e-4` as one)."""
+        if info.field_name is not None:
+            _booleans_refused(value, cls.model_fields[info.field_name].annotation, "")
+        return value
 
-class DatasetSplit(_Strict):
+
+class DatasetSplit(StrictModel):
     """A COCO-format split: an image folder and its annotation file."""
 
     images: Path
     annotations: Path
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     train: DatasetSplit
     val: DatasetSplit | None = None
     hflip: bool = Field(True, description="Random horizontal flip during training.")
@@ -95,7 +125,7 @@ class DataSpec(_Strict):
 NAMED_WEIGHTS = ("none", "imagenet", "coco")
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """A torchvision detector, built from parts by `hmkd_core.models.build_detector`."""
 
     arch: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
@@ -155,7 +185,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class HMOptions(_Strict):
+class HMOptions(StrictModel):
     """Hierarchical matching: teacher-side queries attend to the student's features."""
 
     enabled: bool = True
@@ -245,7 +275,7 @@ class HMOptions(_Strict):
         return self
 
 
-class FocalOptions(_Strict):
+class FocalOptions(StrictModel):
     """The focal (foreground/background, attention-weighted) feature terms of SDM and FGD."""
 
     enabled: bool = True
@@ -260,7 +290,7 @@ class FocalOptions(_Strict):
     )
 
 
-class HMKDOptions(_Strict):
+class HMKDOptions(StrictModel):
     hm: HMOptions = Field(default_factory=HMOptions)
     sdm: FocalOptions = Field(default_factory=FocalOptions)
     # The losses are sums over positions and channels of squared FPN differences, so their
@@ -280,11 +310,11 @@ class HMKDOptions(_Strict):
         return self
 
 
-class MimicOptions(_Strict):
+class MimicOptions(StrictModel):
     weight: float = Field(0.02, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
-class FGDOptions(_Strict):
+class FGDOptions(StrictModel):
     """FGD's official Faster R-CNN ratios: beta = alpha / 2, the attention weight gamma equal
     to alpha, the global (GcBlock) weight alpha / 100; temperature 0.5."""
 
@@ -295,14 +325,14 @@ class FGDOptions(_Strict):
     weight: float = Field(3e-5, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
-class MGDOptions(_Strict):
+class MGDOptions(StrictModel):
     mask_ratio: float = Field(
         0.45, ge=0.0, lt=1.0, description="MGD's ratio for detection (0.65 is its ImageNet one)."
     )
     weight: float = Field(2e-7, ge=0.0, description="Calibrated like HMKDOptions.w_hm.")
 
 
-class ResponseOptions(_Strict):
+class ResponseOptions(StrictModel):
     """Response distillation on what the student's heads were trained on, added to any feature
     method: the class scores and box deltas of its sampled RoIs, and its RPN's objectness.
 
@@ -360,7 +390,7 @@ METHOD_SUMMARIES: dict[str, str] = {
 assert tuple(METHOD_SUMMARIES) == METHODS
 
 
-class DistillSpec(_Strict):
+class DistillSpec(StrictModel):
     method: Method = "none"
     levels: list[str] | None = Field(
         None, description="Distilled levels; default p2,p3,p4 (the three finest the detector has)."
@@ -420,7 +450,7 @@ class DistillSpec(_Strict):
         return v
 
 
-class ScheduleSpec(_Strict):
+class ScheduleSpec(StrictModel):
     iterations: int = Field(1000, ge=1, le=MAX_ITERATIONS)
     batch_size: int = Field(2, ge=1, le=1024, description="Images per process per iteration.")
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -445,7 +475,7 @@ class ScheduleSpec(_Strict):
         return v
 
 
-class EvalSpec(_Strict):
+class EvalSpec(StrictModel):
     every: int = Field(
         0, ge=0, le=MAX_ITERATIONS, description="Evaluate every N iterations (0: only at the end)."
     )
@@ -471,14 +501,14 @@ class EvalSpec(_Strict):
         return v
 
 
-class CheckpointSpec(_Strict):
+class CheckpointSpec(StrictModel):
     every: int = Field(
         500, ge=1, le=MAX_ITERATIONS, description="Write a resumable checkpoint every N iterations."
     )
     keep: int = Field(2, ge=1, le=1000, description="How many periodic checkpoints to keep.")
 
 
-class RuntimeSpec(_Strict):
+class RuntimeSpec(StrictModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
@@ -487,7 +517,7 @@ class RuntimeSpec(_Strict):
     deterministic: bool = False
 
 
-class TrainSpec(_Strict):
+class TrainSpec(StrictModel):
     """Everything one training or distillation run needs; nothing about where it runs from."""
 
     data: DataSpec

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, status
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from api.deps import AdminUser, SessionDep
 from api.schemas import Problem
+from hmkd_core.spec import StrictModel
 from jobs import admin as admin_commands
 from jobs import auth
 
@@ -77,10 +78,9 @@ class TeamPublic(BaseModel):
     gpus_running: int = Field(description="GPUs (CPU jobs as one) its live jobs hold now.")
 
 
-class TeamChange(BaseModel):
+class TeamChange(StrictModel):
     """Fields left out stay as they are; `null` clears a quota or cap."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     share: float | None = Field(None, gt=0, le=1e6)
     gpu_quota: int | None = Field(None, ge=0, le=1_000_000)
     max_running: int | None = Field(None, ge=1, le=1_000_000)

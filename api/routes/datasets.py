@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
 from api.schemas import Problem
+from hmkd_core.spec import StrictModel
 from jobs import datasets
 from jobs.data_check import annotations_of, summary_of
 from jobs.lifecycle import InvalidJob, NotFound
@@ -29,8 +30,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 _REF = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}(@[0-9]{1,9})?$"
 
 
-class UploadStart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UploadStart(StrictModel):
     name: str = Field(pattern=_NAME, description="The dataset's name; a new version of it.")
     size: int = Field(ge=1, description="Bytes of the whole archive (zip or tar).")
 

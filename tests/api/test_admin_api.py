@@ -51,7 +51,8 @@ def test_admin_sets_a_teams_share_and_gpu_quota(
     r = client.put("/v1/admin/teams/beta", json={"gpu_quota": None})  # cleared; share stays
     assert r.json()["gpu_quota"] is None and r.json()["share"] == 3.0
     assert {t["name"] for t in client.get("/v1/admin/teams").json()} == {"alpha", "beta"}
-    for bad in ({"share": 0}, {"share": None}, {"gpu_quota": -1}, {"colour": "red"}):
+    bads = ({"share": 0}, {"share": None}, {"gpu_quota": -1}, {"colour": "red"})
+    for bad in (*bads, {"share": True}, {"max_running": False}):  # not read as 1 and 0
         r = client.put("/v1/admin/teams/beta", json=bad)
         assert r.status_code == 422, bad
         assert [e["field"] for e in r.json()["detail"]] == list(bad), r.text  # as every 422

@@ -207,7 +207,7 @@ def _with(spec: dict, path: str, value: object) -> dict:
         ("student.weights", "/weights\ud800.pt", "student.weights"),
         ("student.weights", "weights\udcff.pt", "student.weights"),
         ("eval.extra_area_ranges", {"\ud800": [0, 64]}, "eval.extra_area_ranges.\\ud800"),
-        ("distill.hmkd.hm.level_weights", {"\udcff": 1.0}, "distill.hmkd.hm.level_weights."),
+        ("distill.hmkd.hm.level_weights", {"\udcff": 1.0}, "distill.hmkd.hm.level_weights"),
     ],
 )
 def test_lone_surrogates_in_a_spec_name_the_field(

@@ -31,6 +31,9 @@ def test_defaults_parse() -> None:
         ("distill", {"method": "kd"}, "distill.method"),
         ("distill", {"levels": ["p9"]}, "distill.levels"),
         ("distill", {"level_weights": {"p9": 1.0}}, "distill.level_weights"),
+        ("schedule", {"lr": True}, "schedule.lr"),  # pydantic alone reads true as 1
+        ("schedule", {"clip_grad_norm": False}, "schedule.clip_grad_norm"),
+        ("distill", {"level_weights": {"p2": True}}, "distill.level_weights"),
         ("distill", {"level_weights": {"p2": -1.0}}, "distill.level_weights.p2"),
         ("distill", {"hmkd": {"hm": {"level_weights": {"x": 1.0}}}}, "distill.hmkd.hm.level_w"),
         ("student", {"anchor_sizes": [8, 16]}, "student.anchor_sizes"),
@@ -41,6 +44,14 @@ def test_bad_values_name_the_field(section: str, value: dict, path: str) -> None
     with pytest.raises(SpecError) as err:
         parse_spec(tiny_spec_dict(PATHS, **{section: value}))
     assert path in str(err.value)
+
+
+def test_numbers_may_come_as_strings_from_yaml_but_not_as_booleans() -> None:
+    spec = parse_spec(tiny_spec_dict(PATHS, schedule={"lr": "1e-4", "iterations": 3}))
+    assert spec.schedule.lr == 1e-4  # YAML reads 1e-4 (no dot) as a string
+    assert parse_spec(tiny_spec_dict(PATHS, data={"hflip": False})).data.hflip is False
+    with pytest.raises(SpecError, match="schedule.iterations: .*expected a number, got true"):
+        parse_spec(tiny_spec_dict(PATHS, schedule={"iterations": True}))
 
 
 def test_distillation_needs_a_trained_teacher() -> None:
