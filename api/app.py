@@ -152,14 +152,25 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "<body>"
 
 
+def _reported(e: dict[str, Any]) -> dict[str, Any]:
+    """One error as the API reports it. JSON that does not parse has no field: its location
+    is the character offset where parsing stopped, said in the message instead."""
+    loc, msg = tuple(e.get("loc", ())), e.get("msg", "")
+    if e.get("type") == "json_invalid":
+        at = [p for p in loc if isinstance(p, int)]
+        loc = ("body",)
+        msg = f"{msg} at character {at[0]}" if at else msg
+    return {
+        "field": _field(loc),
+        "msg": msg,
+        "type": e.get("type", ""),
+        "loc": [str(p)[:200] for p in loc],
+    }
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     everything = exc.errors()
-    errors = []
-    for e in everything[:MAX_REPORTED_ERRORS]:
-        errors.append(
-            {"field": _field(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            | {"loc": [str(p)[:200] for p in e.get("loc", ())]}
-        )
+    errors = [_reported(e) for e in everything[:MAX_REPORTED_ERRORS]]
     if len(everything) > MAX_REPORTED_ERRORS:
         more = len(everything) - MAX_REPORTED_ERRORS
         errors.append(

@@ -274,3 +274,27 @@ def test_a_path_that_cannot_be_resolved_is_422_naming_the_field(
     assert "train.images" in _fields(r)
     assert _jobs(service_settings) == 0
     assert client.get("/v1/datasets").json() == []
+
+
+def test_json_that_does_not_parse_is_blamed_on_the_body_on_every_json_route(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """The parser's character offset was reported as the field (`"field": "11"`)."""
+    job = submit(client, job_spec(dataset))
+    routes = [
+        ("post", "/v1/jobs"),
+        ("put", "/v1/admin/teams/alpha"),
+        ("post", "/v1/datasets/uploads"),
+        ("post", "/v1/datasets"),
+        ("post", f"/v1/jobs/{job['id']}/artifact-links"),
+    ]
+    for method, url in routes:
+        for body, at in (('{"share": 2', 11), ("[1,2", 4)):
+            r = getattr(client, method)(
+                url, content=body, headers={"content-type": "application/json"}
+            )
+            assert r.status_code == 422, (url, r.text)
+            (error,) = r.json()["detail"]
+            assert error["field"] == "<body>" and error["type"] == "json_invalid", (url, error)
+            assert error["msg"].endswith(f"at character {at}"), (url, error)
+    assert _jobs(service_settings) == 1
