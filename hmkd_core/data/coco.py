@@ -399,6 +399,17 @@ _SIDE_SWAPPING = {
 }
 
 
+def _turn(img: Image.Image, size: tuple[int, int] | None) -> Image.Transpose | None:
+    """The turn `upright` applies to `img`, or None."""
+    if size is None or img.size == size or img.size[::-1] != size:
+        return None
+    try:
+        orientation = img.getexif().get(0x0112)  # the Orientation tag
+    except Exception:  # PIL's EXIF parser raises many kinds on broken camera metadata
+        return None
+    return _SIDE_SWAPPING.get(orientation) if isinstance(orientation, int) else None
+
+
 def upright(img: Image.Image, size: tuple[int, int] | None) -> Image.Image:
     """`img` turned by its EXIF orientation when that swaps its sides and `size` (the
     annotation's width, height) is the turned photo's; else `img` as stored.
@@ -408,14 +419,36 @@ def upright(img: Image.Image, size: tuple[int, int] | None) -> Image.Image:
     the boxes were drawn on. Where it does not (upside down, mirrored) nothing tells, and the
     stored pixels are read, as torchvision's own reader reads them. A malformed EXIF block is
     read as no orientation: the pixels are still the image."""
-    if size is None or img.size == size or img.size[::-1] != size:
-        return img
-    try:
-        orientation = img.getexif().get(0x0112)  # the Orientation tag
-    except Exception:  # PIL's EXIF parser raises many kinds on broken camera metadata
-        return img
-    turn = _SIDE_SWAPPING.get(orientation) if isinstance(orientation, int) else None
+    turn = _turn(img, size)
     return img.transpose(turn) if turn is not None else img
+
+
+def check_images_open(records: dict[int, _ImageRecord], source: Path) -> None:
+    """Every image's header opens and gives the size its annotation declares (after the turn
+    `upright` would apply), read without decoding the pixels: a file that is not an image,
+    or of another size, then fails the check before training instead of the job after it
+    queued. A file whose header is sound but whose pixels are truncated still fails only
+    when decoded."""
+    problems = []
+    for record in records.values():
+        declared = (record.width, record.height)
+        try:
+            with Image.open(record.path) as img:
+                size = img.size[::-1] if _turn(img, declared) is not None else img.size
+        except Exception as err:  # PIL's parsers raise many kinds (SyntaxError among them)
+            problems.append(
+                f"image id {record.image_id}: file {record.path} in the images folder cannot "
+                f"be decoded ({type(err).__name__}: {err}); replace or remove it"
+            )
+            continue
+        if size != declared:
+            problems.append(
+                f"image id {record.image_id}: {record.path} is {size[0]}x{size[1]} but the "
+                f"annotation says {declared[0]}x{declared[1]}; fix 'width'/'height' or the file"
+            )
+    if problems:
+        more = f" ({len(problems) - 1} more image(s) with a problem)" if len(problems) > 1 else ""
+        raise DatasetError(f"{source}: {problems[0]}{more}")
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:

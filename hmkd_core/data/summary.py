@@ -20,6 +20,7 @@ import numpy as np
 from hmkd_core.data.coco import (
     build_records,
     check_files_exist,
+    check_images_open,
     clip_xywh_boxes,
     read_annotation_file,
 )
@@ -126,6 +127,7 @@ def summarize_split(
     label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
     records, report = build_records(data, images_dir, label_of)
     check_files_exist(records, images_dir, source)
+    check_images_open(records, source)
     per_category: Counter[int] = Counter()
     native: Counter[str] = Counter()
     at_input: Counter[str] = Counter()

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from jobs.settings import Settings
-from tests.conftest import tiny_model, tiny_spec_dict
+from tests.conftest import png_bytes, tiny_model, tiny_spec_dict
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -23,7 +23,7 @@ def bearer(token: str) -> dict[str, str]:
 @pytest.fixture
 def dataset(service_settings: Settings) -> dict[str, Path]:
     """Paths of a one-image COCO split pair under the dataset root. The API checks the
-    annotations and that each image file exists, never its pixels; nothing here trains."""
+    annotations and each image's header, never its pixels; nothing here trains."""
     root = service_settings.dataset_roots[0] / "digits"
     paths = {}
     coco = {
@@ -34,7 +34,7 @@ def dataset(service_settings: Settings) -> dict[str, Path]:
     for split in ("train", "val"):
         images = root / split / "images"
         images.mkdir(parents=True)
-        (images / "0.png").write_bytes(b"")
+        (images / "0.png").write_bytes(png_bytes(64, 64))
         annotations = root / split / "annotations.json"
         annotations.write_text(json.dumps(coco))
         paths[f"{split}_images"], paths[f"{split}_annotations"] = images, annotations

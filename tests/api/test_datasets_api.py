@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from jobs.settings import Settings
 from tests.api.conftest import bearer, job_spec, submit
+from tests.conftest import png_bytes
 
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}]
 
@@ -40,7 +41,7 @@ def _files(prefix: str = "", *, missing: bool = False) -> dict[str, bytes]:
             _coco(n, missing=missing and split == "train")
         ).encode()
         for i in range(1, n + 1):
-            files[f"{prefix}{split}/images/{i}.png"] = b"\x89PNG fake " + bytes([i])
+            files[f"{prefix}{split}/images/{i}.png"] = png_bytes(640, 512, i)
     return files
 
 
@@ -157,7 +158,7 @@ def _coco_with(**changes: Any) -> dict[str, bytes]:
     coco = _coco(1)
     for key, value in changes.items():
         coco[key] = value
-    return {"annotations.json": json.dumps(coco).encode(), "images/1.png": b"png"}
+    return {"annotations.json": json.dumps(coco).encode(), "images/1.png": png_bytes(640, 512)}
 
 
 @pytest.mark.parametrize(
@@ -208,6 +209,11 @@ def _coco_with(**changes: Any) -> dict[str, bytes]:
         (_tar_in("export\t1"), "archive", "control characters or bytes that are not UTF-8"),
         (_zip({"readme.txt": b"hi"}), "archive", "found no train/annotations.json"),
         (_zip(_files(missing=True)), "train", "train/images/gone.png not found"),
+        (
+            _zip({**_files(), "val/images/2.png": b"not an image"}),
+            "val",
+            "val/images/2.png in the images folder cannot be decoded",
+        ),
         (b"not an archive at all", "archive", "not a zip or tar archive"),
     ],
 )
@@ -306,6 +312,6 @@ def test_samples_and_images_to_draw(client: TestClient) -> None:
     assert [s["image_id"] for s in samples] == [1, 2]
     assert samples[0]["boxes"] == [{"bbox": [10.0, 10.0, 12.0, 20.0], "category": "car"}]
     r = client.get("/v1/datasets/drawn/images/2", params={"split": "val"})
-    assert r.status_code == 200 and r.content == b"\x89PNG fake \x02"
+    assert r.status_code == 200 and r.content == png_bytes(640, 512, 2)
     assert client.get("/v1/datasets/drawn/images/9").status_code == 404
     assert client.get("/v1/datasets/drawn@1/samples", params={"split": "test"}).status_code == 422

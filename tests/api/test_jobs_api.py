@@ -19,7 +19,7 @@ from jobs.db import session_scope
 from jobs.models import Job
 from jobs.settings import Settings
 from tests.api.conftest import bearer, distill_spec, job_spec, run_to_end, submit
-from tests.conftest import export_tiny_student, tiny_model
+from tests.conftest import export_tiny_student, png_bytes, tiny_model
 
 
 def _count_jobs(settings: Settings) -> int:
@@ -690,10 +690,29 @@ def test_methods_are_listed_from_the_one_list_the_spec_validates_against(
 def test_a_jobs_validation_images_are_served_to_its_team_only(
     client: TestClient, dataset: dict[str, Path], other_team_user: tuple[Any, str]
 ) -> None:
-    (dataset["val_images"] / "0.png").write_bytes(b"\x89PNG val")
+    (dataset["val_images"] / "0.png").write_bytes(png_bytes(64, 64, 7))
     job = submit(client, job_spec(dataset))
     r = client.get(f"/v1/jobs/{job['id']}/images/1")
-    assert r.status_code == 200 and r.content == b"\x89PNG val"
+    assert r.status_code == 200 and r.content == png_bytes(64, 64, 7)
     assert client.get(f"/v1/jobs/{job['id']}/images/2").status_code == 404
     theirs = client.get(f"/v1/jobs/{job['id']}/images/1", headers=bearer(other_team_user[1]))
     assert theirs.status_code == 404
+
+
+def test_an_image_that_does_not_open_or_differs_in_size_is_a_422_at_submit(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """Found before, only by the worker once the job ran."""
+    (dataset["train_images"] / "0.png").write_bytes(b"GIF89a broken")
+    r = client.post("/v1/jobs", json=job_spec(dataset))
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["field"] == "data.train.images" and "cannot be decoded" in error["msg"]
+    (dataset["val_images"] / "0.png").write_bytes(png_bytes(32, 64))
+    (dataset["train_images"] / "0.png").write_bytes(png_bytes(64, 64))
+    r = client.post("/v1/jobs", json=job_spec(dataset))
+    (error,) = r.json()["detail"]
+    assert error["field"] == "data.val.annotations"
+    assert "is 32x64 but the annotation says 64x64" in error["msg"]
+    with session_scope(service_settings.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0

@@ -50,7 +50,7 @@ def test_numbers_may_come_as_strings_from_yaml_but_not_as_booleans() -> None:
     spec = parse_spec(tiny_spec_dict(PATHS, schedule={"lr": "1e-4", "iterations": 3}))
     assert spec.schedule.lr == 1e-4  # YAML reads 1e-4 (no dot) as a string
     assert parse_spec(tiny_spec_dict(PATHS, data={"hflip": False})).data.hflip is False
-    with pytest.raises(SpecError, match="schedule.iterations: .*expected a number, got true"):
+    with pytest.raises(SpecError, match=r"schedule\.iterations: .*expected a number, got true"):
         parse_spec(tiny_spec_dict(PATHS, schedule={"iterations": True}))
 
 

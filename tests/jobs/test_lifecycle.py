@@ -30,11 +30,12 @@ from jobs.lifecycle import (
 from jobs.models import Job, JobEvent, JobState, User, utcnow
 from jobs.schemas import JobSpec
 from jobs.settings import Settings
+from tests.conftest import png_bytes
 
 
 def _spec(root: Path, **extra: object) -> JobSpec:
     (root / "d" / "img").mkdir(parents=True, exist_ok=True)
-    (root / "d" / "img" / "0.png").write_bytes(b"")  # the submit check reads no pixels
+    (root / "d" / "img" / "0.png").write_bytes(png_bytes(8, 8))
     image = {"id": 1, "file_name": "0.png", "width": 8, "height": 8}
     box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}
     coco = {"images": [image], "annotations": [box], "categories": [{"id": 1, "name": "c"}]}

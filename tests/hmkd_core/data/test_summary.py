@@ -9,6 +9,7 @@ import pytest
 
 from hmkd_core.data import DatasetError
 from hmkd_core.data.summary import input_area_ranges, resize_scale, size_bin, summarize_split
+from tests.conftest import png_bytes
 
 
 def _split(
@@ -16,7 +17,7 @@ def _split(
 ) -> tuple[Path, Path]:
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.png").write_bytes(b"")
+    (images / "a.png").write_bytes(png_bytes(width, height))
     anns = [
         {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box} for i, box in enumerate(boxes)
     ]
@@ -87,3 +88,26 @@ def test_a_split_whose_every_box_is_dropped_has_no_boxes(tmp_path: Path) -> None
     assert "data.train: no boxes at all; the detector learns only background" in train
     assert any(w.startswith("data.val: no boxes at all; every AP is undefined") for w in val)
     assert any("data.val: 2 box(es) dropped" in w and "evaluation" in w for w in val)
+
+
+def test_a_summary_opens_every_images_header_and_checks_its_size(tmp_path: Path) -> None:
+    """What failed the job in the worker, after it queued, fails the check at submit."""
+    images, annotations = _split(tmp_path, [[0, 0, 20, 20]], width=64, height=48)
+    summarize_split(images, annotations)
+    (images / "a.png").write_bytes(png_bytes(48, 64))  # the sides swapped, no EXIF turn
+    with pytest.raises(DatasetError, match=r"a\.png is 48x64 but the annotation says 64x48"):
+        summarize_split(images, annotations)
+    (images / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.raises(DatasetError, match=r"file .*a\.png in the images folder cannot be decoded"):
+        summarize_split(images, annotations)
+
+
+def test_a_summary_counts_the_other_unreadable_images(tmp_path: Path) -> None:
+    images, annotations = _split(tmp_path, [[0, 0, 20, 20]], width=64, height=48)
+    coco = json.loads(annotations.read_text())
+    for i in (2, 3):
+        coco["images"].append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 48})
+        (images / f"{i}.png").write_text("not an image")
+    annotations.write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match=r"image id 2: .* \(1 more image\(s\) with a problem\)"):
+        summarize_split(images, annotations)
