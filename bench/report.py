@@ -580,6 +580,12 @@ def _page(
 ) -> str:
     teacher = found["teacher"]
     weights = ", ".join(f"{m} {w:g}" for m, w in sorted(preset.weights.items()))
+    if preset.level_weights:  # calibrated level by level (`bench.calibrate --per-level`)
+        per_level = "; ".join(
+            f"{m} " + ", ".join(f"{lv} {w:g}" for lv, w in levels.items())
+            for m, levels in sorted(preset.level_weights.items())
+        )
+        weights += f"; times each level's weight: {per_level}"
     rows_spec = [
         f"- `{r}`: `{json.dumps(row_distill(preset, r))}`"
         + (", from a random teacher (`bench.controls`)" if is_control(r) else "")
