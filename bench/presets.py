@@ -632,10 +632,10 @@ HITUAV_CPU_NATIVE_TEACHER_CALIBRATED = replace(
 )
 
 # The `hituav-cpu` stages, each feature method calibrated level by level
-# (`python -m bench.calibrate --per-level`): one weight per method set on the ratio over all
-# levels left HMKD pulling P3 and P4 several times as hard as the detector does there and P2,
-# the small objects' level, at a fraction of it, because the detector's own gradient is about
-# ten times larger at P2. Here each level pulls half its own detection gradient.
+# (`python -m bench.calibrate --per-level`). The detector's own gradient is 10 to 13 times
+# larger at P2 than at P3 or P4, so one weight per method, set on the ratio over all levels,
+# left HMKD pulling P4 three times as hard as the detector does there, P3 as hard, and P2, the
+# small objects' level, at half. Here each level pulls half its own detection gradient.
 HITUAV_CPU_LEVEL_CALIBRATED = replace(
     HITUAV_CPU,
     name="hituav-cpu-level-calibrated",

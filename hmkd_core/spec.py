@@ -425,7 +425,7 @@ class DistillSpec(StrictModel):
         default_factory=dict,
         description="Multiplies every term of the feature method at each named level (a "
         "level not named keeps 1), on top of `weight`. The detector's own gradient differs "
-        "from level to level (on HIT-UAV it is about ten times larger at P2 than at P3), so "
+        "from level to level (on HIT-UAV it is 10 to 13 times larger at P2 than at P3 or P4), so "
         "one weight for all levels can pull one level several times as hard as the detector "
         "does and another at a fraction of it; per-level weights set from the gradient "
         "ratio (`python -m bench.calibrate --per-level`) even that out.",
