@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from sqlalchemy import func, select
 
 
@@ -70,10 +71,11 @@ class Outcome:
 
 
 def _dataset(root: Path) -> dict[str, Any]:
-    """One tiny COCO split on disk: submit_job checks the data a spec names."""
+    """One tiny COCO split on disk: submit_job checks the data a spec names, each image's
+    header included."""
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
-    (images / "1.png").write_bytes(b"")
+    Image.new("L", (64, 64)).save(images / "1.png")
     coco = {
         "images": [{"id": 1, "file_name": "1.png", "width": 64, "height": 64}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8]}],
