@@ -9,7 +9,7 @@ the worst kind of bug in an experiment.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -43,11 +43,12 @@ MAX_SEED = 2**31 - 1
 LevelWeights = dict[str, Annotated[float, Field(ge=0.0)]]
 
 
-def _known_level_names(weights: Mapping[str, float]) -> Mapping[str, float]:
-    bad = sorted(lv for lv in weights if lv not in LEVELS)
+def _known_level_names(names: Iterable[str]) -> Iterable[str]:
+    """`names` (a list of levels, or a mapping keyed by level) if every one is an FPN level."""
+    bad = [lv for lv in names if lv not in LEVELS]
     if bad:
         raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVELS)}")
-    return weights
+    return names
 
 
 def resolve_level_weights(
@@ -442,9 +443,7 @@ class DistillSpec(StrictModel):
     @classmethod
     def _known_levels(cls, v: list[str] | None) -> list[str] | None:
         if v is not None:
-            bad = [lv for lv in v if lv not in LEVELS]
-            if bad:
-                raise ValueError(f"unknown level(s) {bad}; choose from {list(LEVELS)}")
+            _known_level_names(v)
             if len(set(v)) != len(v) or not v:
                 raise ValueError("levels must be distinct and non-empty")
         return v
