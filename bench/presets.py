@@ -644,6 +644,23 @@ HITUAV_CPU_LEVEL_CALIBRATED = replace(
     rows=("none", "hmkd", "mimic", "fgd", "mgd"),
 )
 
+# The `hituav-cpu` stages, each feature method comparing standardized maps
+# (`distill.standardize`: each image's channel at zero mean and unit variance, the student's
+# after its adapter; Pearson-correlation distillation). On every pair a feature pull cost the
+# warm student AP_S, more the harder it pulled, and a random teacher's pull cost at least as
+# much as the trained teacher's: the cost is in moving the student's features at all, and the
+# detector head, fitted to the student's own channel scales, pays for a pull toward the
+# teacher's. Standardized, the pull asks only for the teacher's pattern of activity. The
+# weights are calibrated on the standardized methods (the rows named after a method are
+# standardized here); the `none` runs are the controls table's.
+HITUAV_CPU_STANDARDIZED = replace(
+    HITUAV_CPU,
+    name="hituav-cpu-standardized",
+    weights=calibrated("hituav-cpu-standardized"),
+    rows=("none", "hmkd", "mimic"),
+    row_overrides={m: {"standardize": True} for m in ("hmkd", "mimic", "fgd", "mgd")},
+)
+
 # The same first stages as `hituav-cpu`, then a stage still gaining continues for one more
 # chunk (800 iterations at its own batch size). On every `hituav-cpu` pair the teacher was
 # only about 4 AP_S above the base, and the student alone reached within 2 AP_S of it in 600
@@ -742,6 +759,7 @@ PRESETS = {
         HITUAV_CPU_NATIVE_TEACHER,
         HITUAV_CPU_NATIVE_TEACHER_CALIBRATED,
         HITUAV_CPU_LEVEL_CALIBRATED,
+        HITUAV_CPU_STANDARDIZED,
         HITUAV_CPU_EXTENDED,
         HITUAV_CPU_EXTENDED_BASE,
         HITUAV_CPU_CONTROLS,

@@ -35,6 +35,7 @@ LATER_OPTIONS: dict[tuple[str, ...], Any] = {
     ("distill", "align_iters"): 0,
     ("distill", "clip_apart"): False,
     ("distill", "level_weights"): {},
+    ("distill", "standardize"): False,
     ("distill", "hmkd", "hm", "cell_weights"): "masks",
     ("distill", "hmkd", "hm", "generator"): False,
     ("distill", "hmkd", "hm", "generator_kernel"): 3,

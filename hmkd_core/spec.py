@@ -9,6 +9,8 @@ the worst kind of bug in an experiment.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import UnionType
@@ -19,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -37,6 +40,13 @@ REPORTED_METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR@100")
 # Counts stored by the service in 32-bit columns, and far past any real schedule.
 MAX_ITERATIONS = 100_000_000
 MAX_SEED = 2**31 - 1
+
+
+def deep_levels(levels: Iterable[str], count: int = 2) -> tuple[str, ...]:
+    """The `count` pyramid levels just coarser than the coarsest distilled one: p2..p4 -> p5,
+    p6. What `hmkd.hm.query_levels: deep` reads from the teacher."""
+    coarsest = max(int(lv[1:]) for lv in levels)
+    return tuple(f"p{coarsest + k}" for k in range(1, count + 1))
 
 
 # Per-level loss multipliers, by FPN level name; a level not named keeps 1.
@@ -124,6 +134,8 @@ class DataSpec(StrictModel):
 # `ModelSpec.weights` values that name weights instead of a file: no weights, torchvision's
 # ImageNet backbone, torchvision's COCO detector
 NAMED_WEIGHTS = ("none", "imagenet", "coco")
+# The backbones torchvision publishes a COCO-trained detector for (Faster R-CNN and RetinaNet)
+COCO_WEIGHTS_BACKBONES = ("resnet50",)
 
 
 class ModelSpec(StrictModel):
@@ -167,7 +179,10 @@ class ModelSpec(StrictModel):
         description="Faster R-CNN RoIs sampled per image for the box head loss.",
     )
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        (0.229, 0.224, 0.225),
+        description="Per-channel divisor of the normalised image; each must be > 0.",
+    )
 
     @field_validator("anchor_sizes")
     @classmethod
@@ -183,6 +198,11 @@ class ModelSpec(StrictModel):
     def _sizes(self) -> ModelSpec:
         if self.max_size < self.min_size:
             raise ValueError("max_size must be >= min_size")
+        if self.weights == "coco" and self.backbone not in COCO_WEIGHTS_BACKBONES:
+            raise ValueError(
+                f"weights: COCO weights exist for {' and '.join(COCO_WEIGHTS_BACKBONES)} "
+                f"detectors only, not {self.backbone}; use weights: imagenet or a path"
+            )
         return self
 
 
@@ -431,6 +451,13 @@ class DistillSpec(StrictModel):
         "does and another at a fraction of it; per-level weights set from the gradient "
         "ratio (`python -m bench.calibrate --per-level`) even that out.",
     )
+    standardize: bool = Field(
+        False,
+        description="Compare the feature method's student and teacher maps standardized per "
+        "image and channel (zero mean, unit variance over positions; Pearson-correlation "
+        "distillation): the student is pulled toward the teacher's pattern of activity, not "
+        "its magnitudes. The student side is standardized after its adapter.",
+    )
     hmkd: HMKDOptions = Field(default_factory=HMKDOptions)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
     fgd: FGDOptions = Field(default_factory=FGDOptions)
@@ -474,6 +501,37 @@ class ScheduleSpec(StrictModel):
         return v
 
 
+# COCOeval's own area range labels, which an extra range may not reuse
+COCO_AREA_RANGES = frozenset({"all", "small", "medium", "large", "S", "M", "L"})
+AREA_RANGE_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
+
+
+def check_area_ranges(
+    ranges: Mapping[str, tuple[float, float]],
+) -> dict[str, tuple[float, float]]:
+    """Extra COCO area ranges, checked once for the spec at submit and for the evaluator: each
+    becomes a metric `AP_<name>`, so the name must not shadow COCO's and must be a plain key."""
+    for name, bounds in ranges.items():
+        if name in COCO_AREA_RANGES:
+            raise ValueError(
+                f"extra area range {name!r} clashes with a standard COCO range; rename it"
+            )
+        if not AREA_RANGE_NAME.fullmatch(name):
+            raise ValueError(
+                f"extra area range name {name!r}: use 1 to 32 letters, digits or underscores"
+            )
+        if (
+            len(bounds) != 2
+            or not 0 <= bounds[0] < bounds[1]
+            or not all(math.isfinite(b) for b in bounds)
+        ):
+            raise ValueError(
+                f"extra area range {name!r} is {tuple(bounds)!r}; give finite (min, max) areas "
+                "in px² with 0 <= min < max"
+            )
+    return dict(ranges)
+
+
 class EvalSpec(StrictModel):
     every: int = Field(
         0, ge=0, le=MAX_ITERATIONS, description="Evaluate every N iterations (0: only at the end)."
@@ -485,9 +543,15 @@ class EvalSpec(StrictModel):
             "xsmall": (8.0**2, 16.0**2),
             "small16_32": (16.0**2, 32.0**2),
         },
-        description="Additional COCO area ranges (pixels^2) reported as AP_<name>.",
+        description="Additional COCO area ranges (pixels^2) reported as AP_<name>: a name of "
+        "letters, digits and underscores other than COCO's own ranges', and 0 <= min < max.",
     )
     metric: str = Field("AP_S", description="Metric that picks the best checkpoint.")
+
+    @field_validator("extra_area_ranges")
+    @classmethod
+    def _area_ranges(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        return check_area_ranges(v)
 
     @field_validator("metric")
     @classmethod
@@ -513,7 +577,12 @@ class RuntimeSpec(StrictModel):
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
     nproc: int = Field(1, ge=1, le=64, description="Processes (one per GPU; gloo on CPU).")
     log_every: int = Field(10, ge=1, le=MAX_ITERATIONS)
-    deterministic: bool = False
+    deterministic: bool = Field(
+        False,
+        description="Deterministic kernels only, where PyTorch has them (training on the CPU "
+        "repeats bit for bit either way); on CUDA, torchvision's RoIAlign backward has none "
+        "and warns instead of failing the run.",
+    )
 
 
 class TrainSpec(StrictModel):
@@ -596,6 +665,16 @@ class TrainSpec(StrictModel):
                     f"distill.levels: hierarchical matching needs consecutive FPN levels, got "
                     f"{levels}; e.g. {list(DEFAULT_LEVELS[self.student.arch])}"
                 )
+            if self.distill.hmkd.hm.query_levels == "deep":
+                pyramid = PYRAMIDS[self.teacher.arch]
+                missing = [lv for lv in deep_levels(levels) if lv not in pyramid]
+                if missing:
+                    raise ValueError(
+                        f"distill.hmkd.hm.query_levels: 'deep' reads the teacher's two levels "
+                        f"coarser than {levels}, and the teacher ({self.teacher.arch}) has no "
+                        f"{missing} (it has {list(pyramid)}); distil finer levels or use "
+                        "query_levels: distilled"
+                    )
         return self
 
 
@@ -638,12 +717,27 @@ def teacher_input_scale(student: ModelSpec, teacher: ModelSpec) -> int:
     )
 
 
+# A check across fields (`TrainSpec._pair_aligns`, `ModelSpec._sizes`) starts its message
+# with the field at fault, relative to the model it checks
+_FIELD_FIRST = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_0-9]+)*): (.*)$", re.DOTALL)
+
+
+def located(loc: tuple[Any, ...], msg: str) -> tuple[tuple[Any, ...], str]:
+    """A validation error's location and message, with the field a cross-field check names at
+    the start of its message moved into the location (`teacher` + "weights: ..." ->
+    `teacher.weights`), so the CLI and the API name the same field."""
+    if (m := _FIELD_FIRST.match(msg)) is not None:
+        return (*loc, *m.group(1).split(".")), m.group(2)
+    return loc, msg
+
+
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:
     """One line per problem, each naming the dotted field path, e.g. `schedule.lr: ...`."""
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{source}: {path}: {e['msg']}")
+        loc, msg = located(tuple(e["loc"]), e["msg"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        lines.append(f"{source}: {path}: {msg}")
     return "\n".join(lines)
 
 

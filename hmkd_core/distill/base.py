@@ -9,7 +9,7 @@ detector whose features were captured by hooks.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -43,24 +43,35 @@ class Distiller(nn.Module):
     each end in the level they were computed at (`loss_mimic_p2`).
 
     `forward` multiplies each entry by its level's weight (`DistillSpec.level_weights`), so the
-    multiplier is applied the same way for every method and only here.
+    multiplier is applied the same way for every method and only here. With `standardized`
+    (`DistillSpec.standardize`) it also hands the subclass teacher maps standardized per image
+    and channel; the subclass builds its aligners with the same flag (`build_aligners`), so
+    the student side is standardized after its adapter and both sides meet on one scale.
     """
 
     levels: tuple[str, ...]
 
     def __init__(
-        self, levels: Sequence[str], level_weights: Mapping[str, float] | None = None
+        self,
+        levels: Sequence[str],
+        level_weights: Mapping[str, float] | None = None,
+        *,
+        standardized: bool = False,
     ) -> None:
         super().__init__()
         self.levels = tuple(levels)
         self.level_weights = resolve_level_weights(
             self.levels, level_weights or {}, "distill.level_weights"
         )
+        self.standardized = standardized
 
     def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+        if self.standardized:
+            teacher = {lv: standardize(t.detach()) for lv, t in inputs.teacher.items()}
+            inputs = replace(inputs, teacher=teacher)
         losses = self.level_losses(inputs)
         if all(w == 1.0 for w in self.level_weights.values()):
             return losses
@@ -103,13 +114,42 @@ def zeros_like_loss(ref: Tensor) -> Tensor:
     return ref.sum() * 0.0 if ref.requires_grad else torch.zeros((), device=ref.device)
 
 
+def standardize(feat: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each image's channel to zero mean and unit variance over its positions.
+
+    Comparing standardized maps (Pearson-correlation distillation, Cao et al., NeurIPS 2022)
+    asks the student for the teacher's pattern of activity, not its magnitudes: a student
+    whose channels run at other scales, as a smaller or differently trained backbone's do, is
+    not pulled to rescale them, which is the part of a feature loss the detector head, fitted
+    to the student's own scales, pays for.
+    """
+    mean = feat.mean(dim=(2, 3), keepdim=True)
+    var = feat.var(dim=(2, 3), keepdim=True, unbiased=False)
+    return (feat - mean) * torch.rsqrt(var + eps)
+
+
+class Standardize(nn.Module):
+    """`standardize` as a layer, so an aligner can end with it."""
+
+    def forward(self, feat: Tensor) -> Tensor:
+        return standardize(feat)
+
+
 def build_aligners(
-    levels: tuple[str, ...] | list[str], student_channels: int, teacher_channels: int
+    levels: tuple[str, ...] | list[str],
+    student_channels: int,
+    teacher_channels: int,
+    *,
+    standardized: bool = False,
 ) -> nn.ModuleDict:
-    """One FitNet adapter per level: a 1x1 conv from the student's to the teacher's channels.
+    """One FitNet adapter per level: a 1x1 conv from the student's to the teacher's channels,
+    followed by `Standardize` when the distiller compares standardized maps.
 
     Always present and trained, even when the channel counts match (HMKD.md, Notation).
     """
-    return nn.ModuleDict(
-        {lv: nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for lv in levels}
-    )
+
+    def adapter() -> nn.Module:
+        conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+        return nn.Sequential(conv, Standardize()) if standardized else conv
+
+    return nn.ModuleDict({lv: adapter() for lv in levels})

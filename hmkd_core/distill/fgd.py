@@ -75,11 +75,14 @@ class FGDDistiller(Distiller):
         opts: FGDOptions,
         scale: float = 1.0,
         level_weights: Mapping[str, float] | None = None,
+        standardized: bool = False,
     ) -> None:
-        super().__init__(levels, level_weights)
+        super().__init__(levels, level_weights, standardized=standardized)
         self.opts = opts
         self.weight = opts.weight * scale
-        self.align = build_aligners(self.levels, student_channels, teacher_channels)
+        self.align = build_aligners(
+            self.levels, student_channels, teacher_channels, standardized=standardized
+        )
         self.gc_student = nn.ModuleDict({lv: GcBlock(teacher_channels) for lv in self.levels})
         self.gc_teacher = nn.ModuleDict({lv: GcBlock(teacher_channels) for lv in self.levels})
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hmkd_core.distill.attention import WindowCrossAttention
 from hmkd_core.distill.base import level_stride
 from hmkd_core.distill.mgd import Generator, random_spatial_mask
-from hmkd_core.spec import HMOptions, resolve_level_weights
+from hmkd_core.spec import HMOptions, deep_levels, resolve_level_weights
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -101,12 +101,6 @@ class HierarchicalEncoder(nn.Module):
                 down = F.interpolate(down, size=lat.shape[-2:], mode="nearest")
             e = lat + down
         return self.head(e)
-
-
-def deep_levels(levels: Sequence[str], count: int = 2) -> tuple[str, ...]:
-    """The `count` pyramid levels just coarser than the coarsest distilled one: p2..p4 -> p5, p6."""
-    coarsest = int(consecutive_levels(levels)[-1][1:])
-    return tuple(f"p{coarsest + k}" for k in range(1, count + 1))
 
 
 class DeepEncoder(nn.Module):

@@ -34,16 +34,20 @@ class HMKDDistiller(Distiller):
         opts: HMKDOptions,
         scale: float = 1.0,
         level_weights: Mapping[str, float] | None = None,
+        standardized: bool = False,
     ) -> None:
-        super().__init__(levels, level_weights)
+        super().__init__(levels, level_weights, standardized=standardized)
         if not (opts.hm.enabled or opts.sdm.enabled):
             raise ValueError("hmkd needs hm or sdm enabled (use method: none for neither)")
         self.opts = opts
         self.scale = scale
-        self.align = build_aligners(self.levels, student_channels, teacher_channels)
+        self.align = build_aligners(
+            self.levels, student_channels, teacher_channels, standardized=standardized
+        )
         # A student narrower than the teacher: HM's keys/values are cheaper computed from S_l
-        # through the composed map Wkv . Align_l than from Align_l(S_l) (same values).
-        self.compose_align = student_channels < teacher_channels
+        # through the composed map Wkv . Align_l than from Align_l(S_l) (same values). A
+        # standardized aligner is not linear, so there is no composed map then.
+        self.compose_align = student_channels < teacher_channels and not standardized
         self.hm = (
             HierarchicalMatching(self.levels, teacher_channels, opts.hm)
             if opts.hm.enabled

@@ -52,11 +52,14 @@ class MGDDistiller(Distiller):
         opts: MGDOptions,
         scale: float = 1.0,
         level_weights: Mapping[str, float] | None = None,
+        standardized: bool = False,
     ) -> None:
-        super().__init__(levels, level_weights)
+        super().__init__(levels, level_weights, standardized=standardized)
         self.mask_ratio = opts.mask_ratio
         self.weight = opts.weight * scale
-        self.align = build_aligners(self.levels, student_channels, teacher_channels)
+        self.align = build_aligners(
+            self.levels, student_channels, teacher_channels, standardized=standardized
+        )
         self.generate = nn.ModuleDict({lv: Generator(teacher_channels) for lv in self.levels})
 
     def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:

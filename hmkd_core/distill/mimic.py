@@ -27,10 +27,13 @@ class MimicDistiller(Distiller):
         opts: MimicOptions,
         scale: float = 1.0,
         level_weights: Mapping[str, float] | None = None,
+        standardized: bool = False,
     ) -> None:
-        super().__init__(levels, level_weights)
+        super().__init__(levels, level_weights, standardized=standardized)
         self.weight = opts.weight * scale
-        self.align = build_aligners(self.levels, student_channels, teacher_channels)
+        self.align = build_aligners(
+            self.levels, student_channels, teacher_channels, standardized=standardized
+        )
 
     def level_losses(self, inputs: DistillInputs) -> dict[str, Tensor]:
         check_inputs(self, inputs)

@@ -52,6 +52,7 @@ def build_distiller(
         opts=opts,
         scale=spec.weight,
         level_weights=spec.level_weights,
+        standardized=spec.standardize,
     )
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from hmkd_core.engine import distributed
 from hmkd_core.engine.checkpoint import CheckpointManager
+from hmkd_core.engine.determinism import deterministic
 from hmkd_core.engine.reporter import Reporter
 from hmkd_core.spec import TrainSpec
 
@@ -143,23 +144,26 @@ def run_rank(
     """
     from hmkd_core.engine.trainer import Trainer
 
-    ctx = distributed.init(rank, world_size, spec.runtime.device, init_method, local_rank)
-    try:
-        trainer = Trainer(spec, Path(out_dir), ctx, reporter, checkpoint_dir=Path(checkpoint_dir))
-        status = trainer.run(resume_from=Path(resume_from) if resume_from else None)
-        if ctx.is_main:
-            result = {
-                "status": status,
-                "iteration": trainer.iteration,
-                "metrics": trainer.last_eval,
-            }
-            (Path(out_dir) / "result.json").write_text(json.dumps(result, default=str))
-    except Exception:
-        if world_size > 1:
-            log.error("rank %d failed:\n%s", rank, traceback.format_exc())
-        raise
-    finally:
-        distributed.shutdown()
+    with deterministic(spec.runtime.deterministic):
+        ctx = distributed.init(rank, world_size, spec.runtime.device, init_method, local_rank)
+        try:
+            trainer = Trainer(
+                spec, Path(out_dir), ctx, reporter, checkpoint_dir=Path(checkpoint_dir)
+            )
+            status = trainer.run(resume_from=Path(resume_from) if resume_from else None)
+            if ctx.is_main:
+                result = {
+                    "status": status,
+                    "iteration": trainer.iteration,
+                    "metrics": trainer.last_eval,
+                }
+                (Path(out_dir) / "result.json").write_text(json.dumps(result, default=str))
+        except Exception:
+            if world_size > 1:
+                log.error("rank %d failed:\n%s", rank, traceback.format_exc())
+            raise
+        finally:
+            distributed.shutdown()
 
 
 def _last_line(text: str) -> str:

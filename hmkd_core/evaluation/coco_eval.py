@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from hmkd_core.atomic import atomic_write
+from hmkd_core.spec import check_area_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -175,18 +176,10 @@ def _empty_results(coco_gt: COCO) -> COCO:
 
 
 def _check_area_ranges(ranges: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    reserved = {"all", "small", "medium", "large", "S", "M", "L"}
-    for name, bounds in ranges.items():
-        if name in reserved:
-            raise EvaluationError(
-                f"extra area range {name!r} clashes with a standard COCO range; rename it"
-            )
-        if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
-            raise EvaluationError(
-                f"extra area range {name!r} is {bounds!r}; give (min, max) areas in px² "
-                "with 0 <= min < max"
-            )
-    return dict(ranges)
+    try:
+        return check_area_ranges(ranges)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from e
 
 
 def _check_categories(coco_gt: COCO, categories: list[dict]) -> list[int]:

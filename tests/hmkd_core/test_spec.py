@@ -38,6 +38,14 @@ def test_defaults_parse() -> None:
         ("distill", {"hmkd": {"hm": {"level_weights": {"x": 1.0}}}}, "distill.hmkd.hm.level_w"),
         ("student", {"anchor_sizes": [8, 16]}, "student.anchor_sizes"),
         ("distill", {"method": "hmkd", "hmkd": {"hm": {"window": 4}}}, "distill.hmkd.hm.window"),
+        ("student", {"image_std": [0.2, 0.2, 0.0]}, "student.image_std.2"),
+        ("student", {"image_std": [0.2, -1, 0.2]}, "student.image_std.1"),
+        ("student", {"backbone": "resnet18", "weights": "coco"}, "student.weights: COCO"),
+        ("eval", {"extra_area_ranges": {"M": [0, 10]}}, "eval.extra_area_ranges"),
+        ("eval", {"extra_area_ranges": {"big": [10, 10]}}, "eval.extra_area_ranges"),
+        ("eval", {"extra_area_ranges": {"a b": [0, 10]}}, "eval.extra_area_ranges"),
+        ("eval", {"extra_area_ranges": {"nul\x00": [0, 10]}}, "eval.extra_area_ranges"),
+        ("eval", {"extra_area_ranges": {"neg": [-1, 10]}}, "eval.extra_area_ranges"),
     ],
 )
 def test_bad_values_name_the_field(section: str, value: dict, path: str) -> None:
@@ -89,7 +97,8 @@ def test_class_score_distillation_needs_a_teacher_and_faster_rcnn_on_both_sides(
     with pytest.raises(SpecError, match=r"distill\.response\.temperature"):
         parse_spec(d)
     d["distill"]["response"]["temperature"] = 1
-    d["teacher"]["weights"] = "coco"  # its box predictor is not trained on these classes
+    # its box predictor is not trained on these classes
+    d["teacher"] = {**d["teacher"], "backbone": "resnet50", "weights": "coco"}
     with pytest.raises(SpecError, match=r"distill\.response\.weight: .*'coco'"):
         parse_spec(d)
 
@@ -139,3 +148,38 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     lst.write_text("[1, 2]")
     with pytest.raises(SpecError, match="mapping"):
         load_spec(lst)
+
+
+def test_coco_weights_name_the_backbones_that_have_them() -> None:
+    with pytest.raises(
+        SpecError, match=r"student\.weights: COCO weights exist for resnet50 .*not resnet34"
+    ):
+        parse_spec(tiny_spec_dict(PATHS, student={"backbone": "resnet34", "weights": "coco"}))
+    spec = parse_spec(tiny_spec_dict(PATHS, student={"backbone": "resnet50", "weights": "coco"}))
+    assert spec.student.weights == "coco"
+
+
+def test_extra_area_ranges_become_metrics_and_are_checked_once() -> None:
+    from hmkd_core.evaluation.coco_eval import EvaluationError, _check_area_ranges
+
+    ranges = {"tiny": (0.0, 64.0), "huge_2": (9216.0, 1e10)}
+    spec = parse_spec(
+        tiny_spec_dict(PATHS, eval={"extra_area_ranges": ranges, "metric": "AP_huge_2"})
+    )
+    assert spec.eval.extra_area_ranges == ranges
+    # the evaluator applies the same rule to ranges handed to it directly
+    with pytest.raises(EvaluationError, match="standard COCO range"):
+        _check_area_ranges({"small": (0.0, 10.0)})
+
+
+def test_a_deep_query_needs_the_teachers_two_coarser_levels() -> None:
+    teacher = {**tiny_spec_dict(PATHS)["student"], "weights": "t.pt"}
+    distill = {"method": "hmkd", "hmkd": {"hm": {"query_levels": "deep"}}}
+    ok = parse_spec(tiny_spec_dict(PATHS, teacher=teacher, distill=distill))
+    assert ok.distill.hmkd.hm.query_levels == "deep"  # p2-p4 read p5, p6
+    with pytest.raises(SpecError, match=r"query_levels: 'deep' .* no \['p7'\]"):
+        parse_spec(
+            tiny_spec_dict(
+                PATHS, teacher=teacher, distill={**distill, "levels": ["p3", "p4", "p5"]}
+            )
+        )

@@ -10,6 +10,7 @@ import torch
 
 from hmkd_core.data import DatasetError
 from hmkd_core.engine import RunDirError, StopAfter, TrainingError, train
+from hmkd_core.engine.reporter import Progress, Reporter
 from hmkd_core.engine.trainer import NonFiniteLossError
 from hmkd_core.models import load_student
 from tests.conftest import export_tiny_student, tiny_model, tiny_spec
@@ -306,3 +307,29 @@ def test_a_run_that_may_no_longer_write_stops_without_writing(
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt_*.pt"))
     assert names == ["ckpt_00000002.pt"]
     assert not (tmp_path / "run" / "student.pt").exists()
+
+
+class _SeesDeterminism(Reporter):
+    """Records whether deterministic kernels were on while the run trained."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_progress(self, progress: Progress) -> None:
+        self.seen.append(torch.are_deterministic_algorithms_enabled())
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_runtime_deterministic_switches_kernels_for_the_run_only(
+    on: bool, tiny_digits: dict, tmp_path: Path
+) -> None:
+    before = torch.are_deterministic_algorithms_enabled()
+    reporter = _SeesDeterminism()
+    spec = tiny_spec(
+        tiny_digits,
+        schedule={"iterations": 2},
+        runtime={"seed": 0, "log_every": 1, "device": "cpu", "deterministic": on},
+    )
+    train(spec, tmp_path, reporter=reporter)
+    assert reporter.seen == [on, on]
+    assert torch.are_deterministic_algorithms_enabled() == before  # restored for the caller

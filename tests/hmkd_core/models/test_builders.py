@@ -95,8 +95,11 @@ def test_weights_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a readable"):
         build_detector(ModelSpec(**TINY, weights=str(bad)), num_classes=3)
+    # the spec refuses it; a spec changed without validation still gets a clear error
+    with pytest.raises(ValueError, match="resnet50"):
+        ModelSpec(**TINY, weights="coco")
     with pytest.raises(WeightsError, match="resnet50"):
-        build_detector(ModelSpec(**TINY, weights="coco"), num_classes=3)
+        build_detector(ModelSpec(**TINY).model_copy(update={"weights": "coco"}), num_classes=3)
     other = tmp_path / "other.pt"
     export_student(
         build_detector(ModelSpec(**TINY), 3), StudentHeader(ModelSpec(**TINY), 3, [], {}), other
