@@ -70,19 +70,27 @@ class Outcome:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _dataset(root: Path) -> dict[str, Any]:
+def _dataset(root: Path, images: int = 16) -> dict[str, Any]:
     """One tiny COCO split on disk: submit_job checks the data a spec names, each image's
-    header included."""
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    Image.new("L", (64, 64)).save(images / "1.png")
+    header included, and that every process of a job (up to 8 GPUs here) gets a whole batch
+    (the default 2) of its images."""
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, images + 1):
+        Image.new("L", (64, 64)).save(folder / f"{i}.png")
     coco = {
-        "images": [{"id": 1, "file_name": "1.png", "width": 64, "height": 64}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8]}],
+        "images": [
+            {"id": i, "file_name": f"{i}.png", "width": 64, "height": 64}
+            for i in range(1, images + 1)
+        ],
+        "annotations": [
+            {"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 8, 8]}
+            for i in range(1, images + 1)
+        ],
         "categories": [{"id": 1, "name": "object"}],
     }
     (root / "a.json").write_text(json.dumps(coco))
-    return {"train": {"images": str(images), "annotations": str(root / "a.json")}}
+    return {"train": {"images": str(folder), "annotations": str(root / "a.json")}}
 
 
 def simulate(

@@ -402,7 +402,13 @@ def tokens_list(
 
 @tokens_app.command("revoke")
 def tokens_revoke(
-    prefix: Annotated[str, typer.Argument(help="The token's prefix, as `tokens list` shows.")],
+    prefix: Annotated[
+        str,
+        typer.Argument(
+            help="The token's prefix exactly as `tokens list` shows it, or the whole token "
+            "(needed when two tokens show the same prefix)."
+        ),
+    ],
 ) -> None:
     """Revoke a token: its next request is refused (401)."""
     from jobs.admin import revoke_token

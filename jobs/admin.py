@@ -102,7 +102,8 @@ def list_tokens(settings: Settings, user: str | None = None) -> list[TokenInfo]:
 
 
 def revoke_token(settings: Settings, prefix: str) -> TokenInfo:
-    """Revoke the token `hmkd tokens list` shows as `prefix`; its next request is a 401."""
+    """Revoke the token `hmkd tokens list` shows as `prefix` (or given whole); its next
+    request is a 401."""
     migrate.check_current(settings.database_url)
     with session_scope(settings.database_url) as session:
         (row,) = auth.revoke_tokens(session, prefix=prefix)

@@ -1,9 +1,13 @@
 """Teams, users and API tokens.
 
 A token is shown once, at creation; the database keeps only its sha256 and its first characters
-(to recognise it in listings). A stolen database therefore yields no usable token, and a lookup
-by hash compares secrets in constant time: the attacker-controlled token never meets a stored
-secret byte by byte.
+(to recognise it in listings and to revoke it by). A stolen database therefore yields no usable
+token, and a lookup by hash compares secrets in constant time: the attacker-controlled token
+never meets a stored secret byte by byte.
+
+Tokens made before the shown prefix grew to `SHOWN_PREFIX_CHARS` keep the
+`LEGACY_PREFIX_CHARS` they were stored with (`hmkd_` and 3 random characters, which two tokens
+of a few hundred may share); a shared one is revoked by giving the whole token.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from jobs.lifecycle import Conflict
@@ -23,7 +27,10 @@ from jobs.models import ApiToken, Team, User, utcnow
 from jobs.settings import Settings
 
 TOKEN_PREFIX = "hmkd_"
-SHOWN_PREFIX_CHARS = 8
+# `hmkd_` and 12 random characters (72 bits): two tokens never share it in practice, and the
+# 31 characters (186 bits) it leaves out keep it far from a usable token
+SHOWN_PREFIX_CHARS = len(TOKEN_PREFIX) + 12
+LEGACY_PREFIX_CHARS = 8  # what tokens made before 0007 store as their prefix
 MAX_TOKEN_CHARS = 200  # far above a real token; refuses megabyte headers before hashing them
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # one write a minute per token, not one per request
 LOCAL_TEAM, LOCAL_ADMIN = "local", "admin"
@@ -103,29 +110,61 @@ def create_token(session: Session, user: User, name: str = "") -> tuple[str, Api
 def revoke_tokens(
     session: Session, *, prefix: str | None = None, user: User | None = None
 ) -> list[ApiToken]:
-    """Revoke the token shown as `prefix` (as `tokens list` prints it), or every token of
-    `user`; returns the tokens that were live. Takes effect on their next request: nothing
-    caches a token. UnknownToken if `prefix` matches none, or more than one."""
+    """Revoke the token given as `prefix`, or every token of `user`; returns the tokens that
+    were live. Takes effect on their next request: nothing caches a token.
+
+    `prefix` is either the whole token (found by its hash: always one token) or its prefix
+    exactly as `tokens list` shows it. Nothing is cut or guessed: a text longer than a shown
+    prefix that is not the whole token revokes nothing, whatever prefix it starts with.
+    UnknownToken if `prefix` names no live token, or is a prefix more than one live token
+    shows (tokens from before 0007 may share their 8 characters): then give the whole token."""
     query = select(ApiToken).where(ApiToken.revoked.is_(False))
-    if prefix is not None:
-        if len(prefix) < SHOWN_PREFIX_CHARS:
-            raise UnknownToken(
-                f"token prefix {prefix!r} is too short: give the {SHOWN_PREFIX_CHARS} "
-                "characters `hmkd tokens list` shows"
-            )
-        query = query.where(ApiToken.prefix == prefix[:SHOWN_PREFIX_CHARS])
     if user is not None:
         query = query.where(ApiToken.user_id == user.id)
-    rows = list(session.scalars(query))
-    if prefix is not None and len(rows) != 1:
-        raise UnknownToken(
-            f"{'no live token' if not rows else 'more than one token'} starts with {prefix!r}; "
-            "see `hmkd tokens list`"
-        )
+    if prefix is None:
+        rows = list(session.scalars(query))
+    else:
+        rows = _named_tokens(session, query, prefix, user)
     for row in rows:
         row.revoked = True
     session.flush()
     return rows
+
+
+def _named_tokens(
+    session: Session, live: Select[tuple[ApiToken]], text: str, user: User | None
+) -> list[ApiToken]:
+    """The one token of `live` (the live tokens, of `user` if given) that `text` names: as the
+    whole token or as its shown prefix, exactly. UnknownToken otherwise."""
+    shown = _echo(text)
+    if text and len(text) <= MAX_TOKEN_CHARS:
+        digest = hash_token(text)
+        row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+        if row is not None and hmac.compare_digest(row.token_hash, digest):
+            if row.revoked:
+                raise UnknownToken(f"no live token: the token shown as {row.prefix!r} is revoked")
+            if user is not None and row.user_id != user.id:
+                raise UnknownToken(f"no live token of user {user.name!r} is that token")
+            return [row]
+    rows = list(session.scalars(live.where(ApiToken.prefix == text)))
+    if len(rows) > 1:
+        raise UnknownToken(
+            f"more than one live token is shown as {shown!r} (tokens made before prefixes "
+            f"grew to {SHOWN_PREFIX_CHARS} characters may share theirs): give the whole token "
+            "to revoke one of them"
+        )
+    if not rows:
+        raise UnknownToken(
+            f"no live token is shown as {shown!r}: give its prefix exactly as "
+            "`hmkd tokens list` shows it, or the whole token (a longer text is taken only as "
+            "the whole token, never cut to a prefix)"
+        )
+    return rows
+
+
+def _echo(text: str) -> str:
+    """`text` as an error may repeat it: never more than a shown prefix of a possible secret."""
+    return text if len(text) <= SHOWN_PREFIX_CHARS else text[:SHOWN_PREFIX_CHARS] + "..."
 
 
 def list_tokens(session: Session, user: User | None = None) -> list[ApiToken]:

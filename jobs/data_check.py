@@ -13,12 +13,14 @@ dataset, and a large annotation file takes seconds to parse.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
 from hmkd_core.data.coco import DatasetError, check_same_categories
 from hmkd_core.data.summary import SplitSummary, summarize_split
 from hmkd_core.spec import TrainSpec
+from jobs.schemas import JobSpec
 
 
 class DataFieldError(ValueError):
@@ -76,6 +78,8 @@ def check_data(spec: TrainSpec) -> list[str]:
             summaries[split] = summary_of(paths.images, paths.annotations, input_size)
         except DatasetError as err:
             raise DataFieldError(_field_of(err, split), str(err)) from None
+    if "train" in summaries and getattr(spec, "kind", "train") != "evaluate":
+        _check_batch_fits(spec, summaries["train"].images)
     if "train" in summaries and "val" in summaries and spec.data.val is not None:
         try:
             check_same_categories(
@@ -86,6 +90,21 @@ def check_data(spec: TrainSpec) -> list[str]:
         except DatasetError as err:
             raise DataFieldError("data.val.annotations", str(err)) from None
     return [w for split, s in summaries.items() for w in s.warnings(split)]
+
+
+def _check_batch_fits(spec: TrainSpec, images: int) -> None:
+    """Each process draws its share of the training images (the sampler pads the last share
+    by repeating images) and trains on whole batches of them: a share smaller than one batch
+    leaves it nothing to train on, which the trainer refuses when the job starts."""
+    processes = spec.processes() if isinstance(spec, JobSpec) else spec.runtime.nproc
+    share = math.ceil(images / processes)
+    if share < spec.schedule.batch_size:
+        raise DataFieldError(
+            "schedule.batch_size",
+            f"{images} training image(s) over {processes} process(es) give each process "
+            f"{share}, fewer than one batch of {spec.schedule.batch_size}; use a batch_size of "
+            f"at most {max(share, 1)} or more images",
+        )
 
 
 def check_weights(spec: TrainSpec, *, evaluate: bool) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from hmkd_core.spec import NAMED_WEIGHTS
+from hmkd_core.spec import NAMED_WEIGHTS, ModelSpec
 from jobs.db import db_clock
 from jobs.models import TERMINAL, Artifact, Job, JobEvent, JobState, Team, User, utcnow
 from jobs.schemas import JOB_REF, JobSpec, control_text_field
@@ -163,9 +163,10 @@ def _job_by_prefix(session: Session, user: User, prefix: str, field: str) -> Job
     return found[0]
 
 
-# What a teacher's weights fix: taken from its student.pt when a spec leaves them out, refused
-# when a spec gives them otherwise. Its input transforms, when left out, follow the student's
-# instead (a teacher reads the student's input size, or a whole multiple of it given here).
+# What `job:` weights fix (`_architecture_clash`): a teacher's are taken from its student.pt
+# when a spec leaves them out, and refused when a spec gives them otherwise; a student's must be
+# those its weights were built with. A teacher's input transforms, when left out, follow the
+# student's instead (a teacher reads the student's input size, or a whole multiple of it).
 _ARCHITECTURE = ("arch", "backbone", "fpn_channels", "anchor_sizes", "backbone_norm")
 _TRANSFORMS = ("min_size", "max_size", "image_mean", "image_std")
 
@@ -196,17 +197,14 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
             built = _model_to_come(source)
     except (WeightsError, ValueError, StorageError):
         return body
+    if (clash := _architecture_clash(teacher, built, m.group(1))) is not None:
+        name, why = clash
+        raise InvalidJob(f"teacher.{name}", f"{why}: leave it out to take it from the weights")
+    built_values = built.model_dump(mode="json")
     filled = dict(teacher)
     for name in _ARCHITECTURE:
-        value = built.model_dump(mode="json")[name]
-        if name not in teacher or (name == "backbone_norm" and teacher[name] == "auto"):
-            filled[name] = value
-        elif teacher[name] != value:
-            raise InvalidJob(
-                f"teacher.{name}",
-                f"{teacher[name]!r}, but job {m.group(1)}'s student.pt is built with {value!r}: "
-                "leave it out to take it from the weights",
-            )
+        if _follows_weights(teacher, name):
+            filled[name] = built_values[name]
     student = body.get("student") if isinstance(body.get("student"), dict) else {}
     for name in _TRANSFORMS:
         if name not in teacher and name in student:
@@ -221,11 +219,60 @@ def complete_teacher(session: Session, user: User, body: Any, settings: Settings
     return {**body, "teacher": filled}
 
 
+def _follows_weights(model: dict[str, Any], name: str) -> bool:
+    """Whether the architecture field `name` of `model` (a model as JSON) is left to the
+    weights: left out, or `backbone_norm: auto` (which a weights file resolves to its own)."""
+    return name not in model or (name == "backbone_norm" and model[name] == "auto")
+
+
+def _architecture_clash(
+    model: dict[str, Any], built: ModelSpec, source: str
+) -> tuple[str, str] | None:
+    """The first architecture field that `model` (a model as JSON) sets otherwise than
+    `built`, the ModelSpec job `source`'s student.pt was written with, as (name, why); None
+    when they agree. The one rule for `job:` weights, teacher's and student's alike: such
+    weights load only into the detector they were built as."""
+    values = built.model_dump(mode="json")
+    for name in _ARCHITECTURE:
+        if not _follows_weights(model, name) and model[name] != values[name]:
+            return name, (
+                f"{model[name]!r}, but job {source}'s student.pt is built with {values[name]!r}"
+            )
+    return None
+
+
+def _check_student_fits(
+    session: Session, user: User, spec: JobSpec, path: str, settings: Settings
+) -> None:
+    """InvalidJob naming `student.weights` when the spec's student is not the detector its
+    `job:` weights were built as (an evaluation, or training that starts from them): the
+    worker could not load them into it. Another kind of weights is left to the worker."""
+    from hmkd_core.models.export import WeightsError, read_model_spec
+
+    m = JOB_REF.match(spec.student.weights)
+    if m is None:
+        return
+    source = _job_by_prefix(session, user, m.group(1), "student.weights")
+    _fetch_student(source, settings)  # with object storage, it may be only there
+    try:
+        built = read_model_spec(path)
+    except WeightsError as err:
+        raise InvalidJob("student.weights", f"job {source.id}'s student.pt: {err}") from None
+    student = spec.student.model_dump(mode="json")
+    if (clash := _architecture_clash(student, built, m.group(1))) is not None:
+        name, why = clash
+        left_out = "" if name in spec.student.model_fields_set else " (left out: its default)"
+        raise InvalidJob(
+            "student.weights",
+            f"student.{name}{left_out} is {why}: describe the student as those weights were "
+            "built, or name other weights",
+        )
+
+
 def _model_to_come(job: Job) -> Any:
     """The ModelSpec an unfinished job's student.pt will be written with: its student, with
     the normalisation `auto` resolves to."""
     from hmkd_core.models.builders import resolve_norm
-    from hmkd_core.spec import ModelSpec
 
     model = ModelSpec.model_validate(job.spec["student"])
     return model.model_copy(update={"weights": "none", "backbone_norm": resolve_norm(model)})
@@ -284,12 +331,23 @@ def _resolve_weights(
             return str(_student_path(job, settings))
         raise InvalidJob(field, f"job {job.id} is {job.state}, not succeeded: wait for it")
     student = _student_path(job, settings)
-    registered = session.scalar(
-        select(Artifact.id).where(Artifact.job_id == job.id, Artifact.name == "run/student.pt")
-    )
-    if not student.is_file() and registered is None:  # neither here nor in object storage
+    if not student.is_file() and not _student_on_record(session, job.id):
+        # neither here nor in object storage
         raise InvalidJob(field, f"job {job.id} has no student.pt")
     return str(student)
+
+
+STUDENT_ARTIFACT = "run/student.pt"
+
+
+def _student_on_record(session: Session, job_id: str) -> bool:
+    """Whether the job's `run/student.pt` is a registered artifact: what the download route
+    serves, and what deleting the artifact (`DELETE .../artifacts/run/student.pt`, retention)
+    or the job removes, whichever storage holds the file."""
+    found = session.scalar(
+        select(Artifact.id).where(Artifact.job_id == job_id, Artifact.name == STUDENT_ARTIFACT)
+    )
+    return found is not None
 
 
 def submit_job(
@@ -337,6 +395,7 @@ def submit_job(
     resolved.student.weights = _resolve_weights(
         session, user, spec.student.weights, "student.weights", settings
     )
+    _check_student_fits(session, user, spec, resolved.student.weights, settings)
     _check_weights(resolved)
     waits = teacher_job is not None and teacher_job.state != JobState.succeeded
     queue = (
@@ -940,8 +999,9 @@ def restart_group(
 
 
 def _check_sources_kept(session: Session, job: Job) -> None:
-    """Conflict when weights the job named as `job:<id>` belonged to a job deleted since: its
-    student.pt went with it, so the retried job could only fail when it starts."""
+    """Conflict when weights the job named as `job:<id>` are gone: that job was deleted since,
+    or its `run/student.pt` artifact was, so the retried job could only fail when it starts.
+    A source still to succeed (a teacher retried first) has its student.pt to come."""
     from jobs.artifacts import job_of_run_file
 
     for model in ("student", "teacher"):
@@ -949,11 +1009,28 @@ def _check_sources_kept(session: Session, job: Job) -> None:
         resolved = ((job.resolved_spec or {}).get(model) or {}).get("weights")
         if not isinstance(ref, str) or not JOB_REF.match(ref) or not isinstance(resolved, str):
             continue
-        source = job_of_run_file(resolved)
-        if source is None or session.get(Job, source) is None:
+        source_id = job_of_run_file(resolved)
+        # locked: a deletion of its student.pt then waits for this retry, and sees it queued
+        source = (
+            session.scalar(
+                select(Job)
+                .where(Job.id == source_id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+            if source_id is not None
+            else None
+        )
+        if source is None:
             raise Conflict(
                 f"job {job.id}'s {model}.weights is {ref}, a job deleted since with its "
                 "student.pt: submit a new job that names other weights"
+            )
+        if source.state == JobState.succeeded and not _student_on_record(session, source.id):
+            raise Conflict(
+                f"job {job.id}'s {model}.weights is {ref}, and job {source.id}'s artifact "
+                f"{STUDENT_ARTIFACT} was deleted since: submit a new job that names other "
+                "weights"
             )
 
 

@@ -82,7 +82,7 @@ class ApiToken(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex
-    prefix: Mapped[str] = mapped_column(String(12))  # shown in listings, never enough to use
+    prefix: Mapped[str] = mapped_column(String(32))  # shown in listings, never enough to use
     name: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

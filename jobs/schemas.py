@@ -145,6 +145,12 @@ class JobSpec(TrainSpec):
         m = JOB_REF.match(self.student.weights)
         return m.group(1) if m else None
 
+    def processes(self) -> int:
+        """The training processes of the whole job: on each node one per GPU, or on the CPU
+        the spec's own `runtime.nproc`."""
+        per_node = self.resources.gpus if self.resources.gpus > 0 else self.runtime.nproc
+        return self.resources.nodes * per_node
+
     def train_spec(self) -> TrainSpec:
         """What hmkd_core runs: the training fields, with nproc/device from resources.
 

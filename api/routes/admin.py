@@ -41,9 +41,19 @@ class Revoked(BaseModel):
 def revoke_token(
     session: SessionDep,
     admin: AdminUser,
-    prefix: Annotated[str, Path(min_length=1, max_length=64, description="As listed.")],
+    prefix: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=64,
+            description="The token's prefix exactly as listed, or the whole token.",
+        ),
+    ],
 ) -> Revoked:
-    """Revoke the one live token whose shown prefix is `prefix`."""
+    """Revoke one live token, named by its prefix exactly as `hmkd tokens list` shows it, or by
+    the whole token. A longer text that is not the whole token revokes nothing (it is never cut
+    to a prefix). Tokens made before prefixes grew to 17 characters show 8, which two tokens
+    may share: such a shared prefix is a 404 that asks for the whole token."""
     try:
         rows = auth.revoke_tokens(session, prefix=prefix)
     except auth.UnknownToken as err:

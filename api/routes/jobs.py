@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -22,7 +21,7 @@ from api.app import celery_of
 from api.deps import CurrentUser, SessionDep, SettingsDep, VisibleJob
 from api.queries import BadCursor, list_jobs, metric_series
 from api.schemas import Deleted, EvaluationPublic, JobList, JobPublic, MetricSeries, Problem
-from hmkd_core.spec import MAX_ITERATIONS, Method
+from hmkd_core.spec import MAX_ITERATIONS, Method, located
 from jobs.datasets import complete_dataset
 from jobs.db import session_scope
 from jobs.lifecycle import (
@@ -47,7 +46,8 @@ _ERRORS = {
     401: {"model": Problem, "description": "Missing or unknown token."},
     404: {"model": Problem, "description": "No such job in your team."},
 }
-LOG_CHUNK_BYTES = 1 << 20
+LOG_CHUNK_BYTES = 1 << 20  # the most of a log one `logs` call reads and answers
+LOG_TAIL_BLOCK_BYTES = 64 * 1024  # `tail` reads backwards in blocks of this
 
 
 def _public(session: Session, job: Job, *, with_spec: bool = True) -> JobPublic:
@@ -115,20 +115,13 @@ async def _json_body(request: Request) -> Any:
         raise RequestValidationError([problem]) from None
 
 
-# A check across fields (`TrainSpec._pair_aligns`) starts its message with the field
-# at fault: that becomes the error's location.
-_FIELD_FIRST = re.compile(r"^Value error, ([a-z_]+(?:\.[a-z_0-9]+)+): (.*)$", re.DOTALL)
-
-
 def _spec_of(body: Any) -> JobSpec:
     try:
         return JobSpec.model_validate(body)
     except ValidationError as err:
         errors = []
         for e in err.errors(include_url=False):
-            loc, msg = tuple(e["loc"]), e["msg"]
-            if (m := _FIELD_FIRST.match(msg)) is not None:
-                loc, msg = (*loc, *m.group(1).split(".")), m.group(2)
+            loc, msg = located(tuple(e["loc"]), e["msg"])
             errors.append({**e, "loc": ("body", *loc), "msg": msg})
         raise RequestValidationError(errors) from None
 
@@ -301,14 +294,70 @@ def _read(storage: Storage, job_id: str, start: int, end: int) -> bytes:
     return b"".join(storage.read(job_id, "logs.txt", start, end - 1)) if end > start else b""
 
 
-def _tail(storage: Storage, job_id: str, size: int, lines: int) -> bytes:
-    """The last `lines` lines of the log, reading backwards in blocks."""
-    data, pos = b"", size
-    while pos > 0 and data.count(b"\n") <= lines:
-        step = min(64 * 1024, pos)
-        data = _read(storage, job_id, pos - step, pos) + data
+def _tail(
+    storage: Storage,
+    job_id: str,
+    size: int,
+    lines: int,
+    *,
+    cap: int = LOG_CHUNK_BYTES,
+    block: int = LOG_TAIL_BLOCK_BYTES,
+) -> tuple[bytes, bool]:
+    """The last `lines` lines of the log's first `size` bytes, at most `cap` bytes of them, and
+    whether `cap` cut them.
+
+    A line ends at a newline; text after the last newline (a line being written) counts as one.
+    Reads backwards in blocks of `block` bytes, counting each block's newlines once, and stops
+    at the line wanted or `cap` + 1 bytes back (the byte before the last `cap` tells whether
+    they start on a line): linear, whatever the log holds. When `cap` cuts, the answer is the
+    complete lines that fit in it, or the last `cap` bytes of a line longer than that.
+    """
+    if size <= 0 or lines <= 0:
+        return b"", False
+    floor = max(0, size - cap - 1)
+    blocks: list[bytes] = []
+    pos, newlines, wanted, from_start = size, 0, lines, size <= cap + 1
+    while pos > floor and newlines < wanted:
+        step = min(block, pos - floor)
+        chunk = _read(storage, job_id, pos - step, pos)
+        if len(chunk) != step:  # replaced by a shorter log meanwhile: answer what was read
+            from_start = True
+            break
+        if not blocks and chunk.endswith(b"\n"):
+            wanted += 1  # the last newline ends the last line; it does not start one
+        blocks.append(chunk)
+        newlines += chunk.count(b"\n")
         pos -= step
-    return b"".join(data.splitlines(keepends=True)[-lines:])
+    blocks.reverse()
+    data = b"".join(blocks)  # the log's last bytes, at most `cap` + 1 of them
+    if newlines >= wanted:  # the lines start after the `wanted`-th newline from the end
+        at = len(data)
+        for _ in range(wanted):
+            at = data.rfind(b"\n", 0, at)
+        return data[at + 1 :], False  # at most len(data) - 1 <= cap bytes
+    if from_start and len(data) <= cap:
+        return data, False  # fewer lines than asked: all of them
+    # cut: here `data` is `cap` + 1 bytes; answer from the first line that starts in its last
+    # `cap` (just after a newline), else the last `cap` bytes of the one long line
+    at = data.find(b"\n", 0, len(data) - 1)
+    return data[at + 1 :] if at >= 0 else data[1:], True
+
+
+_LOG_HEADERS = {
+    "X-Log-Offset": {
+        "description": "Where the next `offset` read starts (the end of this answer).",
+        "schema": {"type": "integer"},
+    },
+    "X-Log-Truncated": {
+        "description": (
+            "`true` when the answer is not all that was asked for because of the 1 MiB cap: "
+            "more of the log follows `X-Log-Offset` (whole log or `offset`), or the first of "
+            "the `tail` lines asked for lie before the answer (it then starts at the first "
+            "complete line of the log's last 1 MiB, or is the last 1 MiB of a longer line)."
+        ),
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
+}
 
 
 @router.get(
@@ -319,7 +368,11 @@ def _tail(storage: Storage, job_id: str, size: int, lines: int) -> bytes:
         **_ERRORS,
         200: {
             "content": {"text/plain": {}},
-            "description": "Log text; `X-Log-Offset` is where the next `offset` read starts.",
+            "description": (
+                "Log text, at most 1 MiB of the log per call; `X-Log-Offset` is where the next "
+                "`offset` read starts, `X-Log-Truncated` says whether the cap cut the answer."
+            ),
+            "headers": _LOG_HEADERS,
         },
     },
 )
@@ -331,20 +384,25 @@ def get_logs(
         int | None, Query(ge=0, le=2**62, description="Bytes from here on (to follow a log).")
     ] = None,
 ) -> PlainTextResponse:
-    """The whole log (up to 1 MiB per call), its last `tail` lines, or what follows `offset`."""
+    """The whole log, its last `tail` lines, or what follows `offset`: at most 1 MiB of the
+    log per call. `X-Log-Truncated: true` says the cap cut the answer: the whole log or an
+    `offset` read continues from `X-Log-Offset`; a `tail` answer then holds only the complete
+    lines within the log's last 1 MiB (or the last 1 MiB of a longer line)."""
     from jobs.storage import storage_of
 
     # the shared folder, or the copy a worker publishes at each checkpoint and at the end
     storage = storage_of(settings)
     size = storage.size(job.id, "logs.txt") or 0
     if tail is not None and offset is None:
-        data, end = _tail(storage, job.id, size, tail), size
+        (data, cut), end = _tail(storage, job.id, size, tail), size
     else:
         start = min(offset or 0, size)
         data = _read(storage, job.id, start, min(size, start + LOG_CHUNK_BYTES))
         end = start + len(data)
+        cut = end < size
     return PlainTextResponse(
-        data.decode("utf-8", errors="replace"), headers={"X-Log-Offset": str(end)}
+        data.decode("utf-8", errors="replace"),
+        headers={"X-Log-Offset": str(end), "X-Log-Truncated": "true" if cut else "false"},
     )
 
 

@@ -22,19 +22,26 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def dataset(service_settings: Settings) -> dict[str, Path]:
-    """Paths of a one-image COCO split pair under the dataset root. The API checks the
-    annotations and each image's header, never its pixels; nothing here trains."""
+    """Paths of a two-image COCO split pair under the dataset root (one batch of the tiny
+    spec's 2). The API checks the annotations and each image's header, never its pixels;
+    nothing here trains."""
     root = service_settings.dataset_roots[0] / "digits"
     paths = {}
     coco = {
-        "images": [{"id": 1, "file_name": "0.png", "width": 64, "height": 64}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 10]}],
+        "images": [
+            {"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(2)
+        ],
+        "annotations": [
+            {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 10, 10]}
+            for i in range(2)
+        ],
         "categories": [{"id": 1, "name": "digit"}],
     }
     for split in ("train", "val"):
         images = root / split / "images"
         images.mkdir(parents=True)
-        (images / "0.png").write_bytes(png_bytes(64, 64))
+        for i in range(2):
+            (images / f"{i}.png").write_bytes(png_bytes(64, 64))
         annotations = root / split / "annotations.json"
         annotations.write_text(json.dumps(coco))
         paths[f"{split}_images"], paths[f"{split}_annotations"] = images, annotations
@@ -106,3 +113,18 @@ def run_to_end(
         assert finish_job(
             session, job_id, worker="w#1", attempt=1, state=JobState(state), error=error
         )
+
+
+def succeeded_with_student(
+    client: TestClient, settings: Settings, paths: dict[str, Path], name: str = "trained"
+) -> str:
+    """The id of a job that succeeded with a real `run/student.pt`: `tiny_model`'s detector
+    (resnet18, fpn_channels 16, GroupNorm) with random weights, exported as trained on the
+    categories of `paths`' training split."""
+    from tests.conftest import export_tiny_student
+
+    categories = json.loads(Path(paths["train_annotations"]).read_text())["categories"]
+    exported = export_tiny_student(Path(settings.data_dir) / f"{name}-student.pt", categories)
+    job = submit(client, job_spec(paths, name=name))
+    run_to_end(settings, job["id"], files={"run/student.pt": exported.read_bytes()})
+    return str(job["id"])

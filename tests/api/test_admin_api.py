@@ -6,9 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from jobs import auth
 from jobs.admin import create_user
+from jobs.auth import LEGACY_PREFIX_CHARS, SHOWN_PREFIX_CHARS
+from jobs.db import session_scope
 from jobs.settings import Settings
 from tests.api.conftest import bearer, job_spec
 
@@ -22,22 +26,73 @@ def test_admin_revokes_a_token_and_disables_a_user(
     _, bob = other_team_user
     assert client.get("/v1/me", headers=bearer(bob)).status_code == 200
     # a non-admin may do neither
-    r = client.post(f"/v1/admin/tokens/{bob[:8]}/revoke", headers=bearer(bob))
+    shown = bob[:SHOWN_PREFIX_CHARS]  # as `hmkd tokens list` shows it
+    r = client.post(f"/v1/admin/tokens/{shown}/revoke", headers=bearer(bob))
     assert r.status_code == 403
     r = client.post("/v1/admin/tokens/hmkd_zzz/revoke")
     assert r.status_code == 404 and "no live token" in r.json()["detail"]
+    r = client.post(f"/v1/admin/tokens/{bob[:8]}/revoke")  # shorter than shown: not a prefix
+    assert r.status_code == 404 and "no live token" in r.json()["detail"]
 
-    r = client.post(f"/v1/admin/tokens/{bob[:8]}/revoke")
-    assert r.status_code == 200 and r.json() == {"revoked": [bob[:8]]}
+    r = client.post(f"/v1/admin/tokens/{shown}/revoke")
+    assert r.status_code == 200 and r.json() == {"revoked": [shown]}
     assert client.get("/v1/me", headers=bearer(bob)).status_code == 401
 
     carol = create_user(service_settings, "carol", team="alpha").token  # the admin's team
     job = client.post("/v1/jobs", json=job_spec(dataset), headers=bearer(carol)).json()["id"]
     r = client.post("/v1/admin/users/carol/disable")
-    assert r.status_code == 200 and r.json()["revoked"] == [carol[:8]]
+    assert r.status_code == 200 and r.json()["revoked"] == [carol[:SHOWN_PREFIX_CHARS]]
     assert client.get("/v1/jobs", headers=bearer(carol)).status_code == 401
     assert client.get(f"/v1/jobs/{job}").json()["id"] == job  # still the team's
     assert client.post("/v1/admin/users/nobody/disable").status_code == 404
+
+
+def _old_token(settings: Settings, user: str, token: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`token` for `user`, made by `create_token` as before 0007: its prefix 8 characters."""
+    with monkeypatch.context() as m, session_scope(settings.database_url) as s:
+        m.setattr(auth, "generate_token", lambda: token)
+        m.setattr(auth, "SHOWN_PREFIX_CHARS", LEGACY_PREFIX_CHARS)
+        made, row = auth.create_token(s, auth.get_user(s, user))
+        assert made == token and row.prefix == token[:8]
+    return token
+
+
+def test_admin_revokes_one_of_two_old_tokens_sharing_a_prefix(
+    client: TestClient,
+    other_team_user: tuple[Any, str],
+    service_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two of 759 old tokens shared `hmkd_P_h`: the shared prefix and 20 characters of one
+    were refused, so that one could not be revoked alone; `hmkd_DHPWRONGWRONG` was cut to 8
+    characters and revoked `hmkd_DHP...`."""
+    first = _old_token(service_settings, "bob", "hmkd_P_h" + "a1" * 20, monkeypatch)
+    second = _old_token(service_settings, "bob", "hmkd_P_h" + "b2" * 20, monkeypatch)
+    other = _old_token(service_settings, "bob", "hmkd_DHP" + "c3" * 20, monkeypatch)
+
+    r = client.post("/v1/admin/tokens/hmkd_P_h/revoke")
+    assert r.status_code == 404, r.text
+    assert "more than one live token" in r.json()["detail"]
+    assert "give the whole token" in r.json()["detail"]
+    r = client.post(f"/v1/admin/tokens/{first[:20]}/revoke")
+    assert r.status_code == 404 and "no live token" in r.json()["detail"]
+    assert first[:20] not in r.json()["detail"]  # an error never repeats more than a prefix
+    r = client.post("/v1/admin/tokens/hmkd_DHPWRONGWRONG/revoke")
+    assert r.status_code == 404 and "no live token" in r.json()["detail"]
+    for token in (first, second, other):
+        assert client.get("/v1/me", headers=bearer(token)).status_code == 200
+
+    r = client.post(f"/v1/admin/tokens/{first}/revoke")  # the whole token: that one only
+    assert r.status_code == 200 and r.json() == {"revoked": ["hmkd_P_h"]}
+    assert client.get("/v1/me", headers=bearer(first)).status_code == 401
+    assert client.get("/v1/me", headers=bearer(second)).status_code == 200
+    r = client.post(f"/v1/admin/tokens/{first}/revoke")
+    assert r.status_code == 404 and "revoked" in r.json()["detail"]
+
+    r = client.post("/v1/admin/tokens/hmkd_DHP/revoke")  # an old 8-character prefix, exactly
+    assert r.status_code == 200 and r.json() == {"revoked": ["hmkd_DHP"]}
+    assert client.get("/v1/me", headers=bearer(other)).status_code == 401
+    assert client.get("/v1/me", headers=bearer(second)).status_code == 200
 
 
 def test_admin_sets_a_teams_share_and_gpu_quota(

@@ -206,7 +206,8 @@ def _with(spec: dict, path: str, value: object) -> dict:
         ("data.train.images", "{train_images}\ud800", "data.train.images"),
         ("student.weights", "/weights\ud800.pt", "student.weights"),
         ("student.weights", "weights\udcff.pt", "student.weights"),
-        ("eval.extra_area_ranges", {"\ud800": [0, 64]}, "eval.extra_area_ranges.\\ud800"),
+        # the range's name becomes a metric's: refused by the rule for those names
+        ("eval.extra_area_ranges", {"\ud800": [0, 64]}, "eval.extra_area_ranges"),
         ("distill.hmkd.hm.level_weights", {"\udcff": 1.0}, "distill.hmkd.hm.level_weights"),
     ],
 )

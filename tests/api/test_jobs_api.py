@@ -18,7 +18,14 @@ from client.sdk import parse_sse
 from jobs.db import session_scope
 from jobs.models import Job
 from jobs.settings import Settings
-from tests.api.conftest import bearer, distill_spec, job_spec, run_to_end, submit
+from tests.api.conftest import (
+    bearer,
+    distill_spec,
+    job_spec,
+    run_to_end,
+    submit,
+    succeeded_with_student,
+)
 from tests.conftest import export_tiny_student, png_bytes, tiny_model
 
 
@@ -164,6 +171,62 @@ def test_a_job_teacher_brings_its_architecture_from_its_student_file(
     assert detail["field"] == "teacher.fpn_channels" and "built with 32" in detail["msg"]
 
 
+def test_a_student_from_a_job_must_be_the_detector_its_weights_were_built_as(
+    client: TestClient, dataset: dict[str, Path], service_settings: Settings
+) -> None:
+    """`student.weights: job:<id>` (an evaluation, or training that starts from it) loads that
+    job's student.pt into the spec's student. A student described otherwise was queued and
+    failed in the worker (`build_detector`: the weights miss the model's keys); it is a 422
+    naming student.weights at submit, by the rule a `job:` teacher is checked with."""
+    trained = succeeded_with_student(client, service_settings, dataset)  # resnet18, 16, gn
+    ref = f"job:{trained}"
+    cases = [
+        (
+            "evaluate",
+            tiny_model(backbone="resnet34"),
+            "student.backbone is 'resnet34'",
+            "'resnet18'",
+        ),
+        ("evaluate", tiny_model(fpn_channels=32), "student.fpn_channels is 32", "built with 16"),
+        ("train", tiny_model(arch="retinanet"), "student.arch is 'retinanet'", "'faster_rcnn'"),
+        ("train", tiny_model(backbone_norm="bn"), "student.backbone_norm is 'bn'", "'gn'"),
+        (
+            "evaluate",
+            {k: v for k, v in tiny_model().items() if k != "fpn_channels"},
+            "student.fpn_channels (left out: its default) is 256",
+            "built with 16",
+        ),
+    ]
+    for kind, student, given, built in cases:
+        spec = job_spec(dataset, name="from-a-job", kind=kind)
+        spec["student"] = {**student, "weights": ref}  # job_spec would merge in tiny_model
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 422, (student, r.text)
+        (error,) = r.json()["detail"]
+        assert error["field"] == "student.weights" and error["type"] == "invalid_job", error
+        assert error["loc"] == ["body", "student", "weights"]
+        assert given in error["msg"] and built in error["msg"] and trained in error["msg"], error
+    assert _count_jobs(service_settings) == 1  # the trained job only
+
+    # the detector the weights were built as, by a prefix of the id too: evaluated, or trained on
+    evaluation = submit(client, job_spec(dataset, kind="evaluate", student=tiny_model(weights=ref)))
+    assert evaluation["state"] == "queued"
+    warm = tiny_model(weights=f"job:{trained[:8]}", backbone_norm="gn")
+    assert submit(client, job_spec(dataset, name="warm", student=warm))["state"] == "queued"
+
+    # weights still to come, or deleted since, are refused by name too
+    unfinished = submit(client, job_spec(dataset, name="unfinished"))
+    gone = succeeded_with_student(client, service_settings, dataset, name="gone")
+    r = client.delete(f"/v1/jobs/{gone}/artifacts/run/student.pt")
+    assert r.status_code == 200, r.text
+    for source, words in ((unfinished["id"], "not succeeded"), (gone, "has no student.pt")):
+        spec = job_spec(dataset, kind="evaluate", student=tiny_model(weights=f"job:{source}"))
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 422, r.text
+        (error,) = r.json()["detail"]
+        assert error["field"] == "student.weights" and words in error["msg"], error
+
+
 def test_a_student_submitted_before_its_teacher_ends_waits_for_it(
     client: TestClient, dataset: dict[str, Path], service_settings: Settings
 ) -> None:
@@ -196,8 +259,36 @@ def test_what_would_fail_when_the_job_starts_is_a_422_at_submit(
     """Checks that depend only on the spec: a teacher resized or normalised unlike the
     student, levels a pyramid lacks or HMKD levels with a gap, an evaluation metric never
     reported. Each answers 422 naming the field, and nothing is queued."""
-    teacher = tiny_model(backbone="resnet34", weights="coco")
+    teacher = tiny_model(backbone="resnet50", weights="coco")
     cases = [
+        (  # torchvision publishes COCO detectors for resnet50 only
+            {"teacher": {**teacher, "backbone": "resnet34"}},
+            "teacher.weights",
+            "resnet50",
+        ),
+        ({"student": {"image_std": [0.2, 0.0, 0.2]}}, "student.image_std.1", "greater than 0"),
+        (
+            {"eval": {"extra_area_ranges": {"small": [0, 1024]}}},
+            "eval.extra_area_ranges",
+            "standard COCO range",
+        ),
+        (
+            {"eval": {"extra_area_ranges": {"x": [1024, 0]}}},
+            "eval.extra_area_ranges",
+            "0 <= min < max",
+        ),
+        (  # the two levels coarser than p3-p5 are p6 and p7; Faster R-CNN stops at p6
+            {
+                "distill": {
+                    "method": "hmkd",
+                    "levels": ["p3", "p4", "p5"],
+                    "hmkd": {"hm": {"query_levels": "deep"}},
+                }
+            },
+            "distill.hmkd.hm.query_levels",
+            "'p7'",
+        ),
+        ({"schedule": {"batch_size": 1000}}, "schedule.batch_size", "fewer than one batch"),
         ({"teacher": {**teacher, "min_size": 48}}, "teacher.min_size", "times 1, 2, 4"),
         ({"teacher": {**teacher, "image_std": [1, 1, 1]}}, "teacher.image_std", "normalise"),
         (
@@ -559,7 +650,8 @@ def _write_coco(path: Path, **changes: Any) -> None:
 @pytest.mark.parametrize(
     ("split", "change", "field", "words"),
     [
-        ("train", {"images": [{"id": 1, "file_name": "gone.png", "width": 8, "height": 8}]},
+        ("train", {"images": [{"id": 1, "file_name": "gone.png", "width": 8, "height": 8},
+                              {"id": 2, "file_name": "1.png", "width": 64, "height": 64}]},
          "data.train.images", "not found"),
         ("val", {"categories": [{"id": 1, "name": "letter"}]}, "data.val.annotations",
          "differ from the training split"),
@@ -694,7 +786,7 @@ def test_a_jobs_validation_images_are_served_to_its_team_only(
     job = submit(client, job_spec(dataset))
     r = client.get(f"/v1/jobs/{job['id']}/images/1")
     assert r.status_code == 200 and r.content == png_bytes(64, 64, 7)
-    assert client.get(f"/v1/jobs/{job['id']}/images/2").status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}/images/3").status_code == 404
     theirs = client.get(f"/v1/jobs/{job['id']}/images/1", headers=bearer(other_team_user[1]))
     assert theirs.status_code == 404
 

@@ -14,7 +14,15 @@ from jobs.db import session_scope
 from jobs.models import Artifact, Job, JobEvent, MetricPoint
 from jobs.retention import apply_retention, purge_deleted
 from jobs.settings import Settings
-from tests.api.conftest import bearer, distill_spec, job_spec, run_to_end, submit
+from tests.api.conftest import (
+    bearer,
+    distill_spec,
+    job_spec,
+    run_to_end,
+    submit,
+    succeeded_with_student,
+)
+from tests.conftest import tiny_model
 
 CHECKPOINTS = {
     "run/checkpoints/attempt-1/ckpt_10.pt": b"a" * 10,
@@ -145,6 +153,39 @@ def test_deleting_a_job_removes_its_files_and_rows(
     r = client.post(f"/v1/jobs/{student['id']}/retry")
     assert r.status_code == 409 and "teacher.weights" in r.json()["detail"], r.text
     assert client.get(f"/v1/jobs/{student['id']}").json()["state"] == "cancelled"
+
+
+def test_a_retry_whose_job_weights_were_deleted_since_is_refused(
+    client: TestClient, service_settings: Settings, dataset: dict[str, Path]
+) -> None:
+    """An evaluation of job A's student and a distillation with it as teacher have ended, so
+    A's run/student.pt may be deleted. Retried, either was queued with weights that are gone
+    and could only fail when it started: a 409 naming the missing artifact, the job left as
+    it was."""
+    trained = succeeded_with_student(client, service_settings, dataset)
+    student = tiny_model(weights=f"job:{trained}")
+    evaluation = submit(client, job_spec(dataset, name="eval", kind="evaluate", student=student))
+    spec = job_spec(dataset, name="distill", kind="distill", distill={"method": "mimic"})
+    spec["teacher"] = {"weights": f"job:{trained[:8]}"}
+    distilled = submit(client, spec)
+    run_to_end(service_settings, evaluation["id"], state="failed")
+    assert client.post(f"/v1/jobs/{distilled['id']}/cancel").json()["state"] == "cancelled"
+
+    # while the student.pt is kept, a retry is queued (and keeps the file from deletion)
+    r = client.post(f"/v1/jobs/{evaluation['id']}/retry")
+    assert r.status_code == 200 and r.json()["state"] == "queued", r.text
+    assert client.delete(f"/v1/jobs/{trained}/artifacts/run/student.pt").status_code == 409
+    assert client.post(f"/v1/jobs/{evaluation['id']}/cancel").json()["state"] == "cancelled"
+
+    r = client.delete(f"/v1/jobs/{trained}/artifacts/run/student.pt")
+    assert r.status_code == 200, r.text
+    for job, field in ((evaluation, "student.weights"), (distilled, "teacher.weights")):
+        r = client.post(f"/v1/jobs/{job['id']}/retry")
+        assert r.status_code == 409, r.text
+        detail = r.json()["detail"]
+        assert field in detail and f"job {trained}'s artifact run/student.pt" in detail, detail
+        again = client.get(f"/v1/jobs/{job['id']}").json()
+        assert again["state"] == "cancelled", again
 
 
 def test_a_folder_left_by_an_interrupted_deletion_is_purged(service_settings: Settings) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from client.service_cli import app
+from jobs.auth import SHOWN_PREFIX_CHARS
 from jobs.db import session_scope
 from jobs.models import Job
 from jobs.settings import Settings
@@ -43,9 +44,13 @@ def test_admin_commands(empty_db_url: str, tmp_path: Path, monkeypatch: pytest.M
     listed = runner.invoke(app, ["tokens", "list", "--user", "carol"])
     assert listed.exit_code == 0 and listed.stdout.count("live") == 3
     assert res_token not in listed.stdout  # never the token itself
-    res = runner.invoke(app, ["tokens", "revoke", res_token[:8]])
+    shown = res_token[:SHOWN_PREFIX_CHARS]
+    assert shown in listed.stdout
+    res = runner.invoke(app, ["tokens", "revoke", shown + "x"])  # not cut to the prefix
+    assert res.exit_code == 2 and "no live token" in res.output
+    res = runner.invoke(app, ["tokens", "revoke", shown])
     assert res.exit_code == 0 and "revoked token" in res.output, res.output
-    res = runner.invoke(app, ["tokens", "revoke", res_token[:8]])
+    res = runner.invoke(app, ["tokens", "revoke", res_token])  # the whole token, now revoked
     assert res.exit_code == 2 and "no live token" in res.output
     res = runner.invoke(app, ["users", "disable", "carol"])
     assert res.exit_code == 0 and "2 live token(s) revoked" in res.output, res.output

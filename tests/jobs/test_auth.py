@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, pool, select, text
 
+from jobs import auth
 from jobs.auth import (
+    LEGACY_PREFIX_CHARS,
+    SHOWN_PREFIX_CHARS,
     AlreadyExists,
+    UnknownToken,
     authenticate,
     create_team,
     create_token,
@@ -18,6 +22,7 @@ from jobs.auth import (
     ensure_local_admin,
     generate_token,
     hash_token,
+    revoke_tokens,
 )
 from jobs.db import session_scope
 from jobs.lifecycle import Conflict
@@ -53,7 +58,7 @@ def test_the_plain_token_is_nowhere_in_the_database(db_url: str) -> None:
     assert len(rows) == 1
     assert all(token not in str(value) for value in rows[0])
     assert hash_token(token) in rows[0]
-    assert token[:8] in rows[0]  # the short prefix that identifies it in listings
+    assert token[:SHOWN_PREFIX_CHARS] in rows[0]  # the prefix that identifies it in listings
 
 
 def test_authenticate_known_unknown_and_revoked(db_url: str) -> None:
@@ -130,3 +135,133 @@ def test_local_admin_replaces_a_token_that_no_longer_works(db_url: str, tmp_path
     with session_scope(db_url) as s:
         assert authenticate(s, third) is not None
         assert s.scalar(select(User).where(User.name == "admin")) is not None
+
+
+# Revoking by prefix. Tokens made before 0007 stored 8 characters (`hmkd_` and 3 random ones):
+# 759 tokens were enough for two to share one. These tests make such tokens with chosen values
+# through `create_token` itself, its generator and prefix length monkeypatched.
+
+
+def _chosen_token(
+    url: str, user_id: int, token: str, monkeypatch: pytest.MonkeyPatch, *, legacy: bool = False
+) -> str:
+    """`token`, created as `create_token` creates one (an old 8-character prefix if `legacy`)."""
+    with monkeypatch.context() as m:
+        m.setattr(auth, "generate_token", lambda: token)
+        if legacy:
+            m.setattr(auth, "SHOWN_PREFIX_CHARS", LEGACY_PREFIX_CHARS)
+        with session_scope(url) as s:
+            made, row = create_token(s, s.get(User, user_id))
+            assert made == token and len(row.prefix) == (8 if legacy else SHOWN_PREFIX_CHARS)
+    return token
+
+
+def _revoke(url: str, text: str) -> list[str]:
+    with session_scope(url) as s:
+        return [row.prefix for row in revoke_tokens(s, prefix=text)]
+
+
+def _live(url: str, token: str) -> bool:
+    with session_scope(url) as s:
+        return authenticate(s, token) is not None
+
+
+def _tail43(seed: str) -> str:
+    """43 URL-safe characters, as `generate_token` draws after `hmkd_`."""
+    return (seed * 43)[:43]
+
+
+def test_new_tokens_show_a_prefix_two_tokens_do_not_share(db_url: str) -> None:
+    user_id = _user(db_url)
+    tokens = [_token(db_url, user_id) for _ in range(3)]
+    with session_scope(db_url) as s:
+        prefixes = [row.prefix for row in auth.list_tokens(s)]
+    assert prefixes == [t[:SHOWN_PREFIX_CHARS] for t in tokens]
+    assert len("hmkd_") + 8 <= SHOWN_PREFIX_CHARS  # >= 48 random bits: no collision in practice
+    assert all(len(t) - SHOWN_PREFIX_CHARS >= 30 for t in tokens)  # never near a usable token
+    assert _revoke(db_url, prefixes[1]) == [prefixes[1]]  # the shown prefix, exactly
+    assert [_live(db_url, t) for t in tokens] == [True, False, True]
+
+
+def test_a_shared_old_prefix_is_refused_and_the_whole_token_revokes_one(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_id = _user(db_url)
+    first, second = (
+        _chosen_token(db_url, user_id, "hmkd_P_h" + _tail43(seed)[3:], monkeypatch, legacy=True)
+        for seed in ("a1", "b2")
+    )
+    assert first[:8] == second[:8] == "hmkd_P_h" and first != second
+    with pytest.raises(UnknownToken, match=r"more than one live token.*give the whole token"):
+        _revoke(db_url, "hmkd_P_h")
+    with pytest.raises(UnknownToken, match="no live token"):  # 20 real characters: not cut to 8
+        _revoke(db_url, first[:20])
+    assert _live(db_url, first) and _live(db_url, second)  # nothing was revoked
+    assert _revoke(db_url, first) == ["hmkd_P_h"]  # the whole token: exactly that one
+    assert not _live(db_url, first) and _live(db_url, second)
+    with pytest.raises(UnknownToken, match="is revoked"):
+        _revoke(db_url, first)
+    assert _revoke(db_url, "hmkd_P_h") == ["hmkd_P_h"]  # the one left live: no longer shared
+    assert not _live(db_url, second)
+
+
+def test_an_old_eight_character_prefix_still_revokes_its_token(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_id = _user(db_url)
+    old = _chosen_token(db_url, user_id, "hmkd_DHP" + _tail43("x9")[3:], monkeypatch, legacy=True)
+    # a new token whose longer prefix starts with the old one's 8 characters
+    new = _chosen_token(db_url, user_id, "hmkd_DHP" + _tail43("y8")[3:], monkeypatch)
+    assert _revoke(db_url, new[:SHOWN_PREFIX_CHARS]) == [new[:SHOWN_PREFIX_CHARS]]
+    assert _live(db_url, old) and not _live(db_url, new)
+    assert _revoke(db_url, "hmkd_DHP") == ["hmkd_DHP"]
+    assert not _live(db_url, old)
+
+
+def test_text_that_is_not_the_token_revokes_nothing(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_id = _user(db_url)
+    old = _chosen_token(db_url, user_id, "hmkd_DHP" + _tail43("q7")[3:], monkeypatch, legacy=True)
+    new = _token(db_url, user_id)
+    shown = new[:SHOWN_PREFIX_CHARS]
+    wrong = [
+        "hmkd_DHPWRONGWRONG",  # starts with the old token's prefix, then is not its token
+        old[:-1],
+        old + "x",
+        shown + "x",  # longer than the shown prefix, not the token
+        new[:-1],
+        new + "x",
+        shown[:-1],  # shorter than the shown prefix
+        "hmkd_",
+        "",
+    ]
+    if new[:8] != old[:8]:  # (1 chance in 64**3 that the random token starts like `old`)
+        wrong.append(new[:8])
+    for given in wrong:
+        with pytest.raises(UnknownToken, match="no live token") as err:
+            _revoke(db_url, given)
+        assert new not in str(err.value) and new[:20] not in str(err.value)  # never echoed whole
+    assert _live(db_url, old) and _live(db_url, new)
+    assert _revoke(db_url, new) == [shown]
+    assert _revoke(db_url, old[:8]) == ["hmkd_DHP"]
+
+
+def test_a_shared_new_prefix_is_refused_too(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Astronomically unlikely with 12 random characters, but handled as the old collisions."""
+    user_id = _user(db_url)
+    a = _chosen_token(db_url, user_id, "hmkd_" + "S" * 12 + _tail43("c3")[12:], monkeypatch)
+    b = _chosen_token(db_url, user_id, "hmkd_" + "S" * 12 + _tail43("d4")[12:], monkeypatch)
+    with pytest.raises(UnknownToken, match="more than one"):
+        _revoke(db_url, a[:SHOWN_PREFIX_CHARS])
+    assert _revoke(db_url, b) == [b[:SHOWN_PREFIX_CHARS]]
+    assert _live(db_url, a) and not _live(db_url, b)
+
+
+def test_revoking_a_users_tokens_by_whole_token_is_limited_to_that_user(db_url: str) -> None:
+    carol, dave = _user(db_url, "carol"), _user(db_url, "dave")
+    dave_token = _token(db_url, dave)
+    _token(db_url, carol)
+    with session_scope(db_url) as s, pytest.raises(UnknownToken, match="carol"):
+        revoke_tokens(s, prefix=dave_token, user=s.get(User, carol))
+    assert _live(db_url, dave_token)

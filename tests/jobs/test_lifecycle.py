@@ -32,13 +32,24 @@ from jobs.schemas import JobSpec
 from jobs.settings import Settings
 from tests.conftest import png_bytes
 
+# Enough images for a batch of 2 on every process of the largest job submitted here (8 GPUs
+# on each of 3 nodes): submit refuses a job whose processes would not fill one batch.
+IMAGES = 48
+
 
 def _spec(root: Path, **extra: object) -> JobSpec:
     (root / "d" / "img").mkdir(parents=True, exist_ok=True)
-    (root / "d" / "img" / "0.png").write_bytes(png_bytes(8, 8))
-    image = {"id": 1, "file_name": "0.png", "width": 8, "height": 8}
-    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}
-    coco = {"images": [image], "annotations": [box], "categories": [{"id": 1, "name": "c"}]}
+    png = png_bytes(8, 8)
+    for i in range(IMAGES):
+        (root / "d" / "img" / f"{i}.png").write_bytes(png)
+    images = [
+        {"id": i + 1, "file_name": f"{i}.png", "width": 8, "height": 8} for i in range(IMAGES)
+    ]
+    boxes = [
+        {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 4, 4]}
+        for i in range(IMAGES)
+    ]
+    coco = {"images": images, "annotations": boxes, "categories": [{"id": 1, "name": "c"}]}
     (root / "d" / "a.json").write_text(json.dumps(coco))
     data = {"train": {"images": str(root / "d" / "img"), "annotations": str(root / "d" / "a.json")}}
     return JobSpec.model_validate({"name": "j", "data": data, "student": {}, **extra})
