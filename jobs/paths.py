@@ -49,6 +49,9 @@ def confine(
             )
         if must_exist and not resolved.exists():
             raise PathNotAllowed(field, f"{text} does not exist")
+        if resolved.exists() and not (resolved.is_file() or resolved.is_dir()):
+            # a FIFO or a device: opening it to read the spec's data would block the request
+            raise PathNotAllowed(field, f"{text} is not a regular file or folder")
     except (OSError, RuntimeError) as err:
         # a name too long for the file system, or a symlink loop (which resolve() raises as a
         # RuntimeError before Python 3.13)

@@ -68,6 +68,8 @@ def read_annotation_file(path: Path | str) -> dict[str, Any]:
     per-category AP is reported by name. Present values are never changed.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, or a FIFO whose read would block
+        raise DatasetError(f"{path}: cannot read annotation file: not a regular file")
     try:
         raw = path.read_bytes()
     except OSError as err:

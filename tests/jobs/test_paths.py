@@ -65,3 +65,26 @@ def test_missing_relative_and_nul(roots: list[Path]) -> None:
         confine("digits/images", roots, field="f")
     with pytest.raises(PathNotAllowed, match="NUL"):
         confine(f"{roots[0]}/a\x00b", roots, field="f")
+
+
+def test_a_fifo_is_refused_before_anything_reads_it(roots: list[Path]) -> None:
+    """Reading a named pipe blocks until someone writes to it: a spec naming one would stall
+    the request that checks the data."""
+    fifo = roots[0] / "pipe.json"
+    os.mkfifo(fifo)
+    with pytest.raises(PathNotAllowed, match="not a regular file or folder") as err:
+        confine(fifo, roots, field="data.train.annotations")
+    assert err.value.field == "data.train.annotations"
+    link = roots[0] / "link.json"  # a symlink to it is judged by what it resolves to
+    link.symlink_to(fifo)
+    with pytest.raises(PathNotAllowed, match="not a regular file"):
+        confine(link, roots, field="data.train.annotations")
+
+
+def test_an_annotation_file_that_is_a_fifo_is_a_dataset_error(tmp_path: Path) -> None:
+    from hmkd_core.data import DatasetError, read_annotation_file
+
+    fifo = tmp_path / "a.json"
+    os.mkfifo(fifo)
+    with pytest.raises(DatasetError, match="not a regular file"):
+        read_annotation_file(fifo)  # returns at once instead of waiting for a writer
