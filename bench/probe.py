@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hmkd_core.data import CocoDetectionDataset, collate_detection
 from hmkd_core.distill import build_distiller, build_response
-from hmkd_core.distill.base import DistillInputs
+from hmkd_core.distill.base import DistillInputs, standardize
 from hmkd_core.distill.hooks import FeatureRecorder
 from hmkd_core.distill.masks import level_masks, spatial_attention
 from hmkd_core.engine.module import FrozenTeacher, ResponseTerms
@@ -173,7 +173,8 @@ def probe(spec: TrainSpec, *, batches: int = 8, batch_size: int | None = None) -
                     pulls[kind][lv].append(0.0 if x is None else float(x.norm()))
             masks = level_masks(boxes, t_feats, levels)
             for lv, gd, gk in zip(levels, g_det, g_kd, strict=True):
-                t = t_feats[lv]
+                # the maps the distiller compares: standardized ones when the spec asks
+                t = standardize(t_feats[lv]) if spec.distill.standardize else t_feats[lv]
                 att = spatial_attention(t, focal.temperature, normalize=focal.normalize)
                 p = att.flatten(1) / att.flatten(1).sum(dim=1, keepdim=True)  # (B, HW)
                 fg = masks[lv][0].flatten(1)

@@ -21,7 +21,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -138,6 +137,16 @@ NAMED_WEIGHTS = ("none", "imagenet", "coco")
 COCO_WEIGHTS_BACKBONES = ("resnet50",)
 
 
+def coco_weights_refusal(backbone: str) -> str | None:
+    """Why `weights: coco` cannot build a detector on `backbone`, or None when it can."""
+    if backbone in COCO_WEIGHTS_BACKBONES:
+        return None
+    return (
+        f"COCO weights exist for {' and '.join(COCO_WEIGHTS_BACKBONES)} detectors only, not "
+        f"{backbone}; use weights: imagenet or a path"
+    )
+
+
 class ModelSpec(StrictModel):
     """A torchvision detector, built from parts by `hmkd_core.models.build_detector`."""
 
@@ -160,8 +169,8 @@ class ModelSpec(StrictModel):
     max_size: int = Field(1333, ge=32, le=8192, description="Cap on the longer side.")
     weights: str = Field(
         "none",
-        description="none | imagenet (backbone) | coco (whole detector) | a path to a "
-        "student.pt or checkpoint written by this library.",
+        description="none | imagenet (backbone) | coco (whole detector; resnet50 only) | a "
+        "path to a student.pt or checkpoint written by this library.",
     )
     trainable_backbone_layers: int = Field(5, ge=0, le=5)
     backbone_norm: Literal["auto", "frozen_bn", "bn", "gn"] = Field(
@@ -179,9 +188,9 @@ class ModelSpec(StrictModel):
         description="Faster R-CNN RoIs sampled per image for the box head loss.",
     )
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+    image_std: tuple[float, float, float] = Field(
         (0.229, 0.224, 0.225),
-        description="Per-channel divisor of the normalised image; each must be > 0.",
+        description="Per-channel divisor of the normalised image; none may be 0.",
     )
 
     @field_validator("anchor_sizes")
@@ -194,15 +203,19 @@ class ModelSpec(StrictModel):
                 raise ValueError("sizes must be between 1 and 8192 pixels")
         return v
 
+    @field_validator("image_std")
+    @classmethod
+    def _divisible(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x == 0 for x in v):
+            raise ValueError(f"{list(v)}: the image is divided by it, so no channel's may be 0")
+        return v
+
     @model_validator(mode="after")
     def _sizes(self) -> ModelSpec:
         if self.max_size < self.min_size:
             raise ValueError("max_size must be >= min_size")
-        if self.weights == "coco" and self.backbone not in COCO_WEIGHTS_BACKBONES:
-            raise ValueError(
-                f"weights: COCO weights exist for {' and '.join(COCO_WEIGHTS_BACKBONES)} "
-                f"detectors only, not {self.backbone}; use weights: imagenet or a path"
-            )
+        if self.weights == "coco" and (why := coco_weights_refusal(self.backbone)):
+            raise ValueError(f"weights: {why}")
         return self
 
 
@@ -456,7 +469,9 @@ class DistillSpec(StrictModel):
         description="Compare the feature method's student and teacher maps standardized per "
         "image and channel (zero mean, unit variance over positions; Pearson-correlation "
         "distillation): the student is pulled toward the teacher's pattern of activity, not "
-        "its magnitudes. The student side is standardized after its adapter.",
+        "its magnitudes. The student side is standardized after its adapter. The focal "
+        "terms' attention (SDM, FGD) is then computed from standardized maps too, where every "
+        "channel has unit variance: the channel attention is near uniform.",
     )
     hmkd: HMKDOptions = Field(default_factory=HMKDOptions)
     mimic: MimicOptions = Field(default_factory=MimicOptions)
@@ -503,7 +518,7 @@ class ScheduleSpec(StrictModel):
 
 # COCOeval's own area range labels, which an extra range may not reuse
 COCO_AREA_RANGES = frozenset({"all", "small", "medium", "large", "S", "M", "L"})
-AREA_RANGE_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
+MAX_AREA_RANGE_NAME = 64
 
 
 def check_area_ranges(
@@ -516,9 +531,13 @@ def check_area_ranges(
             raise ValueError(
                 f"extra area range {name!r} clashes with a standard COCO range; rename it"
             )
-        if not AREA_RANGE_NAME.fullmatch(name):
+        if (
+            not (0 < len(name) <= MAX_AREA_RANGE_NAME and name.isprintable())
+            or name.strip() != name
+        ):
             raise ValueError(
-                f"extra area range name {name!r}: use 1 to 32 letters, digits or underscores"
+                f"extra area range name {name!r}: use 1 to {MAX_AREA_RANGE_NAME} printable "
+                "characters, without spaces around them"
             )
         if (
             len(bounds) != 2
@@ -544,7 +563,8 @@ class EvalSpec(StrictModel):
             "small16_32": (16.0**2, 32.0**2),
         },
         description="Additional COCO area ranges (pixels^2) reported as AP_<name>: a name of "
-        "letters, digits and underscores other than COCO's own ranges', and 0 <= min < max.",
+        f"1 to {MAX_AREA_RANGE_NAME} printable characters other than COCO's own ranges', and "
+        "finite bounds with 0 <= min < max.",
     )
     metric: str = Field("AP_S", description="Metric that picks the best checkpoint.")
 

@@ -13,7 +13,6 @@ dataset, and a large annotation file takes seconds to parse.
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +92,14 @@ def check_data(spec: TrainSpec) -> list[str]:
 
 
 def _check_batch_fits(spec: TrainSpec, images: int) -> None:
-    """Each process draws its share of the training images (the sampler pads the last share
-    by repeating images) and trains on whole batches of them: a share smaller than one batch
-    leaves it nothing to train on, which the trainer refuses when the job starts."""
+    """Each process trains on its share of the training images in whole batches: a share
+    smaller than one batch leaves it nothing to train on, which the trainer refuses when the
+    job starts."""
+    from hmkd_core.engine.sampler import batches_per_replica
+
     processes = spec.processes() if isinstance(spec, JobSpec) else spec.runtime.nproc
-    share = math.ceil(images / processes)
-    if share < spec.schedule.batch_size:
+    if batches_per_replica(images, processes, spec.schedule.batch_size) == 0:
+        share = images // processes
         raise DataFieldError(
             "schedule.batch_size",
             f"{images} training image(s) over {processes} process(es) give each process "

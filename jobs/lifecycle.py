@@ -226,14 +226,17 @@ def _follows_weights(model: dict[str, Any], name: str) -> bool:
 
 
 def _architecture_clash(
-    model: dict[str, Any], built: ModelSpec, source: str
+    model: dict[str, Any],
+    built: ModelSpec,
+    source: str,
+    fields: tuple[str, ...] = _ARCHITECTURE,
 ) -> tuple[str, str] | None:
     """The first architecture field that `model` (a model as JSON) sets otherwise than
     `built`, the ModelSpec job `source`'s student.pt was written with, as (name, why); None
     when they agree. The one rule for `job:` weights, teacher's and student's alike: such
     weights load only into the detector they were built as."""
     values = built.model_dump(mode="json")
-    for name in _ARCHITECTURE:
+    for name in fields:
         if not _follows_weights(model, name) and model[name] != values[name]:
             return name, (
                 f"{model[name]!r}, but job {source}'s student.pt is built with {values[name]!r}"
@@ -259,7 +262,10 @@ def _check_student_fits(
     except WeightsError as err:
         raise InvalidJob("student.weights", f"job {source.id}'s student.pt: {err}") from None
     student = spec.student.model_dump(mode="json")
-    if (clash := _architecture_clash(student, built, m.group(1))) is not None:
+    # anchor sizes shape no tensor (three aspect ratios per cell whatever the sizes): a student
+    # may start from weights and train with other anchors
+    shapes = tuple(name for name in _ARCHITECTURE if name != "anchor_sizes")
+    if (clash := _architecture_clash(student, built, m.group(1), shapes)) is not None:
         name, why = clash
         left_out = "" if name in spec.student.model_fields_set else " (left out: its default)"
         raise InvalidJob(

@@ -12,6 +12,13 @@ from collections.abc import Iterator
 from torch.utils.data import Dataset, DistributedSampler
 
 
+def batches_per_replica(samples: int, replicas: int, batch_size: int) -> int:
+    """Whole batches each of `replicas` processes trains on per epoch: each takes an equal
+    share of the `samples` (the remainder left out, as `drop_last` does) in whole batches. The
+    one rule for the trainer and for the check at submit."""
+    return (samples // replicas) // batch_size
+
+
 class ResumableSampler(DistributedSampler):
     def __init__(
         self,
@@ -40,7 +47,7 @@ class ResumableSampler(DistributedSampler):
         self.skip_batches = batches_done
 
     def batches_per_epoch(self) -> int:
-        return self.num_samples // self.batch_size
+        return batches_per_replica(len(self.dataset), self.num_replicas, self.batch_size)
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())

@@ -24,7 +24,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from hmkd_core.spec import COCO_WEIGHTS_BACKBONES, ModelSpec
+from hmkd_core.spec import ModelSpec, coco_weights_refusal
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,8 @@ def build_detector(spec: ModelSpec, num_classes: int) -> nn.Module:
 def _coco_detector(spec: ModelSpec, num_classes: int) -> nn.Module:
     from torchvision.models.detection import faster_rcnn, retinanet
 
-    if spec.backbone not in COCO_WEIGHTS_BACKBONES:  # refused by ModelSpec; built otherwise
-        raise WeightsError(
-            f"COCO weights exist for {' and '.join(COCO_WEIGHTS_BACKBONES)} detectors only, "
-            f"not {spec.backbone}; use weights: imagenet or a path"
-        )
+    if why := coco_weights_refusal(spec.backbone):  # refused by ModelSpec; built otherwise
+        raise WeightsError(why)
     model = build_detector(spec.model_copy(update={"weights": "none"}), num_classes)
     if spec.arch == "faster_rcnn":
         w = faster_rcnn.FasterRCNN_ResNet50_FPN_Weights.COCO_V1

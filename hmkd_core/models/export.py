@@ -62,7 +62,12 @@ def read_model_spec(path: str | Path) -> ModelSpec:
         raise WeightsError(f"{path}: not a readable student file ({err})") from err
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise WeightsError(f"{path}: not an exported student (format {FORMAT!r} expected)")
-    return ModelSpec.model_validate(blob["model"])
+    try:
+        return ModelSpec.model_validate(blob["model"])
+    except (KeyError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        raise WeightsError(
+            f"{path}: its recorded model is not one this version builds ({err})"
+        ) from None
 
 
 def read_categories(path: str | Path) -> list[dict[str, Any]] | None:

@@ -171,7 +171,7 @@ def _tail43(seed: str) -> str:
     return (seed * 43)[:43]
 
 
-def test_new_tokens_show_a_prefix_two_tokens_do_not_share(db_url: str) -> None:
+def test_new_tokens_show_a_long_prefix_that_revokes_exactly_its_token(db_url: str) -> None:
     user_id = _user(db_url)
     tokens = [_token(db_url, user_id) for _ in range(3)]
     with session_scope(db_url) as s:

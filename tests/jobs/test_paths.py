@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,5 +87,11 @@ def test_an_annotation_file_that_is_a_fifo_is_a_dataset_error(tmp_path: Path) ->
 
     fifo = tmp_path / "a.json"
     os.mkfifo(fifo)
-    with pytest.raises(DatasetError, match="not a regular file"):
-        read_annotation_file(fifo)  # returns at once instead of waiting for a writer
+    with ThreadPoolExecutor(1) as pool:  # a read that blocks fails the test, not hangs it
+        reading = pool.submit(read_annotation_file, fifo)
+        try:
+            with pytest.raises(DatasetError, match="not a regular file"):
+                reading.result(timeout=30)
+        finally:
+            if not reading.done():  # a writer that closes at once lets the blocked read end
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -242,20 +243,31 @@ def test_killed_worker_resumes_from_its_checkpoint_on_a_new_worker(
 
 @pytest.mark.slow
 def test_a_failing_or_killed_training_process_fails_the_job_and_keeps_logs(
-    service_settings: Settings, submit: Callable[..., str], start_worker: Callable[..., Any]
+    service_settings: Settings,
+    submit: Callable[..., str],
+    start_worker: Callable[..., Any],
+    digits: dict[str, Path],
 ) -> None:
-    # 8 training images cannot fill one batch of 16: hmkd_core raises inside the child.
-    raising = submit("raises", schedule={"batch_size": 16}, data=NO_VAL)
+    # Images spoilt after the submit check read their headers (the pixels cut short, as a
+    # copy still being written leaves them): hmkd_core raises inside the child when it
+    # decodes them.
+    spoilt = service_settings.dataset_roots[0] / "spoilt"
+    shutil.copytree(digits["train_images"], spoilt / "images")
+    shutil.copy(digits["train_annotations"], spoilt / "train.json")
+    data = {"train": {"images": str(spoilt / "images"), "annotations": str(spoilt / "train.json")}}
+    raising = submit("raises", data={**data, **NO_VAL})
+    for image in (spoilt / "images").iterdir():
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     oom = submit("oom", schedule={"iterations": 400}, checkpoint={"every": 2}, data=NO_VAL)
     dispatch_pending(service_settings)
     worker = start_worker("w1")
     job = _finished(service_settings, raising, 90)
     assert job.state == JobState.failed, worker.log()[-3000:]
-    assert "cannot fill one batch" in job.error and "Traceback" not in job.error
+    assert "cannot decode" in job.error and "Traceback" not in job.error
     assert "/" not in job.error.split(":", 1)[0] and len(job.error.splitlines()) == 1
     assert "logs.txt" in _artifacts(service_settings, raising)
     logs = (Path(service_settings.artifacts_dir) / raising / "logs.txt").read_text()
-    assert "cannot fill one batch" in logs and "Traceback" in logs
+    assert "cannot decode" in logs and "Traceback" in logs
 
     # The OOM killer's way: SIGKILL to the training process. The worker survives and says so.
     wait_for(lambda: job_row(service_settings, oom).iteration >= 3, 90, "the second job to run")
